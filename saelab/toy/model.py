@@ -1,0 +1,304 @@
+"""The batched toy model of superposition, its synthetic features, and its saved format.
+
+`n_instances` independent models train at once; every tensor carries a leading `instances` axis.
+
+    h  = W x                      hidden [batch, instances, d_hidden]
+    x' = ReLU(Wᵀ h + b_final)     output [batch, instances, n_features]
+    loss = Σ_instances Σ_features importance · (x − x')², averaged over the batch
+
+Variants change one piece each: `linear` drops the output ReLU, `neurons` adds a ReLU on h (a privileged
+basis), and `abs` is the absolute-value computation task of the paper's §"Computation in superposition":
+inputs in [−1, 1], target |x|, a ReLU hidden layer and an untied output matrix `W_out`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import einops
+import torch
+from torch import Tensor, nn
+
+from saelab.config import config_from_dict, config_to_dict, load_json
+from saelab.errors import SaelabError
+from saelab.io import atomic_directory, atomic_write_json, load_tensors, save_tensors
+
+VARIANTS = ("relu", "linear", "neurons", "abs")
+FEATURE_GENERATORS = ("independent", "correlated", "anticorrelated")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+FORMAT_NAME = "saelab.toy_model"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class ToyModelConfig:
+    """Shape and data distribution of a batch of toy models.
+
+    `feature_probability` is one float for all instances or a list with one per instance. Importance is
+    `importance_decay ** i` for feature i unless `importance` lists one value per feature.
+    """
+
+    n_features: int = 5
+    d_hidden: int = 2
+    n_instances: int = 8
+    variant: str = "relu"
+    features: str = "independent"
+    feature_probability: float | list[float] = 0.05
+    importance_decay: float = 1.0
+    importance: list[float] | None = None
+
+    def validate(self) -> None:
+        for name in ("n_features", "d_hidden", "n_instances"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise SaelabError(f"{name} must be a positive integer, got {value!r}")
+        if self.variant not in VARIANTS:
+            raise SaelabError(f"unknown variant '{self.variant}'; choose one of {', '.join(VARIANTS)}")
+        if self.features not in FEATURE_GENERATORS:
+            raise SaelabError(
+                f"unknown feature generator '{self.features}'; choose one of {', '.join(FEATURE_GENERATORS)}"
+            )
+        if self.features != "independent" and self.n_features % 2:
+            raise SaelabError(f"{self.features} features come in pairs: n_features must be even, got {self.n_features}")
+        probs = self.feature_probability
+        probs = list(probs) if isinstance(probs, (list, tuple)) else [probs]
+        if len(probs) not in (1, self.n_instances):
+            raise SaelabError(
+                f"feature_probability lists {len(probs)} values; give one, or one per instance ({self.n_instances})"
+            )
+        for p in probs:
+            if not isinstance(p, (int, float)) or not 0 < p <= 1:
+                raise SaelabError(f"feature probability must be in (0, 1], got {p!r}")
+            if self.features == "anticorrelated" and p > 0.5:
+                raise SaelabError(
+                    f"anticorrelated pairs need feature probability <= 0.5 (a pair fires with 2p), got {p}"
+                )
+        if not self.importance_decay > 0:
+            raise SaelabError(f"importance_decay must be positive, got {self.importance_decay!r}")
+        if self.importance is not None:
+            if len(self.importance) != self.n_features:
+                raise SaelabError(
+                    f"importance lists {len(self.importance)} values but n_features is {self.n_features}; "
+                    "give one importance per feature"
+                )
+            if any(not isinstance(v, (int, float)) or v < 0 for v in self.importance):
+                raise SaelabError("importance values must be non-negative numbers")
+
+    def importance_tensor(self) -> Tensor:
+        """[instances, features]"""
+        if self.importance is not None:
+            per_feature = torch.tensor(self.importance, dtype=torch.float32)
+        else:
+            per_feature = self.importance_decay ** torch.arange(self.n_features, dtype=torch.float32)
+        return einops.repeat(per_feature, "feat -> inst feat", inst=self.n_instances).clone()
+
+    def feature_probability_tensor(self) -> Tensor:
+        """[instances, features]"""
+        probs = self.feature_probability
+        per_instance = torch.tensor(probs if isinstance(probs, (list, tuple)) else [probs], dtype=torch.float32)
+        per_instance = per_instance.expand(self.n_instances)
+        return einops.repeat(per_instance, "inst -> inst feat", feat=self.n_features).clone()
+
+
+@dataclass
+class ToyTrainConfig:
+    """Optimisation settings: Adam with a learning-rate schedule, seeded for reproducibility."""
+
+    steps: int = 10_000
+    batch_size: int = 1024
+    lr: float = 1e-3
+    lr_schedule: str = "constant"
+    seed: int = 0
+    log_every: int = 100
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise SaelabError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise SaelabError(f"lr must be positive, got {self.lr!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise SaelabError(f"unknown lr_schedule '{self.lr_schedule}'; choose one of {', '.join(LR_SCHEDULES)}")
+
+
+class ToyModel(nn.Module):
+    """`n_instances` toy models trained in parallel.
+
+    `importance` and `feature_probability` ([instances, features]) default to the ones the config describes;
+    pass tensors to give every instance its own values (as the phase diagrams do).
+    """
+
+    W: nn.Parameter  # [instances, d_hidden, n_features]
+    b_final: nn.Parameter  # [instances, n_features]
+    importance: Tensor
+    feature_probability: Tensor
+
+    def __init__(
+        self,
+        cfg: ToyModelConfig,
+        importance: Tensor | None = None,
+        feature_probability: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        shape = (cfg.n_instances, cfg.n_features)
+        importance = cfg.importance_tensor() if importance is None else importance.float()
+        feature_probability = (
+            cfg.feature_probability_tensor() if feature_probability is None else feature_probability.float()
+        )
+        for name, tensor in (("importance", importance), ("feature_probability", feature_probability)):
+            if tuple(tensor.shape) != shape:
+                raise SaelabError(
+                    f"{name} has shape {tuple(tensor.shape)} but must be [instances, features] = {list(shape)}"
+                )
+        if not ((feature_probability > 0) & (feature_probability <= 1)).all():
+            raise SaelabError("feature probabilities must lie in (0, 1]")
+        if (importance < 0).any():
+            raise SaelabError("importance values must be non-negative")
+        self.register_buffer("importance", importance.clone())
+        self.register_buffer("feature_probability", feature_probability.clone())
+        self.W = nn.Parameter(torch.empty(cfg.n_instances, cfg.d_hidden, cfg.n_features))
+        self.b_final = nn.Parameter(torch.zeros(cfg.n_instances, cfg.n_features))
+        if cfg.variant == "abs":
+            self.W_out = nn.Parameter(torch.empty(cfg.n_instances, cfg.n_features, cfg.d_hidden))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        # Xavier-normal per instance, as in the paper's reference code.
+        fan_std = (2.0 / (self.cfg.d_hidden + self.cfg.n_features)) ** 0.5
+        with torch.no_grad():
+            self.W.normal_(0.0, fan_std, generator=generator)
+            self.b_final.zero_()
+            if self.cfg.variant == "abs":
+                self.W_out.normal_(0.0, fan_std, generator=generator)
+
+    def hidden(self, features: Tensor) -> Tensor:
+        """features [batch, instances, n_features] → hidden [batch, instances, d_hidden]"""
+        hidden = einops.einsum(self.W, features, "inst hid feat, batch inst feat -> batch inst hid")
+        return torch.relu(hidden) if self.cfg.variant in ("neurons", "abs") else hidden
+
+    def forward(self, features: Tensor) -> Tensor:
+        """features [batch, instances, n_features] → reconstruction [batch, instances, n_features]"""
+        hidden = self.hidden(features)
+        if self.cfg.variant == "abs":
+            out = einops.einsum(self.W_out, hidden, "inst feat hid, batch inst hid -> batch inst feat")
+        else:
+            out = einops.einsum(self.W, hidden, "inst hid feat, batch inst hid -> batch inst feat")
+        out = out + self.b_final
+        return out if self.cfg.variant == "linear" else torch.relu(out)
+
+    def target(self, features: Tensor) -> Tensor:
+        return features.abs() if self.cfg.variant == "abs" else features
+
+    def loss_per_instance(self, features: Tensor, output: Tensor | None = None) -> Tensor:
+        """Importance-weighted squared error, mean over batch, summed over features: [instances]"""
+        output = self(features) if output is None else output
+        error = self.importance * (self.target(features) - output) ** 2
+        return einops.reduce(error, "batch inst feat -> inst", "sum") / features.shape[0]
+
+    def generate_batch(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """Sample sparse features [batch, instances, n_features] from the configured generator.
+
+        Values are uniform in [0, 1] ([−1, 1] for `abs`); each feature is present with its own probability.
+        Correlated pairs are present together (with the pair's first probability); anticorrelated pairs are
+        never present together (a pair fires with probability 2p, then one of its two features at random).
+        """
+        n_inst, n_feat = self.cfg.n_instances, self.cfg.n_features
+        device = self.W.device
+        prob = self.feature_probability
+        kind = self.cfg.features
+        uniform = lambda *shape: torch.rand(*shape, generator=generator, device=device)  # noqa: E731
+        if kind == "independent":
+            present = uniform(batch_size, n_inst, n_feat) < prob
+        elif kind == "correlated":
+            pair_present = uniform(batch_size, n_inst, n_feat // 2) < prob[:, ::2]
+            present = pair_present.repeat_interleave(2, dim=-1)
+        else:
+            pair_present = uniform(batch_size, n_inst, n_feat // 2) < 2 * prob[:, ::2]
+            first = uniform(batch_size, n_inst, n_feat // 2) < 0.5
+            present = torch.stack([pair_present & first, pair_present & ~first], dim=-1).flatten(-2)
+        values = uniform(batch_size, n_inst, n_feat)
+        if self.cfg.variant == "abs":
+            values = 2 * values - 1
+        return torch.where(present, values, torch.zeros_like(values))
+
+    def feature_directions(self, instance: int = 0) -> Tensor:
+        """The true features as hidden-space directions, W[instance]ᵀ: [n_features, d_hidden]"""
+        return self.W[instance].detach().T.clone()
+
+
+def save_toy_model(
+    model: ToyModel, out: Path, train_cfg: ToyTrainConfig | None = None, extra: dict | None = None
+) -> Path:
+    """Write `cfg.json` + `model.safetensors` into `out`, atomically."""
+    with atomic_directory(Path(out)) as tmp:
+        write_toy_model_files(model, tmp, train_cfg, extra)
+    return Path(out)
+
+
+def write_toy_model_files(
+    model: ToyModel, directory: Path, train_cfg: ToyTrainConfig | None = None, extra: dict | None = None
+) -> None:
+    """Write the two files of a saved toy model into an existing (temporary) directory."""
+    tensors = {
+        "W": model.W,
+        "b_final": model.b_final,
+        "importance": model.importance,
+        "feature_probability": model.feature_probability,
+    }
+    if model.cfg.variant == "abs":
+        tensors["W_out"] = model.W_out
+    save_tensors(directory / WEIGHTS_FILE, tensors, metadata={"format": FORMAT_NAME})
+    cfg = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "model": config_to_dict(model.cfg),
+        "train": config_to_dict(train_cfg) if train_cfg is not None else None,
+        **(extra or {}),
+    }
+    atomic_write_json(directory / "cfg.json", cfg)
+
+
+def load_toy_model(directory: Path, device: str | torch.device = "cpu") -> tuple[ToyModel, ToyTrainConfig | None]:
+    """Load a folder written by `save_toy_model`; anything else is a one-line SaelabError."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SaelabError(f"{directory} is not a directory; expected a saved toy model (cfg.json + {WEIGHTS_FILE})")
+    cfg_path = directory / "cfg.json"
+    if not cfg_path.is_file():
+        raise SaelabError(f"{directory} has no cfg.json; it is not a saved saelab toy model")
+    raw = load_json(cfg_path)
+    if raw.get("format") != FORMAT_NAME:
+        found = raw.get("format", raw.get("architecture", "no 'format' field"))
+        raise SaelabError(f"{cfg_path} describes '{found}', not a saelab toy model (format '{FORMAT_NAME}')")
+    if raw.get("format_version", 0) > FORMAT_VERSION:
+        raise SaelabError(f"{cfg_path} has format_version {raw['format_version']}; upgrade saelab to read it")
+    model_cfg = config_from_dict(ToyModelConfig, raw.get("model") or {}, where=f"{cfg_path}:model")
+    train_cfg = config_from_dict(ToyTrainConfig, raw["train"], where=f"{cfg_path}:train") if raw.get("train") else None
+    tensors = load_tensors(directory / WEIGHTS_FILE)
+    expected = {
+        "W": (model_cfg.n_instances, model_cfg.d_hidden, model_cfg.n_features),
+        "b_final": (model_cfg.n_instances, model_cfg.n_features),
+        "importance": (model_cfg.n_instances, model_cfg.n_features),
+        "feature_probability": (model_cfg.n_instances, model_cfg.n_features),
+    }
+    if model_cfg.variant == "abs":
+        expected["W_out"] = (model_cfg.n_instances, model_cfg.n_features, model_cfg.d_hidden)
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise SaelabError(f"{directory / WEIGHTS_FILE} lacks tensor '{name}'; the checkpoint is incomplete")
+        if tuple(tensors[name].shape) != shape:
+            raise SaelabError(
+                f"{directory / WEIGHTS_FILE}: '{name}' has shape {tuple(tensors[name].shape)}, cfg.json implies {shape}"
+            )
+    model = ToyModel(model_cfg, tensors["importance"], tensors["feature_probability"])
+    with torch.no_grad():
+        model.W.copy_(tensors["W"])
+        model.b_final.copy_(tensors["b_final"])
+        if model_cfg.variant == "abs":
+            model.W_out.copy_(tensors["W_out"])
+    return model.to(device), train_cfg
