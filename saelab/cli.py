@@ -11,6 +11,8 @@ import sys
 import typer
 
 from saelab.errors import SaelabError
+from saelab.models.cli import activations_app, lm_app
+from saelab.sae.cli import app as sae_app
 from saelab.toy.cli import app as toy_app
 
 app = typer.Typer(
@@ -21,6 +23,9 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(toy_app, name="toy")
+app.add_typer(sae_app, name="sae")
+app.add_typer(lm_app, name="lm")
+app.add_typer(activations_app, name="activations")
 
 
 @app.command()

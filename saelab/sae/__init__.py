@@ -1,0 +1,1 @@
+"""Sparse autoencoders: architectures, one trainer, metrics and the SAELens-compatible saved format."""
