@@ -1,0 +1,155 @@
+"""Activation caches on disk: a store's batches written once, in the order it serves them, and read back zero-copy.
+
+    DIR/manifest.json               {"format": "saelab.activation_cache", "version": 1, "tokens": N,
+                                     "shards": [rows, ...], "hooks": {hook: d_in}, "metadata": {hook: {...}}}
+    DIR/<hook>/shard_00000.npy      [rows, d_in] float32, one file per shard and hook
+
+Rows are written in the store's shuffled serving order, so reading them back in order yields exactly the batches
+the live store would have served from the same tokens: training from the cache equals training from the model.
+Shards are numpy `.npy` files opened as memory maps, so a batch reads only its own rows from disk.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from saelab.config import load_json
+from saelab.errors import SaelabError
+from saelab.io import atomic_directory, atomic_write_json
+from saelab.models.store import ActivationStore
+
+FORMAT_NAME = "saelab.activation_cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DEFAULT_SHARD_TOKENS = 2**16
+
+
+def shard_path(folder: Path, hook: str, index: int) -> Path:
+    return Path(folder) / hook / f"shard_{index:05d}.npy"
+
+
+def write_activation_cache(
+    store: ActivationStore,
+    tokens: int,
+    out: Path,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Write the store's next `tokens` rows at each of its hooks to a cache folder `out` (whole or not at all)."""
+    if tokens <= 0 or shard_tokens <= 0:
+        raise SaelabError(f"--tokens and the shard size must be positive, got {tokens} and {shard_tokens}")
+    shards: list[int] = []
+    with (
+        atomic_directory(Path(out), overwrite=overwrite) as folder,
+        tqdm(total=tokens, unit="tok", disable=not progress, desc="caching activations") as bar,
+    ):
+        while sum(shards) < tokens:
+            rows = min(shard_tokens, tokens - sum(shards))
+            for hook, acts in store.next_batches(rows).items():
+                path = shard_path(folder, hook, len(shards))
+                path.parent.mkdir(exist_ok=True)
+                np.save(path, acts.float().cpu().numpy())
+            shards.append(rows)
+            bar.update(rows)
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "tokens": tokens,
+            "shards": shards,
+            "hooks": dict(store.d_ins),
+            "metadata": {hook: store.metadata_for(hook) for hook in store.hooks},
+        }
+        atomic_write_json(folder / MANIFEST, manifest)
+    return Path(out)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a cache folder, checked: a foreign or damaged folder is a one-line error."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise SaelabError(
+            f"{folder} is not an activation cache (no {MANIFEST}); write one with saelab activations cache"
+        )
+    manifest = load_json(folder / MANIFEST)
+    if manifest.get("format") != FORMAT_NAME:
+        raise SaelabError(
+            f"{folder / MANIFEST} is not an activation cache manifest (format {manifest.get('format')!r})"
+        )
+    if manifest.get("version") != FORMAT_VERSION:
+        raise SaelabError(
+            f"{folder / MANIFEST} has version {manifest.get('version')!r}; this saelab reads {FORMAT_VERSION}"
+        )
+    shards, hooks = manifest.get("shards"), manifest.get("hooks")
+    if not isinstance(shards, list) or not isinstance(hooks, dict) or sum(shards) != manifest.get("tokens"):
+        raise SaelabError(f"{folder / MANIFEST} is damaged (shards do not add up to tokens); write the cache again")
+    return manifest
+
+
+class CachedActivations:
+    """The activation-source protocol over one hook of a cache: rows in written order, `[batch, d_in]` batches.
+
+    Readers of different hooks of one cache stay row-aligned when read with the same batch sizes.
+    """
+
+    def __init__(self, folder: str | Path, hook: str | None = None, device: str = "cpu") -> None:
+        self.folder = Path(folder)
+        manifest = read_manifest(self.folder)
+        hooks = manifest["hooks"]
+        if hook is None and len(hooks) == 1:
+            hook = next(iter(hooks))
+        if hook not in hooks:
+            close = difflib.get_close_matches(str(hook), list(hooks), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"it holds {', '.join(hooks)}"
+            raise SaelabError(f"the activation cache {self.folder} has no hook '{hook}'; {hint}")
+        self.hook = hook
+        self.d_in = int(hooks[hook])
+        self.metadata = dict(manifest["metadata"][hook])
+        self.device = device
+        self.tokens = int(manifest["tokens"])
+        self._shards = [self._open(i, rows) for i, rows in enumerate(manifest["shards"])]
+        self._ends = np.cumsum(manifest["shards"])  # row index one past each shard
+        self._row = 0
+
+    def _open(self, index: int, rows: int) -> np.ndarray:
+        path = shard_path(self.folder, self.hook, index)
+        try:
+            shard = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise SaelabError(f"cannot read cache shard {path} ({err}); the cache is damaged, write it again") from None
+        if shard.shape != (rows, self.d_in) or shard.dtype != np.float32:
+            raise SaelabError(
+                f"cache shard {path} holds {shard.dtype} {shard.shape}, the manifest says float32 {(rows, self.d_in)}"
+            )
+        return shard
+
+    def next_batch(self, batch_size: int) -> Tensor:
+        """The next `batch_size` rows; only they are read from disk."""
+        end = self._row + batch_size
+        if end > self.tokens:
+            raise SaelabError(
+                f"the activation cache {self.folder} holds {self.tokens} tokens, too few for this run; "
+                "cache more with saelab activations cache --tokens, or train on fewer"
+            )
+        pieces = []
+        shard = int(np.searchsorted(self._ends, self._row, side="right"))
+        while self._row < end:
+            start = int(self._ends[shard - 1]) if shard else 0
+            stop = min(end, int(self._ends[shard]))
+            pieces.append(self._shards[shard][self._row - start : stop - start])
+            self._row = stop
+            shard += 1
+        return torch.from_numpy(np.concatenate(pieces)).to(self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"row": self._row}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._row = int(state["row"])

@@ -1,0 +1,117 @@
+"""Tiny real language models for the model-access, store and eval tests, built in seconds with no download.
+
+The corpus is a few standard-library source files; the tokenizer is a byte-level BPE trained on them; the models
+are a 2-layer `HookedTransformer` and a 2-layer `GPT2LMHeadModel` saved with `save_pretrained`, both untrained
+(the tests check plumbing and formulas, which need no trained weights).
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+BOS = "<|endoftext|>"
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+SOURCES = ["textwrap.py", "colorsys.py", "bisect.py", "keyword.py", "this.py", "fnmatch.py"]
+
+
+def corpus() -> list[str]:
+    return [(STDLIB / name).read_text() for name in SOURCES]
+
+
+def make_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with one special token that is BOS, EOS and padding (as in GPT-2)."""
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[BOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    raw.train_from_iterator(corpus(), trainer)
+    # add_bos_token: TransformerLens would otherwise re-load the tokenizer by name to get one that adds BOS.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token=BOS, eos_token=BOS, pad_token=BOS, add_bos_token=True, name_or_path="tiny"
+    )
+
+
+def make_tl_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> HookedTransformer:
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        n_ctx=64,
+        d_vocab=len(tokenizer),
+        act_fn="gelu_new",
+        normalization_type="LN",
+        seed=seed,
+    )
+    return HookedTransformer(cfg, tokenizer=tokenizer).eval()
+
+
+def save_gpt2(folder: Path, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Path:
+    """A random 2-layer GPT-2 and its tokenizer in a `save_pretrained` folder."""
+    torch.manual_seed(seed)
+    bos = tokenizer.bos_token_id
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=64, n_ctx=64, n_embd=32, n_layer=2, n_head=4,
+        bos_token_id=bos, eos_token_id=bos,
+    )  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_corpus(folder: Path) -> Path:
+    """The corpus as a dataset folder: half as .txt files, half as one .jsonl file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    texts = corpus()
+    half = len(texts) // 2
+    for i, text in enumerate(texts[:half]):
+        (folder / f"doc{i}.txt").write_text(text)
+    (folder / "rest.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts[half:]))
+    return folder
+
+
+class LinearSAE(nn.Module):
+    """A minimal SAE for splicing tests: latents = ReLU(x W_enc), x̂ = latents W_dec."""
+
+    def __init__(self, W_enc: Tensor, W_dec: Tensor, metadata: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.W_enc = nn.Parameter(W_enc)
+        self.W_dec = nn.Parameter(W_dec)
+        self.cfg = SimpleNamespace(d_in=W_enc.shape[0], d_sae=W_enc.shape[1])
+        self.metadata = dict(metadata or {})
+
+    @classmethod
+    def identity(cls, d_in: int, **metadata: Any) -> LinearSAE:
+        """x̂ = ReLU(x) − ReLU(−x) = x exactly, with d_sae = 2 d_in."""
+        eye = torch.eye(d_in)
+        return cls(torch.cat([eye, -eye], dim=1), torch.cat([eye, -eye], dim=0), metadata)
+
+    @classmethod
+    def zero(cls, d_in: int, **metadata: Any) -> LinearSAE:
+        """x̂ = 0."""
+        return cls(torch.eye(d_in), torch.zeros(d_in, d_in), metadata)
+
+    @classmethod
+    def random(cls, d_in: int, d_sae: int, seed: int = 0, **metadata: Any) -> LinearSAE:
+        generator = torch.Generator().manual_seed(seed)
+        W_dec = torch.randn(d_sae, d_in, generator=generator) / d_in**0.5
+        return cls(W_dec.T.clone(), W_dec, metadata)
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.relu(x @ self.W_enc)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return latents @ self.W_dec
