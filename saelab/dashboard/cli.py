@@ -1,0 +1,160 @@
+"""`saelab dashboard`, `saelab serve` and `saelab export`: build a dashboard site, serve it, share parts of it.
+
+The functions here are typer commands (the root CLI registers them) over plain functions that the demo and tests
+call directly: `build_dashboard` loads an SAE folder with its model and tokens and writes the site.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import typer
+
+from saelab.dashboard.compute import DashboardConfig, compute_dashboard, sae_metadata
+from saelab.dashboard.site import read_site, write_site
+from saelab.errors import SaelabError
+
+
+def parse_features(text: str | None) -> int | list[int] | None:
+    """'64' → the first 64 latents; '0,5,17' or '10-20' (inclusive) → those ids; None → all."""
+    if text is None or text.strip().lower() in ("", "all"):
+        return None
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    ids: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise SaelabError(f"--features '{text}': use a count N, ids like 0,5,17, or ranges like 10-20")
+        lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
+        if hi < lo:
+            raise SaelabError(f"--features range {lo}-{hi} is empty; write the smaller id first")
+        ids.extend(range(lo, hi + 1))
+    return ids
+
+
+def build_dashboard(
+    sae_dir: Path | str,
+    out: Path | str,
+    model: str | None = None,
+    dataset: str | None = None,
+    features: int | list[int] | None = None,
+    n_sequences: int = 512,
+    context: int = 128,
+    hook: str | None = None,
+    device: str = "cpu",
+    cfg: DashboardConfig | None = None,
+    progress: bool = True,
+) -> Path:
+    """Compute the dashboard of a saved SAE and write the site folder `out`; returns the path of its index.html.
+
+    The model and hook default to the ones in the SAE's cfg.json, the tokens to `n_sequences` contexts of
+    `context` tokens from the held-out files of the built-in corpus. An SAE trained on a toy model (metadata
+    `source` = toy:DIR#i) gets the ground-truth dashboard instead, on fresh toy samples.
+    """
+    from saelab.sae.io import load_sae
+
+    if not isinstance(n_sequences, int) or n_sequences < 1 or not isinstance(context, int) or context < 2:
+        raise SaelabError(f"need n_sequences >= 1 and context >= 2, got {n_sequences} and {context}")
+    sae_dir = Path(sae_dir).resolve()
+    sae = load_sae(sae_dir, device)
+    metadata = sae_metadata(sae)
+    source = str(metadata.get("source") or "")
+    if source.startswith("toy:"):
+        from saelab.dashboard.toy import compute_toy_dashboard, parse_toy_source
+        from saelab.toy.model import load_toy_model
+
+        toy_dir, instance = parse_toy_source(source)
+        toy_model, _ = load_toy_model(toy_dir)
+        board = compute_toy_dashboard(toy_model, instance, sae, n_sequences * context, features, cfg, source)
+        info = {"kind": "toy", "sae_dir": str(sae_dir), "model": source, "hook": "hidden"}
+    else:
+        from saelab.models.access import load_model
+        from saelab.models.data import ContextStream, iter_texts
+
+        model_name = model or metadata.get("model_name") or "builtin"
+        lm = load_model(model_name, device)
+        hook = hook or metadata.get("hook_name")
+        n_ctx = getattr(getattr(lm.model, "cfg", None), "n_ctx", None)
+        length = min(context, n_ctx) if n_ctx else context
+        stream = ContextStream(lambda: iter_texts(dataset, "heldout"), lm.tokenizer, length, lm.bos_token_id)
+        tokens = stream.next(n_sequences)
+        board = compute_dashboard(lm, sae, tokens, hook, features, cfg, progress)
+        info = {"kind": "lm", "sae_dir": str(sae_dir), "model": model_name, "hook": board.meta["hook"],
+                "dataset": dataset, "device": device}  # fmt: skip
+    write_site(board, out, info)
+    return Path(out) / "index.html"
+
+
+def dashboard(
+    sae_dir: Path = typer.Argument(..., help="Saved SAE folder (cfg.json + sae_weights.safetensors)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the site into (replaced if it exists)."),
+    model: str = typer.Option(None, help="Model name or folder; default: the model in the SAE's cfg.json."),
+    dataset: str = typer.Option(None, help="Text files/folder or dataset name; default: built-in held-out corpus."),
+    features: str = typer.Option(
+        None, help="Latents: a count N (the first N), ids 0,5,17 or ranges 10-20; default all."
+    ),
+    hook: str = typer.Option(None, help="Hook name; default: the SAE's metadata.hook_name."),
+    sequences: int = typer.Option(512, help="Number of token sequences to scan."),
+    context: int = typer.Option(128, help="Tokens per sequence (BOS included)."),
+    importance_samples: int = typer.Option(64, help="Firing positions per latent whose exact ΔCE gives importance."),
+    top_windows: int = typer.Option(10, help="Top-activation windows per latent."),
+    device: str = typer.Option("cpu", help="cpu, cuda, …"),
+    seed: int = typer.Option(0, help="Seed for the position samples."),
+) -> None:
+    """Build a dashboard site for an SAE: statistics, token windows, exact loss effects and importance."""
+    cfg = DashboardConfig(importance_samples=importance_samples, top_windows=top_windows, seed=seed)
+    index = build_dashboard(
+        sae_dir, out, model, dataset, parse_features(features), sequences, context, hook, device, cfg
+    )
+    typer.echo(f"dashboard written: {index.resolve()}")
+    typer.echo(f"open it in a browser, or run `saelab serve {out}` for the live prompt view")
+
+
+def serve(
+    site: Path = typer.Argument(..., help="A dashboard folder written by saelab dashboard."),
+    port: int = typer.Option(8000, help="Port on 127.0.0.1 (0 picks a free one)."),
+) -> None:
+    """Serve a dashboard on 127.0.0.1 with the live prompt view (the model loads on the first prompt)."""
+    from saelab.dashboard.server import make_server
+
+    info = read_site(site)
+    analyzer = None
+    if info.get("kind") == "lm":
+
+        def analyzer() -> object:
+            from saelab.dashboard.live import PromptAnalyzer
+            from saelab.models.access import load_model
+            from saelab.sae.io import load_sae
+
+            device = info.get("device") or "cpu"
+            return PromptAnalyzer(load_model(info["model"], device), load_sae(info["sae_dir"], device), info["hook"])
+
+    server = make_server(site, port, analyzer)
+    typer.echo(f"serving {Path(site).resolve()} at {server.url} (Ctrl+C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def export(
+    site: Path = typer.Argument(..., help="A dashboard folder written by saelab dashboard."),
+    latents: str = typer.Option(..., help="Latent ids to include, e.g. 3,17,42 (at most 64)."),
+    out: Path = typer.Option(..., "--out", help="The HTML file to write."),
+    neuronpedia: Path = typer.Option(None, help="Also write these latents as Neuronpedia-style JSON here."),
+) -> None:
+    """Write a single self-contained HTML file with a few latents of a dashboard (and optionally Neuronpedia JSON)."""
+    from saelab.dashboard.export import export_html, export_neuronpedia
+
+    ids = parse_features(latents)
+    ids = [ids] if isinstance(ids, int) else ids
+    if not ids:
+        raise SaelabError("--latents must list at least one latent id")
+    typer.echo(f"wrote {export_html(site, ids, out)}")
+    if neuronpedia is not None:
+        typer.echo(f"wrote {export_neuronpedia(site, neuronpedia, ids)}")

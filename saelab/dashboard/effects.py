@@ -1,0 +1,234 @@
+"""Loss effects of single latents at single positions: exact (re-running the model after the hook) and direct-path.
+
+The loss effect of latent j at position p is the change in the next-token cross-entropy at p when the latent's
+contribution `a_jp · W_dec[j]` is removed from the hooked activation at p, everything else (the SAE error term
+included) left as it is:
+
+    ΔCE = CE(tokens[p+1] | activation at p − a_jp W_dec[j]) − CE(tokens[p+1] | clean)
+
+Positive means the latent helps predict the next token. Two ways to compute it:
+
+- `reference_loss_effects`: the plain definition, one forward pass of the whole model per (latent, position),
+  batched over the pairs of a sequence. Works for any `LanguageModel` (TransformerLens or Hugging Face).
+- `Downstream.loss_effects`: the same numbers, fast, for TransformerLens models. Removing the contribution at p
+  cannot change anything at positions before p (attention is causal), so the keys and values of positions < p are
+  the clean ones. We cache them once per sequence and re-run *only position p*, and only the blocks from the hooked
+  one on: each pair costs one position of the downstream blocks instead of a whole forward pass.
+
+`Downstream.direct_effects` is the cheap approximation: remove the contribution from the final residual stream only
+(skipping the blocks after the hook), then apply the model's own final norm and unembedding. The same pass gives the
+exact change the latent makes to the normed final residual, `norm(x) − norm(x − a·d)`, whose mean over positions,
+multiplied by W_U, is the latent's logit effect (see `saelab.dashboard.compute`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from saelab.errors import SaelabError
+
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_NOT_PER_POSITION = ("hook_attn_scores", "hook_pattern")
+
+
+def next_token_ce(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy [...] of logits [..., d_vocab] against target ids [...], in float32."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def reference_loss_effects(lm, hook: str, tokens: Tensor, seq: Tensor, pos: Tensor, delta: Tensor) -> Tensor:
+    """ΔCE [n] for removing `delta [n, d_in]` from the activation at `hook`, position `pos[i]` of `tokens[seq[i]]`.
+
+    The plain definition: the whole sequence runs once per pair (pairs of one sequence share a batch).
+    `tokens` is [n_seq, T]; every `pos` must be < T − 1 so that a next token exists.
+    """
+    out = torch.empty(len(seq), dtype=torch.float32)
+    for s in seq.unique().tolist():
+        rows = (seq == s).nonzero().squeeze(1)
+        seq_tokens = tokens[s : s + 1].to(lm.device)
+        clean = lm.loss_per_token(seq_tokens)[0]  # [T − 1]
+        for chunk in rows.split(256):
+            n = len(chunk)
+            p = pos[chunk].to(lm.device)
+            d = delta[chunk].to(lm.device)
+
+            def remove(x: Tensor, p: Tensor = p, d: Tensor = d) -> Tensor:
+                x = x.clone()
+                x[torch.arange(len(p), device=x.device), p] -= d.to(x.dtype)
+                return x
+
+            ablated = lm.loss_per_token(seq_tokens.expand(n, -1), {hook: remove})
+            out[chunk] = (ablated[torch.arange(n), p] - clean[p]).float().cpu()
+    return out
+
+
+@dataclass
+class CleanRun:
+    """What a clean forward pass over a batch of sequences leaves for the single-position re-runs."""
+
+    tokens: Tensor  # [S, T]
+    x_hook: Tensor  # [S, T, d_in] the SAE's input
+    ce: Tensor  # [S, T] next-token cross-entropy (NaN at the last position)
+    resid_start: Tensor | None = None  # [S, T, d_model] the residual stream entering block `start`
+    final_resid: Tensor | None = None  # [S, T, d_model] the residual stream entering the final norm
+    keys: list[Tensor] | None = None  # per block from `start` on: [S, T, n_kv_heads, d_head], as cached
+    values: list[Tensor] | None = None
+
+
+class ReferenceDownstream:
+    """The same interface as `Downstream` on top of `reference_loss_effects`: any model, no direct path."""
+
+    def __init__(self, lm, hook: str) -> None:
+        self.lm = lm
+        self.hook = lm.check_hook(hook)
+
+    @torch.no_grad()
+    def clean(self, tokens: Tensor) -> CleanRun:
+        tokens = tokens.to(self.lm.device)
+        ce = torch.full(tokens.shape, float("nan"), device=tokens.device)
+        ce[:, :-1] = self.lm.loss_per_token(tokens)
+        return CleanRun(tokens=tokens, x_hook=self.lm.activations(tokens, [self.hook])[self.hook], ce=ce)
+
+    def loss_effects(self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor) -> Tensor:
+        return reference_loss_effects(self.lm, self.hook, run.tokens, seq, pos, delta)
+
+    def to_residual(self, delta: Tensor) -> Tensor | None:
+        return None
+
+
+def downstream(lm, hook: str, fast: bool = True) -> Downstream | ReferenceDownstream:
+    """The fast single-position re-run for TransformerLens models, the plain reference for anything else."""
+    from transformer_lens import HookedTransformer
+
+    if fast and isinstance(lm.model, HookedTransformer):
+        return Downstream(lm, hook)
+    return ReferenceDownstream(lm, hook)
+
+
+class Downstream:
+    """Exact and direct-path loss effects for one TransformerLens model and hook, re-running one position at a time.
+
+    The run starts at the block holding the hook (`blocks.L.hook_resid_post` is the same tensor as
+    `blocks.{L+1}.hook_resid_pre`, so it starts one block later), feeds it the clean residual stream of position p,
+    subtracts the contribution at the hook point itself, and attends to the cached clean keys and values of
+    positions < p. Rotary embeddings see the right position because the cache's length is p.
+    """
+
+    def __init__(self, lm, hook: str, max_rows: int = 1024) -> None:
+        from transformer_lens import HookedTransformer
+
+        if not isinstance(lm.model, HookedTransformer):
+            raise SaelabError("exact fast loss effects need a TransformerLens model; use reference_loss_effects")
+        self.lm = lm
+        self.model: HookedTransformer = lm.model
+        self.hook = hook
+        self.max_rows = max_rows
+        cfg = self.model.cfg
+        match = _BLOCK_HOOK.match(hook)
+        if match is None or hook.endswith(_NOT_PER_POSITION) or hook not in self.model.hook_dict:
+            raise SaelabError(
+                f"loss effects need a per-position hook inside a transformer block (e.g. blocks.0.hook_resid_post), "
+                f"not '{hook}'"
+            )
+        if cfg.positional_embedding_type == "shortformer":
+            raise SaelabError("loss effects do not support shortformer position embeddings; use a standard model")
+        layer, name = int(match.group(1)), match.group(2)
+        self.layer = layer
+        if name == "hook_resid_post" and layer + 1 < cfg.n_layers:
+            self.start, self.point = layer + 1, f"blocks.{layer + 1}.hook_resid_pre"
+        else:
+            self.start, self.point = layer, hook
+        self.suffix = name
+
+    # ------------------------------------------------------------------------------------------------ clean run
+
+    @torch.no_grad()
+    def clean(self, tokens: Tensor) -> CleanRun:
+        """One forward pass over tokens [S, T], keeping the hook input, residuals, keys/values and per-token CE."""
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        model, cfg = self.model, self.model.cfg
+        tokens = tokens.to(self.lm.device)
+        kv = TransformerLensKeyValueCache.init_cache(cfg, self.lm.device, tokens.shape[0])
+        start_name = f"blocks.{self.start}.hook_resid_pre"
+        final_name = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
+        names = {self.hook, start_name, final_name}
+        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, past_kv_cache=kv)
+        ce = torch.full(tokens.shape, float("nan"), device=logits.device)
+        ce[:, :-1] = next_token_ce(logits[:, :-1], tokens[:, 1:])
+        return CleanRun(
+            tokens=tokens,
+            x_hook=cache[self.hook].flatten(2),
+            ce=ce,
+            resid_start=cache[start_name],
+            final_resid=cache[final_name],
+            keys=[kv.entries[i].past_keys for i in range(self.start, cfg.n_layers)],
+            values=[kv.entries[i].past_values for i in range(self.start, cfg.n_layers)],
+        )
+
+    # ---------------------------------------------------------------------------------------------- exact ΔCE
+
+    @torch.no_grad()
+    def loss_effects(self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor) -> Tensor:
+        """Exact ΔCE [n] for removing delta [n, d_in] at (run.tokens[seq[i]], pos[i]); every pos must be < T − 1."""
+        out = torch.empty(len(seq), dtype=torch.float32, device=run.ce.device)
+        seq, pos, delta = seq.to(out.device), pos.to(out.device), delta.to(out.device)
+        for p in pos.unique().tolist():
+            for rows in (pos == p).nonzero().squeeze(1).split(self.max_rows):
+                out[rows] = self._at_position(run, seq[rows], p, delta[rows])
+        return out.cpu()
+
+    def _at_position(self, run: CleanRun, seq: Tensor, p: int, delta: Tensor) -> Tensor:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        entries = [TransformerLensKeyValueCacheEntry(run.keys[0][:0], run.values[0][:0], frozen=True)] * self.start
+        for k, v in zip(run.keys, run.values, strict=True):
+            entries.append(TransformerLensKeyValueCacheEntry(k[seq, :p], v[seq, :p], frozen=True))
+        past = TransformerLensKeyValueCache(entries, run.tokens.new_ones(len(seq), p), frozen=True)
+
+        def remove(act: Tensor, hook) -> Tensor:  # act [n, 1, ...]: the single position p
+            return act - delta.view(act.shape).to(act.dtype)
+
+        resid = run.resid_start[seq, p : p + 1]  # [n, 1, d_model]
+        with self.model.hooks(fwd_hooks=[(self.point, remove)]):
+            logits = self.model(resid, start_at_layer=self.start, past_kv_cache=past)[:, 0]
+        return next_token_ce(logits, run.tokens[seq, p + 1]) - run.ce[seq, p]
+
+    # ---------------------------------------------------------------------------------------- direct path
+
+    def to_residual(self, delta: Tensor) -> Tensor | None:
+        """The residual-stream vector [n, d_model] that an activation change delta [n, d_in] writes, or None for
+        hooks whose effect on the residual stream is not linear (queries, keys, pre-activations, norms)."""
+        block = self.model.blocks[self.layer]
+        if self.suffix in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"):
+            return delta
+        if self.suffix == "attn.hook_z":
+            W_O = block.attn.W_O  # [n_heads, d_head, d_model]
+            return torch.einsum("nhd,hdm->nm", delta.view(len(delta), *W_O.shape[:2]).to(W_O.dtype), W_O)
+        if self.suffix == "mlp.hook_post" and hasattr(block.mlp, "W_out"):
+            return delta.to(block.mlp.W_out.dtype) @ block.mlp.W_out
+        return None
+
+    def final_norm(self, x: Tensor) -> Tensor:
+        """The model's own final norm (LayerNorm, RMSNorm or their folded variants), or nothing."""
+        return x if self.model.cfg.normalization_type is None else self.model.ln_final(x)
+
+    @torch.no_grad()
+    def direct_effects(self, run: CleanRun, seq: Tensor, pos: Tensor, delta_res: Tensor) -> tuple[Tensor, Tensor]:
+        """Direct-path ΔCE [n] and the exact change to the normed final residual [n, d_model] of removing
+        delta_res [n, d_model] from the final residual stream at (seq[i], pos[i])."""
+        device = run.ce.device
+        seq, pos, delta_res = seq.to(device), pos.to(device), delta_res.to(device)
+        x = run.final_resid[seq, pos]  # [n, d_model]
+        ablated = x - delta_res.to(x.dtype)
+        logits = self.model(ablated[:, None], start_at_layer=self.model.cfg.n_layers)[:, 0]
+        dce = next_token_ce(logits, run.tokens[seq, pos + 1]) - run.ce[seq, pos]
+        normed_change = self.final_norm(x) - self.final_norm(ablated)
+        return dce.cpu(), normed_change.float().cpu()

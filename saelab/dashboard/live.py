@@ -1,0 +1,82 @@
+"""The prompt-centric live view: which latents fire on each token of a typed prompt, with exact loss effects.
+
+`PromptAnalyzer.analyze(text)` runs the real model once, encodes the hook activations with the SAE, and for the
+strongest latents at each token computes the loss effect exactly (the same single-position re-runs as the static
+pages) and by the direct path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from saelab.dashboard.compute import _round, eligible_positions, sae_metadata
+from saelab.dashboard.effects import downstream
+from saelab.dashboard.text import token_strings
+from saelab.errors import SaelabError
+
+MAX_PROMPT_CHARS = 20_000
+
+
+class PromptAnalyzer:
+    """Analyse prompts with one model, SAE and hook; `max_latents` bounds the latents listed per token."""
+
+    def __init__(self, lm, sae, hook: str | None = None, max_latents: int = 32) -> None:
+        self.lm = lm
+        self.sae = sae
+        self.hook = hook or sae_metadata(sae).get("hook_name")
+        if not self.hook:
+            raise SaelabError("the SAE's cfg.json names no hook (metadata.hook_name); pass the hook explicitly")
+        self.engine = downstream(lm, self.hook)
+        self.max_latents = max_latents
+        cfg = getattr(lm.model, "cfg", None)
+        self.n_ctx = getattr(cfg, "n_ctx", None)
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        if not isinstance(text, str) or not text.strip():
+            raise SaelabError("type a non-empty prompt")
+        if len(text) > MAX_PROMPT_CHARS:
+            raise SaelabError(f"the prompt has {len(text)} characters; the live view takes at most {MAX_PROMPT_CHARS}")
+        ids = [self.lm.bos_token_id, *self.lm.tokenizer.encode(text, add_special_tokens=False)]
+        if self.n_ctx is not None and len(ids) > self.n_ctx:
+            raise SaelabError(f"the prompt is {len(ids)} tokens with BOS; this model reads at most {self.n_ctx}")
+        return torch.tensor([ids])
+
+    @torch.no_grad()
+    def analyze(self, text: str) -> dict[str, Any]:
+        """{tokens, ids, ce, firing: per token [[latent, activation, ΔCE exact, ΔCE direct], ...], seconds}"""
+        started = time.perf_counter()
+        tokens = self.tokenize(text)
+        run = self.engine.clean(tokens)
+        W_dec = self.sae.W_dec.detach()
+        acts = self.sae.encode(run.x_hook.to(W_dec.device, W_dec.dtype))[0].float().cpu()  # [T, d_sae]
+        valid = self.lm.regular_positions(tokens).cpu()
+        acts = acts * valid[0, :, None]
+        k = min(self.max_latents, acts.shape[1])
+        top_v, top_i = acts.topk(k, dim=1)  # [T, k]
+        pos, slot = (top_v > 0).nonzero(as_tuple=True)
+        lat, act = top_i[pos, slot], top_v[pos, slot]
+        exact = torch.full((len(pos),), float("nan"))
+        direct = torch.full((len(pos),), float("nan"))
+        ok = eligible_positions(valid)[0, pos]
+        if ok.any():
+            delta = act[ok, None] * W_dec[lat[ok]].float().cpu()
+            seq = torch.zeros(int(ok.sum()), dtype=torch.long)
+            exact[ok] = self.engine.loss_effects(run, seq, pos[ok], delta)
+            delta_res = self.engine.to_residual(delta.to(W_dec.device))
+            if delta_res is not None:
+                direct[ok] = self.engine.direct_effects(run, seq, pos[ok], delta_res)[0]
+        firing: list[list[list]] = [[] for _ in range(tokens.shape[1])]
+        for p, j, a, e, d in zip(
+            pos.tolist(), lat.tolist(), act.tolist(), exact.tolist(), direct.tolist(), strict=True
+        ):
+            firing[p].append([j, _round(a), _round(e), _round(d)])
+        return {
+            "tokens": token_strings(self.lm.tokenizer, tokens[0].tolist()),
+            "ids": tokens[0].tolist(),
+            "ce": [_round(x) for x in run.ce[0].tolist()],
+            "firing": firing,
+            "seconds": round(time.perf_counter() - started, 3),
+        }

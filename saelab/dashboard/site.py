@@ -1,0 +1,114 @@
+"""The static dashboard site: a folder that opens from disk (file://) or through `saelab serve`, with no network.
+
+    SITE/index.html              the page shell (no inline script, so a strict CSP holds)
+    SITE/static/dashboard.js     the hand-written renderer, and style.css
+    SITE/data/index.js           the table of all latents and the run's metadata
+    SITE/data/latents/<id>.js    one latent's page data, loaded only when that page opens
+    SITE/site.json               what `saelab serve` needs to run the live view (SAE folder, model, hook)
+
+Data files are JavaScript that call `SAELAB.receive(key, data)`: a script tag can load them from file://, where
+Chromium refuses fetch(). `data` is JSON with every `<`, `>`, `&`, U+2028 and U+2029 escaped, so no token text
+can end a script element or break the JavaScript grammar, whatever the file is embedded in.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from saelab.config import load_json
+from saelab.dashboard.compute import Dashboard
+from saelab.errors import SaelabError
+from saelab.io import atomic_directory, atomic_write_json
+
+FORMAT_NAME = "saelab.dashboard"
+FORMAT_VERSION = 1
+STATIC_FILES = ("dashboard.js", "style.css")
+SITE_FILE = "site.json"
+
+
+def static_text(name: str) -> str:
+    """A file shipped in `saelab/dashboard/static/`."""
+    return resources.files("saelab.dashboard").joinpath("static", name).read_text(encoding="utf-8")
+
+
+def safe_json(data: Any) -> str:
+    """JSON that is also safe inside HTML script elements and JavaScript source: ASCII only, and `<`, `>`, `&`
+    written as \\u escapes (they can only occur inside strings, where the escape means the same character)."""
+    text = json.dumps(data, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def data_script(key: str, data: Any) -> str:
+    return f"SAELAB.receive({safe_json(key)},{safe_json(data)});\n"
+
+
+def read_data_script(path: Path) -> tuple[str, Any]:
+    """Inverse of `data_script`, for exports that re-read a site."""
+    text = path.read_text(encoding="ascii")
+    prefix = "SAELAB.receive("
+    if not text.startswith(prefix) or not text.rstrip().endswith(");"):
+        raise SaelabError(f"{path} is not a saelab dashboard data file; rebuild the site with saelab dashboard")
+    key, _, rest = text[len(prefix) : text.rstrip().rindex(");")].partition(",")
+    return json.loads(key), json.loads(rest)
+
+
+def index_table(dashboard: Dashboard) -> dict[str, Any]:
+    """The index page's data: metadata and one column per table field (columns keep 16k latents compact)."""
+    pages = dashboard.latents
+    columns: dict[str, list] = {
+        "id": [p["id"] for p in pages],
+        "density": [p["density"] for p in pages],
+        "max": [p["max"] for p in pages],
+        "importance": [p["importance"]["mean"] for p in pages],
+        "importance_lo": [p["importance"]["lo"] for p in pages],
+        "importance_hi": [p["importance"]["hi"] for p in pages],
+        "total": [p["total_importance"]["mean"] for p in pages],
+        "fires_on": [_fires_on(p) for p in pages],
+        "promotes": [[t for t, _ in p["logits"]["top"][:3]] if p.get("logits") else [] for p in pages],
+    }
+    if dashboard.meta.get("kind") == "toy":
+        columns["ground_truth"] = [[p["ground_truth"]["feature"], p["ground_truth"]["cosine"]] for p in pages]
+    return {"meta": dashboard.meta, "columns": columns}
+
+
+def _fires_on(page: dict[str, Any], n: int = 3) -> list[str]:
+    """Distinct tokens at the centres of the top windows, best first."""
+    out: list[str] = []
+    for window in (page.get("windows") or {}).get("top", []):
+        token = window["tokens"][window["center"]]
+        if token not in out:
+            out.append(token)
+    return out[:n]
+
+
+def write_site(dashboard: Dashboard, out: Path | str, source: dict[str, Any] | None = None) -> Path:
+    """Write the site folder atomically; `source` ({sae_dir, model, hook, dataset}) is kept for `saelab serve`."""
+    out = Path(out)
+    with atomic_directory(out) as tmp:
+        (tmp / "static").mkdir()
+        for name in STATIC_FILES:
+            (tmp / "static" / name).write_text(static_text(name), encoding="utf-8")
+        (tmp / "index.html").write_text(static_text("index.html"), encoding="utf-8")
+        (tmp / "data" / "latents").mkdir(parents=True)
+        (tmp / "data" / "index.js").write_text(data_script("index", index_table(dashboard)), encoding="ascii")
+        for page in dashboard.latents:
+            path = tmp / "data" / "latents" / f"{int(page['id'])}.js"
+            path.write_text(data_script(f"latent:{int(page['id'])}", page), encoding="ascii")
+        atomic_write_json(tmp / SITE_FILE, {"format": FORMAT_NAME, "version": FORMAT_VERSION, **(source or {})})
+    return out
+
+
+def read_site(site: Path | str) -> dict[str, Any]:
+    """The site's `site.json`, checked; a folder that is not a dashboard is a one-line error."""
+    site = Path(site)
+    if not (site / "index.html").is_file() or not (site / "data" / "index.js").is_file():
+        raise SaelabError(
+            f"{site} is not a saelab dashboard folder (no index.html and data/); build one with saelab dashboard"
+        )
+    info = load_json(site / SITE_FILE)
+    if info.get("format") != FORMAT_NAME:
+        raise SaelabError(f"{site / SITE_FILE} is not a saelab dashboard description (format {info.get('format')!r})")
+    return info

@@ -1,0 +1,68 @@
+"""Token strings that add up to the decoded text, so multi-byte characters are never cut into replacement marks.
+
+A byte-level tokenizer may split one character's UTF-8 bytes over several tokens; decoding token by token then
+shows each piece as U+FFFD. Instead we decode the whole sequence once and map token boundaries onto that text:
+token k owns the characters of the full decoding that become settled once token k is added, i.e. the ones where
+`decode(ids[:k+1])` first agrees with `decode(ids)`. A character split over tokens k and k+1 therefore shows,
+whole, on token k+1 (the token that completes it), and token k shows an empty string.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _settled(prefix: str, full: str) -> int:
+    """Length of the longest common prefix of `prefix` and `full` (usually all of `prefix`)."""
+    if full.startswith(prefix):
+        return len(prefix)
+    n = min(len(prefix), len(full))
+    # The mismatch is almost always a trailing U+FFFD from an incomplete character: search back from the end.
+    while n > 0 and not full.startswith(prefix[:n]):
+        n -= 1
+    return n
+
+
+def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The text each token contributes: `"".join(token_strings(tok, ids)) == tok.decode(ids)` always holds."""
+    if not ids:
+        return []
+    kwargs = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
+    prefixes = tokenizer.batch_decode([ids[: k + 1] for k in range(len(ids))], **kwargs)
+    full = prefixes[-1]
+    bounds = [0]
+    for prefix in prefixes[:-1]:
+        bounds.append(max(bounds[-1], _settled(prefix, full)))
+    bounds.append(len(full))
+    return [full[bounds[k] : bounds[k + 1]] for k in range(len(ids))]
+
+
+def sequence_strings(tokenizer: Any, tokens: list[list[int]]) -> list[list[str]]:
+    """`token_strings` for each sequence of a batch."""
+    return [token_strings(tokenizer, ids) for ids in tokens]
+
+
+def token_label(tokenizer: Any, token_id: int) -> str:
+    """One token on its own (for logit tables): its text, or its bytes as `\\xNN` escapes when it is only part of a
+    UTF-8 character (a byte-level BPE piece that would otherwise show as U+FFFD)."""
+    text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if "\ufffd" not in text:
+        return text
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    decoder = _byte_decoder()
+    if isinstance(piece, str) and piece and all(ch in decoder for ch in piece):
+        return "".join(f"\\x{decoder[ch]:02x}" for ch in piece)
+    return text
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable stand-in character → byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}

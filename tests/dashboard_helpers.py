@@ -1,0 +1,125 @@
+"""Tiny real models, tokenizers and SAEs for the dashboard tests, built in a second with no download.
+
+The tokenizer is a byte-level BPE trained on text full of adversarial strings (`</script>`, `<!--`, an `<img
+onerror>` tag, `&lt;`, right-to-left marks, multi-byte characters), so the pages under test hold them as tokens,
+and characters split across tokens exercise the whole-sequence decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import PreTrainedTokenizerFast
+
+from saelab.models.access import LanguageModel
+
+BOS = "<|endoftext|>"
+XSS = '<img src=x onerror="window.__pwned=1">'
+ADVERSARIAL = [
+    "</script><script>window.__pwned=1</script>",
+    "<!-- comment -->",
+    XSS,
+    "&lt;b&gt; &amp; &#x3C;",
+    "\u202eevil\u202c and \u200fRTL\u200f",
+    "naïve café — 中文字符 😀 €",
+    "\u2028line\u2029para",
+    "${alert(1)} {{7*7}} javascript:alert(1)",
+]
+PLAIN = [
+    "def add(a, b):\n    return a + b\n",
+    "for i in range(10):\n    print(i)\n",
+    "class Point:\n    x: int = 0\n    y: int = 0\n",
+]
+
+
+def corpus() -> list[str]:
+    return ADVERSARIAL * 3 + PLAIN * 3
+
+
+def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A byte-level BPE; with few merges, multi-byte characters stay split over several byte tokens."""
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[BOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    raw.train_from_iterator(corpus(), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        bos_token=BOS,
+        eos_token=BOS,
+        pad_token=BOS,
+        add_bos_token=True,
+        clean_up_tokenization_spaces=False,
+        name_or_path="tiny",
+    )
+
+
+def make_model(
+    tokenizer: PreTrainedTokenizerFast,
+    normalization: str = "LN",
+    positional: str = "standard",
+    n_layers: int = 2,
+    seed: int = 0,
+) -> LanguageModel:
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        n_ctx=64,
+        d_vocab=len(tokenizer),
+        act_fn="gelu",
+        normalization_type=normalization,
+        positional_embedding_type=positional,
+        seed=seed,
+    )
+    model = HookedTransformer(cfg, tokenizer=tokenizer).eval()
+    # A random init has tiny logits; scale the unembedding up so that loss effects are far from zero.
+    with torch.no_grad():
+        model.unembed.W_U.mul_(8.0)
+    return LanguageModel.from_transformer_lens(model, f"tiny-{normalization}-{positional}")
+
+
+@dataclass
+class _Cfg:
+    d_in: int
+    d_sae: int
+    architecture: str = "relu"
+    metadata: dict = field(default_factory=dict)
+
+
+class TinySAE(nn.Module):
+    """The minimal SAE contract the dashboard relies on: encode, decode, W_dec, cfg.d_in/d_sae/metadata."""
+
+    def __init__(self, d_in: int, d_sae: int, hook: str, seed: int = 0, bias: float = -0.3) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.cfg = _Cfg(d_in, d_sae, metadata={"hook_name": hook, "model_name": "tiny"})
+        self.W_enc = nn.Parameter(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
+        self.W_dec = nn.Parameter(torch.randn(d_sae, d_in, generator=g) / d_in**0.5)
+        self.b_enc = nn.Parameter(torch.full((d_sae,), bias))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return latents @ self.W_dec + self.b_dec
+
+
+def make_tokens(tokenizer: PreTrainedTokenizerFast, n_seq: int = 16, length: int = 24, seed: int = 0) -> Tensor:
+    """[n_seq, length] contexts, each BOS followed by a window of the adversarial/plain corpus."""
+    stream: list[int] = []
+    for text in corpus():
+        stream += [*tokenizer.encode(text, add_special_tokens=False), tokenizer.bos_token_id]
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - length, (n_seq,), generator=g).tolist()
+    rows = [[tokenizer.bos_token_id, *stream[s : s + length - 1]] for s in starts]
+    return torch.tensor(rows)

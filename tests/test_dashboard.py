@@ -1,0 +1,450 @@
+"""Dashboard computation, site files, exports and server, checked against independent brute-force computations on
+tiny real models (the browser tests live in test_dashboard_browser.py)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from dashboard_helpers import ADVERSARIAL, XSS, TinySAE, make_model, make_tokenizer, make_tokens
+
+from saelab.dashboard.cli import parse_features
+from saelab.dashboard.compute import (
+    DashboardConfig,
+    compute_dashboard,
+    eligible_positions,
+    importance_interval,
+    select_latents,
+)
+from saelab.dashboard.effects import Downstream, reference_loss_effects
+from saelab.dashboard.export import export_html, export_neuronpedia
+from saelab.dashboard.live import PromptAnalyzer
+from saelab.dashboard.server import CSP, make_server
+from saelab.dashboard.site import read_data_script, safe_json, write_site
+from saelab.dashboard.stats import non_overlapping
+from saelab.dashboard.text import token_label, token_strings
+from saelab.errors import SaelabError
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The single-position re-runs are many tiny ops: one thread avoids OpenMP contention on a shared machine.
+    No gradients anywhere (the brute-force checks run models directly)."""
+    before, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    yield
+    torch.set_num_threads(before)
+    torch.set_grad_enabled(grad)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def lm(tok):
+    return make_model(tok)
+
+
+@pytest.fixture(scope="module")
+def tokens(tok):
+    return make_tokens(tok, n_seq=12, length=24)
+
+
+@pytest.fixture(scope="module")
+def sae():
+    return TinySAE(32, 12, HOOK)
+
+
+@pytest.fixture(scope="module")
+def board(lm, sae, tokens):
+    # importance_samples above every pool: the sample is every eligible firing position, so brute force can redo it.
+    cfg = DashboardConfig(importance_samples=10_000, top_windows=3, windows_per_interval=1, context_before=5)
+    return compute_dashboard(lm, sae, tokens, HOOK, cfg=cfg)
+
+
+@pytest.fixture(scope="module")
+def site(board, tmp_path_factory):
+    out = tmp_path_factory.mktemp("site") / "site"
+    write_site(board, out, {"kind": "lm", "model": "tiny", "hook": HOOK})
+    return out
+
+
+# ---------------------------------------------------------------------------------------- brute force
+
+
+def brute_acts(lm, sae, row: torch.Tensor, hook: str = HOOK) -> torch.Tensor:
+    """[T, d_sae] latent activations, special tokens zeroed."""
+    _, cache = lm.model.run_with_cache(row[None], names_filter=hook)
+    acts = sae.encode(cache[hook][0].flatten(1)).detach()
+    return acts * (row != lm.bos_token_id)[:, None]
+
+
+def brute_ce(lm, row, pos, hook=None, subtract=None) -> float:
+    def fn(act, hook):
+        act = act.clone()
+        act[0, pos] -= subtract.view(act.shape[2:])
+        return act
+
+    hooks = [(hook, fn)] if hook else []
+    logits = lm.model.run_with_hooks(row[None], fwd_hooks=hooks)[0, pos].double()
+    return (torch.logsumexp(logits, 0) - logits[row[pos + 1]]).item()
+
+
+def brute_dce(lm, sae, row, pos, latent, hook=HOOK, a=None) -> float:
+    a = brute_acts(lm, sae, row, hook)[pos, latent] if a is None else a
+    return brute_ce(lm, row, pos, hook, (a * sae.W_dec[latent]).detach()) - brute_ce(lm, row, pos)
+
+
+def brute_final(lm, row) -> torch.Tensor:
+    name = f"blocks.{lm.model.cfg.n_layers - 1}.hook_resid_post"
+    _, cache = lm.model.run_with_cache(row[None], names_filter=name)
+    return cache[name][0]
+
+
+def brute_direct(lm, sae, row, pos, latent) -> float:
+    a = brute_acts(lm, sae, row)[pos, latent]
+    x = brute_final(lm, row)[pos]
+    ce = []
+    for v in (x - a * sae.W_dec[latent].detach(), x):
+        logits = lm.model.unembed(lm.model.ln_final(v[None, None]))[0, 0].double()
+        ce.append((torch.logsumexp(logits, 0) - logits[row[pos + 1]]).item())
+    return ce[0] - ce[1]
+
+
+def close(a, b, tol=2e-4) -> bool:
+    return abs(a - b) <= tol * max(1.0, abs(b))
+
+
+# ---------------------------------------------------------------------------------------- text
+
+
+def test_token_strings_join_to_the_decoded_text_and_keep_characters_whole(tok):
+    for text in ADVERSARIAL:
+        ids = tok.encode(text, add_special_tokens=False)
+        pieces = token_strings(tok, ids)
+        assert len(pieces) == len(ids)
+        assert "".join(pieces) == tok.decode(ids) == text
+        for ch in "ï中😀€\u202e":
+            if ch in text:  # each multi-byte character shows whole, on exactly one token
+                assert sum(ch in p for p in pieces) == text.count(ch)
+    euro = tok.encode("€", add_special_tokens=False)
+    assert len(euro) == 3 and token_strings(tok, euro) == ["", "", "€"]
+    assert token_strings(tok, euro[:1] + tok.encode("a", add_special_tokens=False)) == ["\ufffd", "a"]
+    assert token_label(tok, euro[0]) == "\\xe2"
+
+
+# ---------------------------------------------------------------------------------------- loss effects
+
+
+@pytest.mark.parametrize(
+    ("normalization", "positional", "hook"),
+    [
+        ("LN", "standard", "blocks.0.hook_resid_pre"),
+        ("LN", "standard", "blocks.0.attn.hook_z"),
+        ("LN", "standard", "blocks.1.hook_resid_post"),
+        ("RMS", "rotary", "blocks.0.hook_resid_post"),
+        ("RMS", "rotary", "blocks.0.hook_mlp_out"),
+        ("RMS", "rotary", "blocks.1.hook_resid_mid"),
+        ("LN", "rotary", "blocks.0.mlp.hook_post"),
+    ],
+)
+def test_fast_exact_loss_effects_match_reference_and_brute_force(tok, tokens, normalization, positional, hook):
+    lm = make_model(tok, normalization, positional)
+    sae = TinySAE(lm.d_hook(hook), 16, hook)
+    engine = Downstream(lm, hook)
+    run = engine.clean(tokens[:3])
+    acts = sae.encode(run.x_hook).detach()
+    seq, pos, lat = torch.tensor([0, 0, 1, 2, 2]), torch.tensor([0, 9, 4, 22, 13]), torch.tensor([0, 3, 5, 7, 9])
+    acts[seq, pos, lat] = acts[seq, pos, lat].clamp(min=0.7)  # make sure each pair has a contribution to remove
+    delta = acts[seq, pos, lat][:, None] * sae.W_dec[lat].detach()
+    fast = engine.loss_effects(run, seq, pos, delta)
+    reference = reference_loss_effects(lm, hook, tokens[:3], seq, pos, delta)
+    assert torch.allclose(fast, reference, atol=2e-5, rtol=1e-4)
+    assert fast.abs().max() > 1e-3  # the check is not vacuous
+    for i in (0, 3):
+        row, p = tokens[seq[i]], int(pos[i])
+        brute = brute_ce(lm, row, p, hook, delta[i]) - brute_ce(lm, row, p)
+        assert close(fast[i].item(), brute)
+
+
+def test_direct_path_matches_brute_force_and_needs_a_linear_hook(lm, sae, tokens):
+    engine = Downstream(lm, HOOK)
+    run = engine.clean(tokens[:2])
+    acts = sae.encode(run.x_hook).detach()
+    seq, pos, lat = torch.tensor([0, 1, 1]), torch.tensor([3, 7, 20]), torch.tensor([1, 2, 3])
+    acts[seq, pos, lat] = 1.0
+    delta = acts[seq, pos, lat][:, None] * sae.W_dec[lat].detach()
+    direct, normed = engine.direct_effects(run, seq, pos, engine.to_residual(delta))
+    for i in range(3):
+        row, p = tokens[seq[i]], int(pos[i])
+        x = brute_final(lm, row)[p]
+        logits = [lm.model.unembed(lm.model.ln_final(v[None, None]))[0, 0].double() for v in (x - delta[i], x)]
+        ce = [(torch.logsumexp(lg, 0) - lg[row[p + 1]]).item() for lg in logits]
+        assert close(direct[i].item(), ce[0] - ce[1])
+        expected = lm.model.ln_final(x[None]) - lm.model.ln_final((x - delta[i])[None])
+        assert torch.allclose(normed[i], expected[0], atol=1e-5)
+    assert Downstream(lm, "blocks.0.attn.hook_q").to_residual(torch.zeros(1, 32)) is None
+
+
+# ---------------------------------------------------------------------------------------- dashboard values
+
+
+def test_statistics_match_brute_force(board, lm, sae, tokens):
+    acts = torch.stack([brute_acts(lm, sae, row) for row in tokens])  # [S, T, d_sae]
+    valid = tokens != lm.bos_token_id
+    for page in board.latents:
+        j = page["id"]
+        a = acts[..., j][valid]
+        assert page["count"] == int((a > 0).sum())
+        assert close(page["density"], (a > 0).double().mean().item(), 1e-4)
+        assert close(page["max"], a.max().item(), 1e-4)
+        firing = a[a > 0].double()
+        assert close(page["mean"], firing.mean().item(), 1e-4)
+        ordered = firing.sort().values
+        for q, value in page["quantiles"]:  # the ⌈qn⌉-th smallest, read from a 50-bins-per-decade histogram
+            expected = ordered[math.ceil(q * len(ordered)) - 1].item()
+            assert abs(math.log10(value) - math.log10(expected)) <= 1 / 50 + 1e-6
+        assert sum(page["hist"]["counts"]) == page["count"]
+        top = page["windows"]["top"]
+        assert close(top[0]["acts"][top[0]["center"]], page["max"], 1e-4)
+        centres = [(w["seq"], w["start"] + w["center"]) for w in top]
+        for (s1, p1), (s2, p2) in itertools.pairwise(centres):
+            assert s1 != s2 or abs(p1 - p2) >= 10  # windows of 5 + 4 + 1 tokens never overlap
+        assert [w["acts"][w["center"]] for w in top] == sorted((w["acts"][w["center"]] for w in top), reverse=True)
+
+
+def test_page_values_match_brute_force(board, lm, sae, tokens):
+    """Activations, exact and direct ΔCE, importance and logit effects, recomputed independently per position."""
+    elig = eligible_positions(tokens != lm.bos_token_id)
+    checked = 0
+    all_acts = torch.stack([brute_acts(lm, sae, row) for row in tokens])
+    for page in board.latents[:3]:
+        j = page["id"]
+        windows = page["windows"]["top"] + [w for iv in page["windows"]["intervals"] for w in iv["windows"]]
+        for window in windows[:2]:
+            row = tokens[window["seq"]]
+            acts = all_acts[window["seq"], :, j]
+            for i, (a, loss, direct) in enumerate(zip(window["acts"], window["loss"], window["direct"], strict=True)):
+                p = window["start"] + i
+                assert close(a, acts[p].item(), 1e-4)
+                assert (loss is None) == (not (acts[p] > 0 and elig[window["seq"], p]))
+                if loss is not None:
+                    assert close(loss, brute_dce(lm, sae, row, p, j), 1e-3)
+                    assert close(direct, brute_direct(lm, sae, row, p, j), 1e-3)
+                    checked += 1
+        # Importance: the sample is every eligible firing position here, so the mean is exact and the CI closed.
+        acts = all_acts[..., j]
+        s, p = ((acts > 0) & elig).nonzero(as_tuple=True)
+        dces = [brute_dce(lm, sae, tokens[a], int(b), j, a=acts[a, b]) for a, b in zip(s, p, strict=True)]
+        assert page["importance"]["n"] == page["importance"]["pool"] == len(dces)
+        assert close(page["importance"]["mean"], float(np.mean(dces)), 1e-3)
+        assert close(page["importance"]["lo"], page["importance"]["hi"], 1e-4)
+        assert close(page["total_importance"]["mean"], page["density"] * page["importance"]["mean"], 1e-3)
+        # Logit effects: mean exact change of the normed final residual, times W_U.
+        change = torch.zeros(lm.model.cfg.d_model)
+        for a_seq, a_pos in zip(s.tolist(), p.tolist(), strict=True):
+            x = brute_final(lm, tokens[a_seq])[a_pos]
+            d = acts[a_seq, a_pos] * sae.W_dec[j].detach()
+            change += (lm.model.ln_final(x[None]) - lm.model.ln_final((x - d)[None]))[0]
+        logits = (change / len(s)) @ lm.model.W_U.detach()
+        top_v = logits.topk(len(page["logits"]["top"])).values
+        assert np.allclose([v for _, v in page["logits"]["top"]], top_v.numpy(), rtol=1e-3, atol=1e-4)
+        assert close(page["logits"]["bottom"][0][1], logits.min().item(), 1e-3)
+    assert checked >= 4
+    errors = board.meta["approximation"]
+    assert errors["positions"] > 0 and errors["mean_abs_error"] >= 0 and -1 <= errors["pearson_r"] <= 1
+
+
+def test_neighbours_and_correlations_match_brute_force(board, lm, sae, tokens):
+    W = sae.W_dec.detach()
+    unit = W / W.norm(dim=1, keepdim=True)
+    acts = torch.stack([brute_acts(lm, sae, row) for row in tokens])[tokens != lm.bos_token_id]  # [N, d_sae]
+    corr = np.corrcoef(acts.T.double().numpy())
+    for page in board.latents:
+        j = page["id"]
+        cos = (unit @ unit[j]).numpy()
+        cos[j] = -np.inf
+        assert [i for i, _ in page["neighbours"]] == list(np.argsort(-cos)[: len(page["neighbours"])])
+        for i, r in page["correlated"]:
+            assert abs(r - corr[j, i]) < 1e-3
+        c = corr[j].copy()
+        c[j] = -np.inf
+        assert page["correlated"][0][0] == int(np.nanargmax(c))
+
+
+def test_importance_interval_is_a_finite_population_t_interval():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = importance_interval(values, pool=1000, confidence=0.95)
+    half = 3.182446305 * values.std().item() / 2 * math.sqrt(1 - 4 / 1000)
+    assert out["mean"] == 2.5 and close(out["hi"] - 2.5, half, 1e-4) and close(2.5 - out["lo"], half, 1e-4)
+    whole = importance_interval(values, pool=4, confidence=0.95)
+    assert whole["lo"] == whole["hi"] == 2.5
+    assert importance_interval(torch.tensor([]), 0, 0.95)["mean"] is None
+    assert importance_interval(torch.tensor([0.5]), 9, 0.95)["lo"] is None
+
+
+def test_non_overlapping_keeps_the_best_window_of_each_clash():
+    # Candidates (value, flat index) for one latent in sequences of length 100, window 10.
+    values = torch.tensor([[9.0], [8.0], [7.0], [6.0], [0.0]])
+    index = torch.tensor([[50], [55], [120], [59], [7]])  # 55 and 59 clash with 50; 120 is in sequence 1
+    kept_v, kept_i = non_overlapping(values, index, T=100, window=10, k=3)
+    assert kept_v[:, 0].tolist() == [9.0, 7.0, 0.0] and kept_i[:, 0].tolist() == [50, 120, -1]
+
+
+def test_choices_and_bad_input_are_one_line_errors(lm, sae, tokens):
+    assert select_latents(3, 12).tolist() == [0, 1, 2]
+    assert select_latents([5, 2, 5], 12).tolist() == [2, 5]
+    assert parse_features("7") == 7 and parse_features("1,4-6") == [1, 4, 5, 6] and parse_features(None) is None
+    for bad in ("a,b", "5-2"):
+        with pytest.raises(SaelabError):
+            parse_features(bad)
+    with pytest.raises(SaelabError, match=r"outside 0\.\.11"):
+        select_latents([12], 12)
+    with pytest.raises(SaelabError, match="closest"):
+        compute_dashboard(lm, sae, tokens, "blocks.0.hook_resid_pots")
+    with pytest.raises(SaelabError, match="width"):
+        compute_dashboard(lm, TinySAE(8, 4, HOOK), tokens)
+    with pytest.raises(SaelabError, match="integer ids"):
+        compute_dashboard(lm, sae, tokens.float())
+    with pytest.raises(SaelabError, match="positive"):
+        DashboardConfig(top_windows=0).validate()
+
+
+# ---------------------------------------------------------------------------------------- site and exports
+
+
+def test_safe_json_escapes_everything_that_could_end_a_script():
+    evil = ["</script><script>x()</script>", "<!--", XSS, "&lt;", "\u2028\u2029", "\u202e", "\ud800"]
+    text = safe_json({"t": evil})
+    assert not re.search(r"[<>&\u2028\u2029]", text) and text.isascii()
+    assert json.loads(text) == {"t": evil}
+    with pytest.raises(ValueError):
+        safe_json({"x": float("nan")})
+
+
+def test_site_has_one_data_file_per_latent_that_round_trips(site, board):
+    assert (site / "index.html").is_file() and (site / "static" / "dashboard.js").is_file()
+    html = (site / "index.html").read_text()
+    assert "<script>" not in html and 'src="static/dashboard.js"' in html  # no inline script, so CSP holds
+    files = sorted((site / "data" / "latents").glob("*.js"))
+    assert len(files) == len(board.latents)
+    key, data = read_data_script(files[0])
+    assert key == f"latent:{data['id']}" and data == json.loads(json.dumps(board.latents[int(data["id"])]))
+    key, index = read_data_script(site / "data" / "index.js")
+    assert key == "index" and index["columns"]["id"] == [p["id"] for p in board.latents]
+
+
+def test_single_file_export_embeds_escaped_data_under_a_hash_csp(site, tmp_path):
+    out = export_html(site, [0, 2], tmp_path / "two.html")
+    page = out.read_text()
+    data = page[page.index('id="saelab-data">') : page.index("</script>")]
+    assert "<" not in data[len('id="saelab-data">') :] and "\u2028" not in data
+    assert page.count("<script") == 2 and "src=" not in page
+    csp = re.search(r'content="([^"]*)"', page).group(1)
+    assert "script-src 'sha256-" in csp and "unsafe-inline" not in csp
+    with pytest.raises(SaelabError, match="not in the dashboard"):
+        export_html(site, [99], tmp_path / "bad.html")
+    batch = json.loads(export_neuronpedia(site, tmp_path / "np.json", [1]).read_text())
+    feature = batch["features"][0]
+    assert feature["feature_index"] == 1 and len(feature["pos_str"]) == len(feature["pos_values"])
+    assert sum(feature["freq_hist_data_bar_heights"]) > 0 and feature["activations"][0]["bin_min"] == -1
+
+
+# ---------------------------------------------------------------------------------------- server and live view
+
+
+def test_live_analysis_matches_the_reference(lm, sae):
+    analyzer = PromptAnalyzer(lm, sae, max_latents=4)
+    text = "for i in range(10):\n    print(i) </script> 中文"
+    result = analyzer.analyze(text)
+    assert "".join(result["tokens"]) == "<|endoftext|>" + text
+    ids = torch.tensor(result["ids"])
+    pairs = [(p, f) for p, fs in enumerate(result["firing"]) for f in fs if f[2] is not None]
+    assert len(pairs) > 10 and all(len(fs) <= 4 for fs in result["firing"])
+    for p, (latent, a, dce, direct) in pairs[:: max(1, len(pairs) // 6)]:
+        assert close(a, brute_acts(lm, sae, ids)[p, latent].item(), 1e-4)
+        assert close(dce, brute_dce(lm, sae, ids, p, latent), 1e-3)
+        assert close(direct, brute_direct(lm, sae, ids, p, latent), 1e-3)
+    with pytest.raises(SaelabError, match="at most 64"):
+        analyzer.analyze("x " * 200)
+
+
+def _request(url, data=None, headers=None):
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def test_server_serves_the_site_with_csp_and_guards_the_api(site, lm, sae):
+    server = make_server(site, 0, lambda: PromptAnalyzer(lm, sae))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+        status, headers, body = _request(server.url)
+        assert status == 200 and headers["Content-Security-Policy"] == CSP and b"dashboard.js" in body
+        assert "default-src 'self'" in CSP and "unsafe-inline" not in CSP
+        assert _request(server.url + "data/latents/0.js")[1]["Content-Type"].startswith("text/javascript")
+        assert _request(server.url + "../../etc/passwd")[0] == 404
+        assert _request(server.url + "%2e%2e/%2e%2e/etc/passwd")[0] == 404
+        assert _request(server.url, headers={"Host": "evil.example:80"})[0] == 421
+        api = server.url + "api/analyze"
+        good = {"Content-Type": "application/json"}
+        status, _, body = _request(api, json.dumps({"text": "def f(x):"}).encode(), good)
+        result = json.loads(body)
+        assert status == 200 and result["tokens"][0] == "<|endoftext|>" and len(result["firing"]) == len(result["ids"])
+        assert _request(api, b"text=1", {"Content-Type": "application/x-www-form-urlencoded"})[0] == 415
+        assert _request(api, b'{"text": "x"}', {**good, "Origin": "http://evil.example"})[0] == 403
+        assert _request(api, b"{", good)[0] == 400
+        assert _request(api, json.dumps({"text": "  "}).encode(), good)[0] == 400
+        assert _request(api, b"x" * 70_000, good)[0] == 413
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ---------------------------------------------------------------------------------------- toy models
+
+
+def test_toy_dashboard_matches_ground_truth_and_brute_force_loss():
+    from saelab.dashboard.toy import compute_toy_dashboard, toy_loss
+    from saelab.toy.model import ToyModel, ToyModelConfig
+
+    torch.manual_seed(0)
+    model = ToyModel(ToyModelConfig(n_features=5, d_hidden=2, n_instances=2, feature_probability=0.1))
+    true = model.feature_directions(1)  # [5, 2]
+    sae = TinySAE(2, 5, "hidden")
+    with torch.no_grad():  # an SAE whose decoder rows are the true features, permuted
+        perm = torch.tensor([3, 0, 4, 1, 2])
+        sae.W_dec.copy_(true[perm] / true[perm].norm(dim=1, keepdim=True))
+        sae.W_enc.copy_(sae.W_dec.T)
+        sae.b_enc.fill_(-0.05)
+    board = compute_toy_dashboard(model, 1, sae, n_samples=4000, cfg=DashboardConfig(seed=3), source="toy:x#1")
+    assert board.meta["kind"] == "toy" and board.meta["ground_truth"]["recovered"] == 5
+    for page in board.latents:
+        assert page["ground_truth"]["feature"] == int(perm[page["id"]])
+        assert page["ground_truth"]["cosine"] == pytest.approx(1.0, abs=1e-4)
+    # Brute force the loss effect of latent 0 on the same samples (same seed, same draw).
+    x = model.generate_batch(4000, torch.Generator().manual_seed(3))
+    h = model.hidden(x)[:, 1]
+    a = sae.encode(h)[:, 0].detach()
+    fires = a > 0
+    ablated = h[fires] - a[fires, None] * sae.W_dec[0].detach()
+    expected = (toy_loss(model, x[fires], ablated, 1) - toy_loss(model, x[fires], h[fires], 1)).mean().item()
+    assert close(board.latents[0]["importance"]["mean"], expected, 1e-4)
+    assert board.latents[0]["count"] == int(fires.sum())
