@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from saelab.models.access import LanguageModel
 
 BOS = "<|endoftext|>"
+HOOK = "blocks.0.hook_resid_post"
 XSS = '<img src=x onerror="window.__pwned=1">'
 ADVERSARIAL = [
     "</script><script>window.__pwned=1</script>",
@@ -29,6 +30,7 @@ ADVERSARIAL = [
     "\u2028line\u2029para",
     "${alert(1)} {{7*7}} javascript:alert(1)",
 ]
+SINGLE_TOKENS = [XSS, "</script>", "<!--", "&lt;", "&amp;", "\u202e"]
 PLAIN = [
     "def add(a, b):\n    return a + b\n",
     "for i in range(10):\n    print(i)\n",
@@ -41,7 +43,8 @@ def corpus() -> list[str]:
 
 
 def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    """A byte-level BPE; with few merges, multi-byte characters stay split over several byte tokens."""
+    """A byte-level BPE; with few merges, multi-byte characters stay split over several byte tokens, while the
+    markup strings of SINGLE_TOKENS are one token each."""
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
@@ -49,6 +52,8 @@ def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
         vocab_size=vocab_size, special_tokens=[BOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     raw.train_from_iterator(corpus(), trainer)
+    # Whole markup strings as single tokens: rendering one token as HTML would be enough to run them.
+    raw.add_tokens([AddedToken(t, normalized=False) for t in SINGLE_TOKENS])
     return PreTrainedTokenizerFast(
         tokenizer_object=raw,
         bos_token=BOS,
@@ -73,7 +78,7 @@ def make_model(
         n_heads=4,
         d_head=8,
         d_mlp=64,
-        n_ctx=64,
+        n_ctx=128,
         d_vocab=len(tokenizer),
         act_fn="gelu",
         normalization_type=normalization,
@@ -123,3 +128,58 @@ def make_tokens(tokenizer: PreTrainedTokenizerFast, n_seq: int = 16, length: int
     starts = torch.randint(0, len(stream) - length, (n_seq,), generator=g).tolist()
     rows = [[tokenizer.bos_token_id, *stream[s : s + length - 1]] for s in starts]
     return torch.tensor(rows)
+
+
+def make_adversarial_tokens(tokenizer: PreTrainedTokenizerFast, length: int = 32) -> Tensor:
+    """One [BOS, adversarial string, code…] row per adversarial string (and per plain one), cut to `length`."""
+    rows = []
+    for i, text in enumerate(ADVERSARIAL + PLAIN):
+        ids = tokenizer.encode(text + " " + PLAIN[i % len(PLAIN)] * 3, add_special_tokens=False)
+        rows.append([tokenizer.bos_token_id, *ids[: length - 1]])
+    return torch.tensor(rows)
+
+
+# Independent brute force: whole forward passes with TransformerLens hooks, nothing from saelab.dashboard.
+
+
+def brute_acts(lm, sae, row: torch.Tensor, hook: str = HOOK) -> torch.Tensor:
+    """[T, d_sae] latent activations, special tokens zeroed."""
+    _, cache = lm.model.run_with_cache(row[None], names_filter=hook)
+    acts = sae.encode(cache[hook][0].flatten(1)).detach()
+    return acts * (row != lm.bos_token_id)[:, None]
+
+
+def brute_ce(lm, row, pos, hook=None, subtract=None) -> float:
+    def fn(act, hook):
+        act = act.clone()
+        act[0, pos] -= subtract.view(act.shape[2:])
+        return act
+
+    hooks = [(hook, fn)] if hook else []
+    logits = lm.model.run_with_hooks(row[None], fwd_hooks=hooks)[0, pos].double()
+    return (torch.logsumexp(logits, 0) - logits[row[pos + 1]]).item()
+
+
+def brute_dce(lm, sae, row, pos, latent, hook=HOOK, a=None) -> float:
+    a = brute_acts(lm, sae, row, hook)[pos, latent] if a is None else a
+    return brute_ce(lm, row, pos, hook, (a * sae.W_dec[latent]).detach()) - brute_ce(lm, row, pos)
+
+
+def brute_final(lm, row) -> torch.Tensor:
+    name = f"blocks.{lm.model.cfg.n_layers - 1}.hook_resid_post"
+    _, cache = lm.model.run_with_cache(row[None], names_filter=name)
+    return cache[name][0]
+
+
+def brute_direct(lm, sae, row, pos, latent) -> float:
+    a = brute_acts(lm, sae, row)[pos, latent]
+    x = brute_final(lm, row)[pos]
+    ce = []
+    for v in (x - a * sae.W_dec[latent].detach(), x):
+        logits = lm.model.unembed(lm.model.ln_final(v[None, None]))[0, 0].double()
+        ce.append((torch.logsumexp(logits, 0) - logits[row[pos + 1]]).item())
+    return ce[0] - ce[1]
+
+
+def close(a, b, tol=2e-4) -> bool:
+    return abs(a - b) <= tol * max(1.0, abs(b))

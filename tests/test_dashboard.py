@@ -14,7 +14,21 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-from dashboard_helpers import ADVERSARIAL, XSS, TinySAE, make_model, make_tokenizer, make_tokens
+from dashboard_helpers import (
+    ADVERSARIAL,
+    HOOK,
+    XSS,
+    TinySAE,
+    brute_acts,
+    brute_ce,
+    brute_dce,
+    brute_direct,
+    brute_final,
+    close,
+    make_model,
+    make_tokenizer,
+    make_tokens,
+)
 
 from saelab.dashboard.cli import parse_features
 from saelab.dashboard.compute import (
@@ -32,8 +46,6 @@ from saelab.dashboard.site import read_data_script, safe_json, write_site
 from saelab.dashboard.stats import non_overlapping
 from saelab.dashboard.text import token_label, token_strings
 from saelab.errors import SaelabError
-
-HOOK = "blocks.0.hook_resid_post"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -80,52 +92,6 @@ def site(board, tmp_path_factory):
     out = tmp_path_factory.mktemp("site") / "site"
     write_site(board, out, {"kind": "lm", "model": "tiny", "hook": HOOK})
     return out
-
-
-# ---------------------------------------------------------------------------------------- brute force
-
-
-def brute_acts(lm, sae, row: torch.Tensor, hook: str = HOOK) -> torch.Tensor:
-    """[T, d_sae] latent activations, special tokens zeroed."""
-    _, cache = lm.model.run_with_cache(row[None], names_filter=hook)
-    acts = sae.encode(cache[hook][0].flatten(1)).detach()
-    return acts * (row != lm.bos_token_id)[:, None]
-
-
-def brute_ce(lm, row, pos, hook=None, subtract=None) -> float:
-    def fn(act, hook):
-        act = act.clone()
-        act[0, pos] -= subtract.view(act.shape[2:])
-        return act
-
-    hooks = [(hook, fn)] if hook else []
-    logits = lm.model.run_with_hooks(row[None], fwd_hooks=hooks)[0, pos].double()
-    return (torch.logsumexp(logits, 0) - logits[row[pos + 1]]).item()
-
-
-def brute_dce(lm, sae, row, pos, latent, hook=HOOK, a=None) -> float:
-    a = brute_acts(lm, sae, row, hook)[pos, latent] if a is None else a
-    return brute_ce(lm, row, pos, hook, (a * sae.W_dec[latent]).detach()) - brute_ce(lm, row, pos)
-
-
-def brute_final(lm, row) -> torch.Tensor:
-    name = f"blocks.{lm.model.cfg.n_layers - 1}.hook_resid_post"
-    _, cache = lm.model.run_with_cache(row[None], names_filter=name)
-    return cache[name][0]
-
-
-def brute_direct(lm, sae, row, pos, latent) -> float:
-    a = brute_acts(lm, sae, row)[pos, latent]
-    x = brute_final(lm, row)[pos]
-    ce = []
-    for v in (x - a * sae.W_dec[latent].detach(), x):
-        logits = lm.model.unembed(lm.model.ln_final(v[None, None]))[0, 0].double()
-        ce.append((torch.logsumexp(logits, 0) - logits[row[pos + 1]]).item())
-    return ce[0] - ce[1]
-
-
-def close(a, b, tol=2e-4) -> bool:
-    return abs(a - b) <= tol * max(1.0, abs(b))
 
 
 # ---------------------------------------------------------------------------------------- text
@@ -378,8 +344,8 @@ def test_live_analysis_matches_the_reference(lm, sae):
         assert close(a, brute_acts(lm, sae, ids)[p, latent].item(), 1e-4)
         assert close(dce, brute_dce(lm, sae, ids, p, latent), 1e-3)
         assert close(direct, brute_direct(lm, sae, ids, p, latent), 1e-3)
-    with pytest.raises(SaelabError, match="at most 64"):
-        analyzer.analyze("x " * 200)
+    with pytest.raises(SaelabError, match="at most 128"):
+        analyzer.analyze("x " * 400)
 
 
 def _request(url, data=None, headers=None):

@@ -69,7 +69,7 @@ def export_html(site: Path | str, latents: list[int], out: Path | str) -> Path:
         "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<meta http-equiv=\"Content-Security-Policy\" content=\"{html.escape(csp, quote=False)}\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        "<meta name=\"referrer\" content=\"no-referrer\">\n"
+        "<meta name=\"referrer\" content=\"no-referrer\">\n<link rel=\"icon\" href=\"data:,\">\n"
         f"<title>{html.escape(title)}</title>\n<style>{style}</style>\n</head>\n<body>{shell}"
         f"<script type=\"application/json\" id=\"saelab-data\">{data}</script>\n"
         f"<script>{script}</script>\n</body>\n</html>\n"

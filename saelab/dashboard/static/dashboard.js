@@ -149,10 +149,17 @@
 
   // ------------------------------------------------------------------------------------------------ tokens
 
+  const INVISIBLE = /^[\p{Cf}\p{Zl}\p{Zp}]+$/u;
+
   /* One token as a span whose text is exactly the token's text; colour comes from data, never markup. */
   function tokenSpan(text, opts) {
     const span = h("span", { class: "tok", text: text });
     if (text === "") span.classList.add("empty");
+    else if (INVISIBLE.test(text)) {
+      // Format characters (RTL marks, zero-width spaces, …) have no glyph: show their code points beside them.
+      span.classList.add("invisible");
+      span.setAttribute("data-code", Array.from(text, (c) => "U+" + c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0")).join(" "));
+    }
     if (text.endsWith("\n") && text.trim() === "") span.classList.add("nl");
     if (opts.background) span.style.backgroundColor = opts.background;
     if (opts.underline) span.style.borderBottomColor = opts.underline;
