@@ -136,9 +136,12 @@ def test_fast_exact_loss_effects_match_reference_and_brute_force(tok, tokens, no
     seq, pos, lat = torch.tensor([0, 0, 1, 2, 2]), torch.tensor([0, 9, 4, 22, 13]), torch.tensor([0, 3, 5, 7, 9])
     acts[seq, pos, lat] = acts[seq, pos, lat].clamp(min=0.7)  # make sure each pair has a contribution to remove
     delta = acts[seq, pos, lat][:, None] * sae.W_dec[lat].detach()
-    fast = engine.loss_effects(run, seq, pos, delta)
+    fast, _ = engine.loss_effects(run, seq, pos, delta)
     reference = reference_loss_effects(lm, hook, tokens[:3], seq, pos, delta)
     assert torch.allclose(fast, reference, atol=2e-5, rtol=1e-4)
+    # Starting from cached residuals (the dashboard's second pass) gives the same numbers.
+    from_cache, _ = engine.loss_effects(engine.clean(tokens[:3], run.resid_start), seq, pos, delta)
+    assert torch.allclose(from_cache, fast, atol=1e-5)
     assert fast.abs().max() > 1e-3  # the check is not vacuous
     for i in (0, 3):
         row, p = tokens[seq[i]], int(pos[i])
@@ -153,10 +156,13 @@ def test_direct_path_matches_brute_force_and_needs_a_linear_hook(lm, sae, tokens
     seq, pos, lat = torch.tensor([0, 1, 1]), torch.tensor([3, 7, 20]), torch.tensor([1, 2, 3])
     acts[seq, pos, lat] = 1.0
     delta = acts[seq, pos, lat][:, None] * sae.W_dec[lat].detach()
-    direct, normed = engine.direct_effects(run, seq, pos, engine.to_residual(delta))
+    _, final = engine.loss_effects(run, seq, pos, delta)
+    targets = tokens[seq, pos + 1]
+    direct, normed = engine.direct_effects(final, targets, engine.to_residual(delta))
     for i in range(3):
         row, p = tokens[seq[i]], int(pos[i])
         x = brute_final(lm, row)[p]
+        assert torch.allclose(final[i], x, atol=1e-5)
         logits = [lm.model.unembed(lm.model.ln_final(v[None, None]))[0, 0].double() for v in (x - delta[i], x)]
         ce = [(torch.logsumexp(lg, 0) - lg[row[p + 1]]).item() for lg in logits]
         assert close(direct[i].item(), ce[0] - ce[1])

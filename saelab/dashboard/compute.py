@@ -54,6 +54,7 @@ class DashboardConfig:
     batch_size: int = 32  # sequences per forward pass
     corr_tokens: int = 65536  # tokens whose activations are kept for correlations (a uniform subset)
     exact: str = "fast"  # "fast" single-position re-runs, or "reference": a whole forward pass per pair
+    resid_cache_mb: int = 1024  # keep the residuals at the hooked block for pass 2 when they fit in this
     seed: int = 0
 
     def validate(self) -> None:
@@ -171,7 +172,6 @@ def compute_dashboard(
     tokens = check_tokens(tokens, len(lm.tokenizer))
     latents = select_latents(features, sae.cfg.d_sae)
     n_seq, T = tokens.shape
-    L = len(latents)
     engine = downstream(lm, hook, fast=cfg.exact == "fast")
     generator = torch.Generator().manual_seed(cfg.seed)
 
@@ -180,33 +180,29 @@ def compute_dashboard(
         latents, sae.cfg.d_sae, n_seq, T, cfg.window, 2 * cfg.top_windows + 4, cfg.importance_samples,
         cfg.corr_tokens, generator,
     )  # fmt: skip
+    # The second pass starts at the hooked block from residuals kept here, when they fit in memory.
+    d_model = getattr(getattr(lm.model, "cfg", None), "d_model", 0)
+    keep = hasattr(engine, "start_name") and n_seq * T * d_model * 4 <= cfg.resid_cache_mb * 2**20
+    resid = torch.empty(n_seq, T, d_model) if keep else None
     for first in tqdm(range(0, n_seq, cfg.batch_size), desc="activations", disable=not progress, leave=False):
         batch = tokens[first : first + cfg.batch_size]
-        acts = _sae_encode(sae, lm.activations(batch, [hook])[hook])
+        names = [hook] if not keep or engine.hook_is_start else [hook, engine.start_name]
+        found = lm.activations(batch, names)
+        if keep:
+            resid[first : first + len(batch)] = found[names[-1]].view(len(batch), T, d_model).cpu()
+        acts = _sae_encode(sae, found[hook])
         valid = lm.regular_positions(batch).cpu()
         acc.update(acts, first, valid, eligible_positions(valid))
     stats = acc.finish(cfg.top_windows, cfg.n_neighbours)
     pass1 = time.perf_counter() - started
 
-    # ---- which windows and positions the pages need -------------------------------------------------------
-    windows = _choose_windows(stats, cfg)
-    sample_r, sample_l = (stats.sample_index >= 0).nonzero(as_tuple=True)
-    sample_index = stats.sample_index[sample_r, sample_l]
-
     # ---- pass 2: loss effects where they are shown or sampled ------------------------------------------------
-    d_model = getattr(getattr(lm.model, "cfg", None), "d_model", 0)
-    effects = _Effects(L, cfg, windows, stats.sample_index.shape[0], d_model)
-    needed = torch.cat([windows["center"] // T, sample_index // T]).unique()
-    strings: dict[int, list[str]] = {}
+    windows = _choose_windows(stats, cfg)
+    eligible = eligible_positions(lm.regular_positions(tokens).cpu())
+    effects = _Effects(stats, cfg, windows, eligible, d_model)
     W_dec = sae.W_dec.detach().float()
-    for chunk in tqdm(needed.split(cfg.batch_size), desc="loss effects", disable=not progress, leave=False):
-        run = engine.clean(tokens[chunk])
-        valid = lm.regular_positions(tokens[chunk]).cpu()
-        acts = _sae_encode(sae, run.x_hook)[..., latents.to(run.x_hook.device)].cpu() * valid[..., None]  # [S, T, L]
-        effects.add_batch(engine, run, chunk, acts, eligible_positions(valid), W_dec, latents, sample_r, sample_l,
-                          sample_index, T)  # fmt: skip
-        for s in set((windows["center"] // T).tolist()) & set(chunk.tolist()):
-            strings[s] = token_strings(lm.tokenizer, tokens[s].tolist())
+    effects.evaluate(engine, tokens, resid, W_dec, latents, _seqs_per_run(lm, engine, T), progress)
+    strings = {s: token_strings(lm.tokenizer, tokens[s].tolist()) for s in (windows["center"] // T).unique().tolist()}
     pass2 = time.perf_counter() - started - pass1
 
     meta = {
@@ -246,81 +242,97 @@ def _choose_windows(stats: LatentStats, cfg: DashboardConfig) -> dict[str, Tenso
     return {"latent": latent[order], "center": center[order], "kind": kind[order]}
 
 
-class _Effects:
-    """Pass-2 results: per-window activations and ΔCEs, per-sample ΔCEs, logit-effect sums, approximation error."""
+def _seqs_per_run(lm, engine, T: int, budget: int = 512 * 2**20) -> int:
+    """Sequences per clean run such that its cached residuals and keys/values stay within `budget` bytes."""
+    cfg = getattr(lm.model, "cfg", None)
+    if cfg is None:
+        return 8
+    blocks = cfg.n_layers - getattr(engine, "start", 0)
+    per_sequence = T * cfg.d_model * 4 * (3 + 2 * blocks)
+    return max(1, budget // per_sequence)
 
-    def __init__(self, L: int, cfg: DashboardConfig, windows: dict[str, Tensor], R: int, d_model: int) -> None:
+
+class _Effects:
+    """Pass 2: every (latent, position) pair the pages need — firing, eligible positions inside shown windows, and
+    the importance sample — evaluated once, exactly and by the direct path; results are scattered back to windows
+    and samples, and the normed-residual changes of sampled pairs are summed for the logit effects."""
+
+    def __init__(self, stats: LatentStats, cfg: DashboardConfig, windows: dict[str, Tensor], eligible: Tensor,
+                 d_model: int) -> None:  # fmt: skip
+        T = eligible.shape[1]
+        L = stats.count.shape[0]
         self.cfg = cfg
-        self.windows = windows
-        n_win, span = len(windows["center"]), cfg.window
-        self.win_acts = torch.zeros(n_win, span)
-        self.win_exact = torch.full((n_win, span), float("nan"))
-        self.win_direct = torch.full((n_win, span), float("nan"))
-        self.sample_exact = torch.full((R, L), float("nan"))
+        # Windows: a [n_windows, span] grid of positions around each centre, activations read from the store.
+        center = windows["center"]
+        grid = (center % T)[:, None] - cfg.context_before + torch.arange(cfg.window)[None]
+        inside = (grid >= 0) & (grid < T)
+        flat = (center // T * T)[:, None] + grid.clamp(0, T - 1)
+        self.win_acts = torch.where(inside, stats.activation(windows["latent"][:, None], flat), 0.0)
+        fires = inside & (self.win_acts > 0) & eligible.reshape(-1)[flat]
+        self.win_rows, self.win_cols = fires.nonzero(as_tuple=True)
+        # Sampled positions.
+        self.sample_r, self.sample_l = (stats.sample_index >= 0).nonzero(as_tuple=True)
+        sample_flat = stats.sample_index[self.sample_r, self.sample_l]
+        # Unique pairs, as (latent column, flat token index), sorted by sequence.
+        pair_l = torch.cat([windows["latent"][self.win_rows], self.sample_l])
+        pair_flat = torch.cat([flat[self.win_rows, self.win_cols], sample_flat])
+        n_positions = eligible.numel()
+        keys, self.inverse = torch.unique(pair_flat * L + pair_l, return_inverse=True)
+        self.flat, self.latent = keys // L, keys % L
+        self.act = stats.activation(self.latent, self.flat)
+        self.is_sample = torch.zeros(len(keys), dtype=torch.bool)
+        self.is_sample[self.inverse[len(self.win_rows) :]] = True
+        self.exact = torch.full((len(keys),), float("nan"))
+        self.direct = torch.full((len(keys),), float("nan"))
         self.normed_sum = torch.zeros(L, d_model, dtype=torch.float64)
         self.normed_n = torch.zeros(L, dtype=torch.int64)
-        self.err_sum = torch.zeros(L, dtype=torch.float64)
-        self.err_n = torch.zeros(L, dtype=torch.int64)
-        self.all_exact: list[Tensor] = []
-        self.all_direct: list[Tensor] = []
+        self.win_exact = torch.full(self.win_acts.shape, float("nan"))
+        self.win_direct = torch.full(self.win_acts.shape, float("nan"))
+        self.sample_exact = torch.full(stats.sample_index.shape, float("nan"))
+        self.T, self.n_positions = T, n_positions
 
-    def add_batch(self, engine, run, chunk, acts, eligible, W_dec, latents, sample_r, sample_l, sample_index, T):
-        cfg = self.cfg
-        S = len(chunk)
-        local = torch.full((int(chunk.max()) + 1,), -1, dtype=torch.long)
-        local[chunk] = torch.arange(S)
-        # Windows of this batch: a [n, span] grid of positions around each centre.
-        w_seq = self.windows["center"] // T
-        w_rows = (w_seq <= chunk.max()).nonzero().squeeze(1)
-        w_rows = w_rows[local[w_seq[w_rows]] >= 0]
-        w_s = local[w_seq[w_rows]]
-        w_l = self.windows["latent"][w_rows]
-        center = self.windows["center"][w_rows] % T
-        grid = center[:, None] - cfg.context_before + torch.arange(cfg.window)[None]  # [n, span]
-        inside = (grid >= 0) & (grid < T)
-        g = grid.clamp(0, T - 1)
-        self.win_acts[w_rows] = torch.where(inside, acts[w_s[:, None], g, w_l[:, None]], 0.0)
-        fires = inside & (self.win_acts[w_rows] > 0) & eligible[w_s[:, None], g]
-        wr, wc = fires.nonzero(as_tuple=True)
-        # Sampled positions of this batch.
-        s_seq = sample_index // T
-        s_rows = (s_seq <= chunk.max()).nonzero().squeeze(1)
-        s_rows = s_rows[local[s_seq[s_rows]] >= 0]
-        # All pairs (latent, sequence, position), each evaluated once.
-        pl = torch.cat([w_l[wr], sample_l[s_rows]])
-        ps = torch.cat([w_s[wr], local[s_seq[s_rows]]])
-        pp = torch.cat([g[wr, wc], sample_index[s_rows] % T])
-        keys, inverse = torch.unique((pl * S + ps) * T + pp, return_inverse=True)
-        u_p, u_s, u_l = keys % T, (keys // T) % S, keys // (T * S)
-        a = acts[u_s, u_p, u_l]
-        delta = a[:, None] * W_dec[latents[u_l]].to(a.device)
-        exact = engine.loss_effects(run, u_s, u_p, delta)
-        direct = torch.full_like(exact, float("nan"))
-        delta_res = engine.to_residual(delta.to(W_dec.device))
-        is_sample = torch.zeros(len(keys), dtype=torch.bool)
-        is_sample[inverse[len(wr) :]] = True
-        if delta_res is not None:
-            for rows in torch.arange(len(keys)).split(4096):
-                d, normed = engine.direct_effects(run, u_s[rows], u_p[rows], delta_res[rows])
-                direct[rows] = d
-                m = is_sample[rows]
-                self.normed_sum.index_add_(0, u_l[rows][m], normed[m].double())
-                self.normed_n += torch.bincount(u_l[rows][m], minlength=len(self.normed_n))
-            err = (exact - direct).abs().double()
-            self.err_sum.index_add_(0, u_l, err)
-            self.err_n += torch.bincount(u_l, minlength=len(self.err_n))
-        self.all_exact.append(exact)
-        self.all_direct.append(direct)
-        self.win_exact[w_rows[wr], wc] = exact[inverse[: len(wr)]]
-        self.win_direct[w_rows[wr], wc] = direct[inverse[: len(wr)]]
-        self.sample_exact[sample_r[s_rows], sample_l[s_rows]] = exact[inverse[len(wr) :]]
+    def evaluate(self, engine, tokens, resid, W_dec, latents, per_run: int, progress: bool) -> None:
+        """Run the model once over each chunk of the sequences holding pairs (from the cached residuals at the
+        hooked block when `resid` [n_seq, T, d_model] is given), then every pair of the chunk."""
+        seq = self.flat // self.T
+        needed = seq.unique()
+        for chunk in tqdm(needed.split(per_run), desc="loss effects", disable=not progress, leave=False):
+            run = engine.clean(tokens[chunk], None if resid is None else resid[chunk])
+            rows = ((seq >= chunk[0]) & (seq <= chunk[-1])).nonzero().squeeze(1)  # seq is sorted, chunk contiguous
+            local = torch.searchsorted(chunk, seq[rows])
+            pos = self.flat[rows] % self.T
+            delta = self.act[rows, None] * W_dec[latents[self.latent[rows]]].cpu()
+            self.exact[rows], final = engine.loss_effects(run, local, pos, delta)
+            delta_res = engine.to_residual(delta.to(W_dec.device))
+            if delta_res is None:
+                continue
+            targets = tokens[chunk][local, pos + 1]
+            for part in torch.arange(len(rows)).split(4096):
+                direct, normed = engine.direct_effects(final[part], targets[part], delta_res[part])
+                self.direct[rows[part]] = direct
+                sampled = self.is_sample[rows[part]]
+                lat = self.latent[rows[part]][sampled]
+                self.normed_sum.index_add_(0, lat, normed[sampled].double())
+                self.normed_n += torch.bincount(lat, minlength=len(self.normed_n))
+        n_win = len(self.win_rows)
+        self.win_exact[self.win_rows, self.win_cols] = self.exact[self.inverse[:n_win]]
+        self.win_direct[self.win_rows, self.win_cols] = self.direct[self.inverse[:n_win]]
+        self.sample_exact[self.sample_r, self.sample_l] = self.exact[self.inverse[n_win:]]
+
+    def latent_error(self, j: int) -> float | None:
+        """Mean |direct − exact| over latent j's evaluated positions."""
+        if not hasattr(self, "_err_sum"):
+            err = (self.direct - self.exact).abs().double()
+            ok = err.isfinite()
+            L = len(self.normed_n)
+            self._err_sum = torch.zeros(L, dtype=torch.float64).index_add_(0, self.latent[ok], err[ok])
+            self._err_n = torch.bincount(self.latent[ok], minlength=L)
+        return _round(self._err_sum[j].item() / self._err_n[j].item()) if self._err_n[j] else None
 
     def error_summary(self) -> dict[str, Any]:
         """How far the direct-path approximation is from the exact ΔCE, over every evaluated position."""
-        exact = torch.cat(self.all_exact) if self.all_exact else torch.zeros(0)
-        direct = torch.cat(self.all_direct) if self.all_direct else torch.zeros(0)
-        ok = direct.isfinite() & exact.isfinite()
-        exact, direct = exact[ok].double(), direct[ok].double()
+        ok = self.direct.isfinite() & self.exact.isfinite()
+        exact, direct = self.exact[ok].double(), self.direct[ok].double()
         if len(exact) < 2:
             return {"positions": len(exact)}
         err = direct - exact
@@ -422,7 +434,7 @@ def _assemble(stats, cfg, latents, windows, effects, strings, tokens, logits, ne
             "hist": {"first": int(nz[0]), "counts": hist[nz[0] : nz[-1] + 1].tolist()} if len(nz) else None,
             "importance": imp,
             "total_importance": total,
-            "approx_error": _round(effects.err_sum[j].item() / effects.err_n[j].item()) if effects.err_n[j] else None,
+            "approx_error": effects.latent_error(j),
             "logits": logits[j],
             "neighbours": _pairs(neighbours[0][j].tolist(), neighbours[1][j].tolist(), 4),
             "correlated": [] if corr is None else _pairs(corr[0][j].tolist(), corr[1][j].tolist(), 4),

@@ -23,6 +23,7 @@ multiplied by W_U, is the latent's logit effect (see `saelab.dashboard.compute`)
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 
@@ -73,8 +74,8 @@ class CleanRun:
     """What a clean forward pass over a batch of sequences leaves for the single-position re-runs."""
 
     tokens: Tensor  # [S, T]
-    x_hook: Tensor  # [S, T, d_in] the SAE's input
-    ce: Tensor  # [S, T] next-token cross-entropy (NaN at the last position)
+    x_hook: Tensor | None = None  # [S, T, d_in] the SAE's input (None when the run started at a cached residual)
+    ce: Tensor | None = None  # [S, T] next-token cross-entropy, NaN at the last position (reference engine)
     resid_start: Tensor | None = None  # [S, T, d_model] the residual stream entering block `start`
     final_resid: Tensor | None = None  # [S, T, d_model] the residual stream entering the final norm
     keys: list[Tensor] | None = None  # per block from `start` on: [S, T, n_kv_heads, d_head], as cached
@@ -89,14 +90,17 @@ class ReferenceDownstream:
         self.hook = lm.check_hook(hook)
 
     @torch.no_grad()
-    def clean(self, tokens: Tensor) -> CleanRun:
+    def clean(self, tokens: Tensor, resid_start: Tensor | None = None) -> CleanRun:
         tokens = tokens.to(self.lm.device)
         ce = torch.full(tokens.shape, float("nan"), device=tokens.device)
         ce[:, :-1] = self.lm.loss_per_token(tokens)
         return CleanRun(tokens=tokens, x_hook=self.lm.activations(tokens, [self.hook])[self.hook], ce=ce)
 
-    def loss_effects(self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor) -> Tensor:
-        return reference_loss_effects(self.lm, self.hook, run.tokens, seq, pos, delta)
+    def clean_ce(self, run: CleanRun, seq: Tensor, pos: Tensor) -> Tensor:
+        return run.ce[seq.to(run.ce.device), pos.to(run.ce.device)].cpu()
+
+    def loss_effects(self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor) -> tuple[Tensor, None]:
+        return reference_loss_effects(self.lm, self.hook, run.tokens, seq, pos, delta), None
 
     def to_residual(self, delta: Tensor) -> Tensor | None:
         return None
@@ -148,58 +152,111 @@ class Downstream:
 
     # ------------------------------------------------------------------------------------------------ clean run
 
+    @property
+    def start_name(self) -> str:
+        """The residual stream the single-position runs start from."""
+        return f"blocks.{self.start}.hook_resid_pre"
+
+    @property
+    def hook_is_start(self) -> bool:
+        """Whether the SAE's input is itself the residual stream at `start` (resid_pre, or resid_post one block
+        earlier), so whoever has the SAE inputs has the starting residuals too."""
+        return self.point == self.start_name
+
     @torch.no_grad()
-    def clean(self, tokens: Tensor) -> CleanRun:
-        """One forward pass over tokens [S, T], keeping the hook input, residuals, keys/values and per-token CE."""
+    def clean(self, tokens: Tensor, resid_start: Tensor | None = None) -> CleanRun:
+        """The clean keys and values of tokens [S, T] for every block from `start` on (no unembedding: clean losses
+        are only needed at the re-run positions, where the single-position runs compute them).
+
+        Without `resid_start` the whole model runs and the run also keeps the SAE input and the final residual.
+        Given the residual stream at `start` [S, T, d_model] from an earlier pass, only blocks from `start` on run,
+        and the last one stops as soon as its keys and values are cached (its attention output and MLP are only
+        needed at the re-run positions).
+        """
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
         model, cfg = self.model, self.model.cfg
         tokens = tokens.to(self.lm.device)
         kv = TransformerLensKeyValueCache.init_cache(cfg, self.lm.device, tokens.shape[0])
-        start_name = f"blocks.{self.start}.hook_resid_pre"
-        final_name = f"blocks.{cfg.n_layers - 1}.hook_resid_post"
-        names = {self.hook, start_name, final_name}
-        logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names, past_kv_cache=kv)
-        ce = torch.full(tokens.shape, float("nan"), device=logits.device)
-        ce[:, :-1] = next_token_ce(logits[:, :-1], tokens[:, 1:])
+        x_hook = final = None
+        if resid_start is None:
+            names = {self.hook, self.start_name, self.final_name}
+            _, cache = model.run_with_cache(tokens, names_filter=names.__contains__, past_kv_cache=kv, return_type=None)
+            x_hook, resid_start, final = cache[self.hook].flatten(2), cache[self.start_name], cache[self.final_name]
+        else:
+            resid_start = resid_start.to(self.lm.device)
+            last_scores = f"blocks.{cfg.n_layers - 1}.attn.hook_attn_scores"
+            with contextlib.suppress(_Stop), model.hooks(fwd_hooks=[(last_scores, _stop)]):
+                model(resid_start, start_at_layer=self.start, past_kv_cache=kv, return_type=None)
         return CleanRun(
             tokens=tokens,
-            x_hook=cache[self.hook].flatten(2),
-            ce=ce,
-            resid_start=cache[start_name],
-            final_resid=cache[final_name],
+            x_hook=x_hook,
+            resid_start=resid_start,
+            final_resid=final,
             keys=[kv.entries[i].past_keys for i in range(self.start, cfg.n_layers)],
             values=[kv.entries[i].past_values for i in range(self.start, cfg.n_layers)],
         )
 
+    @property
+    def final_name(self) -> str:
+        return f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post"
+
+    def _ce_from_final(self, final: Tensor, targets: Tensor) -> Tensor:
+        """CE [n] of the next tokens from final residuals [n, d_model], through the model's norm and unembedding."""
+        logits = self.model(final[:, None], start_at_layer=self.model.cfg.n_layers)[:, 0]
+        return next_token_ce(logits, targets)
+
+    @torch.no_grad()
+    def clean_ce(self, run: CleanRun, seq: Tensor, pos: Tensor) -> Tensor:
+        """Clean next-token CE [n] at (seq[i], pos[i]), from a full clean run (one made without `resid_start`)."""
+        device = run.final_resid.device
+        seq, pos = seq.to(device), pos.to(device)
+        out = [self._ce_from_final(run.final_resid[s, p], run.tokens[s, p + 1]) for s, p in
+               zip(seq.split(self.max_rows), pos.split(self.max_rows), strict=True)]  # fmt: skip
+        return torch.cat(out).cpu() if out else torch.zeros(0)
+
     # ---------------------------------------------------------------------------------------------- exact ΔCE
 
     @torch.no_grad()
-    def loss_effects(self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor) -> Tensor:
-        """Exact ΔCE [n] for removing delta [n, d_in] at (run.tokens[seq[i]], pos[i]); every pos must be < T − 1."""
-        out = torch.empty(len(seq), dtype=torch.float32, device=run.ce.device)
-        seq, pos, delta = seq.to(out.device), pos.to(out.device), delta.to(out.device)
+    def loss_effects(self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact ΔCE [n] for removing delta [n, d_in] at (run.tokens[seq[i]], pos[i]) (every pos < T − 1), and the
+        clean final residual [n, d_model] there, which the direct path starts from."""
+        device = run.resid_start.device
+        dce = torch.empty(len(seq), dtype=torch.float32, device=device)
+        final = torch.empty(len(seq), self.model.cfg.d_model, device=device)
+        seq, pos, delta = seq.to(device), pos.to(device), delta.to(device)
         for p in pos.unique().tolist():
             for rows in (pos == p).nonzero().squeeze(1).split(self.max_rows):
-                out[rows] = self._at_position(run, seq[rows], p, delta[rows])
-        return out.cpu()
+                dce[rows], final[rows] = self._at_position(run, seq[rows], p, delta[rows])
+        return dce.cpu(), final
 
-    def _at_position(self, run: CleanRun, seq: Tensor, p: int, delta: Tensor) -> Tensor:
+    def _at_position(self, run: CleanRun, seq: Tensor, p: int, delta: Tensor) -> tuple[Tensor, Tensor]:
+        """One single-position run at p: the n ablated rows plus one clean row per sequence (zero delta), so the
+        clean loss comes from the very same computation."""
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
+        n = len(seq)
+        clean_seq, which = seq.unique(return_inverse=True)
+        rows = torch.cat([seq, clean_seq])
+        delta = torch.cat([delta, delta.new_zeros(len(clean_seq), delta.shape[1])])
         entries = [TransformerLensKeyValueCacheEntry(run.keys[0][:0], run.values[0][:0], frozen=True)] * self.start
         for k, v in zip(run.keys, run.values, strict=True):
-            entries.append(TransformerLensKeyValueCacheEntry(k[seq, :p], v[seq, :p], frozen=True))
-        past = TransformerLensKeyValueCache(entries, run.tokens.new_ones(len(seq), p), frozen=True)
+            entries.append(TransformerLensKeyValueCacheEntry(k[rows, :p], v[rows, :p], frozen=True))
+        past = TransformerLensKeyValueCache(entries, run.tokens.new_ones(len(rows), p), frozen=True)
+        kept: dict[str, Tensor] = {}
 
-        def remove(act: Tensor, hook) -> Tensor:  # act [n, 1, ...]: the single position p
+        def remove(act: Tensor, hook) -> Tensor:  # act [rows, 1, ...]: the single position p
             return act - delta.view(act.shape).to(act.dtype)
 
-        resid = run.resid_start[seq, p : p + 1]  # [n, 1, d_model]
-        with self.model.hooks(fwd_hooks=[(self.point, remove)]):
+        def keep(act: Tensor, hook) -> None:
+            kept["final"] = act[:, 0]
+
+        resid = run.resid_start[rows, p : p + 1]  # [rows, 1, d_model]
+        with self.model.hooks(fwd_hooks=[(self.point, remove), (self.final_name, keep)]):
             logits = self.model(resid, start_at_layer=self.start, past_kv_cache=past)[:, 0]
-        return next_token_ce(logits, run.tokens[seq, p + 1]) - run.ce[seq, p]
+        ce = next_token_ce(logits, run.tokens[rows, p + 1])
+        return ce[:n] - ce[n:][which], kept["final"][n:][which]
 
     # ---------------------------------------------------------------------------------------- direct path
 
@@ -221,14 +278,20 @@ class Downstream:
         return x if self.model.cfg.normalization_type is None else self.model.ln_final(x)
 
     @torch.no_grad()
-    def direct_effects(self, run: CleanRun, seq: Tensor, pos: Tensor, delta_res: Tensor) -> tuple[Tensor, Tensor]:
+    def direct_effects(self, final: Tensor, targets: Tensor, delta_res: Tensor) -> tuple[Tensor, Tensor]:
         """Direct-path ΔCE [n] and the exact change to the normed final residual [n, d_model] of removing
-        delta_res [n, d_model] from the final residual stream at (seq[i], pos[i])."""
-        device = run.ce.device
-        seq, pos, delta_res = seq.to(device), pos.to(device), delta_res.to(device)
-        x = run.final_resid[seq, pos]  # [n, d_model]
-        ablated = x - delta_res.to(x.dtype)
-        logits = self.model(ablated[:, None], start_at_layer=self.model.cfg.n_layers)[:, 0]
-        dce = next_token_ce(logits, run.tokens[seq, pos + 1]) - run.ce[seq, pos]
+        delta_res [n, d_model] from clean final residuals final [n, d_model] whose next tokens are targets [n]."""
+        x = final.to(self.lm.device)
+        ablated = x - delta_res.to(x.device, x.dtype)
+        targets = targets.to(x.device)
+        dce = self._ce_from_final(ablated, targets) - self._ce_from_final(x, targets)
         normed_change = self.final_norm(x) - self.final_norm(ablated)
         return dce.cpu(), normed_change.float().cpu()
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once what it was run for is cached."""
+
+
+def _stop(act: Tensor, hook) -> None:
+    raise _Stop

@@ -64,11 +64,13 @@ class PromptAnalyzer:
         if ok.any():
             delta = act[ok, None] * W_dec[lat[ok]].float().cpu()
             seq = torch.zeros(int(ok.sum()), dtype=torch.long)
-            exact[ok] = self.engine.loss_effects(run, seq, pos[ok], delta)
+            exact[ok], final = self.engine.loss_effects(run, seq, pos[ok], delta)
             delta_res = self.engine.to_residual(delta.to(W_dec.device))
             if delta_res is not None:
-                direct[ok] = self.engine.direct_effects(run, seq, pos[ok], delta_res)[0]
-        firing: list[list[list]] = [[] for _ in range(tokens.shape[1])]
+                direct[ok] = self.engine.direct_effects(final, tokens[0, pos[ok] + 1], delta_res)[0]
+        T = tokens.shape[1]
+        clean_ce = self.engine.clean_ce(run, torch.zeros(T - 1, dtype=torch.long), torch.arange(T - 1))
+        firing: list[list[list]] = [[] for _ in range(T)]
         for p, j, a, e, d in zip(
             pos.tolist(), lat.tolist(), act.tolist(), exact.tolist(), direct.tolist(), strict=True
         ):
@@ -76,7 +78,7 @@ class PromptAnalyzer:
         return {
             "tokens": token_strings(self.lm.tokenizer, tokens[0].tolist()),
             "ids": tokens[0].tolist(),
-            "ce": [_round(x) for x in run.ce[0].tolist()],
+            "ce": [_round(x) for x in clean_ce.tolist()] + [None],
             "firing": firing,
             "seconds": round(time.perf_counter() - started, 3),
         }

@@ -13,6 +13,8 @@ used for correlations):
 - a uniform sample (without replacement) of the positions where the latent fires: every token gets one random key
   and each latent keeps the `sample_size` firing positions with the smallest keys (a bottom-k sample). Keys are
   independent of activations, so the sample is unbiased; it feeds the importance estimate and the quantile windows.
+- a sparse copy of the selected latents' non-zero activations (12 bytes each), so the second pass can read the
+  activations around any window without running the SAE again;
 - for correlations, a sparse copy of all latents' activations on a random subset of tokens.
 
 Positions are addressed by a flat token index `seq · T + pos` into the token set.
@@ -53,6 +55,9 @@ class LatentStats:
     sample_index: Tensor  # [R, L] flat token indices, -1 where empty
     sample_pool: Tensor  # [L] how many positions the sample was drawn from (eligible firing positions)
     correlations: tuple[Tensor, Tensor] | None  # ([L, n], [L, n]) most correlated latents (ids into the SAE), r
+    store_keys: Tensor  # [nnz] sorted latent · n_positions + flat token index of every non-zero activation
+    store_values: Tensor  # [nnz]
+    n_positions: int
 
     def density(self) -> Tensor:
         return self.count.double() / max(self.n_tokens, 1)
@@ -74,6 +79,15 @@ class LatentStats:
         out = torch.minimum(out, self.max_act.double()[:, None])
         out[self.count == 0] = float("nan")
         return out
+
+    def activation(self, latent: Tensor, index: Tensor) -> Tensor:
+        """Activations at (column `latent`, flat token index) pairs (broadcast); 0 where the latent did not fire."""
+        keys = latent * self.n_positions + index
+        if len(self.store_keys) == 0:
+            return torch.zeros(keys.shape)
+        at = torch.searchsorted(self.store_keys, keys.reshape(-1)).clamp(max=len(self.store_keys) - 1)
+        values = torch.where(self.store_keys[at] == keys.reshape(-1), self.store_values[at], 0.0)
+        return values.reshape(keys.shape)
 
 
 class StatsAccumulator:
@@ -111,8 +125,10 @@ class StatsAccumulator:
         self.keys = torch.rand(n, generator=generator, dtype=torch.float64)  # [n_tokens] sample keys
         corr_fraction = min(1.0, corr_tokens / max(n, 1))
         self.corr_rows = torch.rand(n, generator=generator) < corr_fraction if corr_tokens > 0 else None
-        self._corr: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._corr: list = []  # scipy CSR blocks [kept tokens, d_sae]
         self._n_corr = 0
+        self.n_positions = n
+        self._store: list[tuple[Tensor, Tensor]] = []
 
     @torch.no_grad()
     def update(self, acts: Tensor, first_seq: int, valid: Tensor, eligible: Tensor) -> None:
@@ -137,6 +153,7 @@ class StatsAccumulator:
         bins = ((values.double().log10() - LOG10_LO) * BINS_PER_DECADE).floor().long().clamp(0, N_BINS - 1)
         self.hist.view(-1).index_add_(0, lat * N_BINS + bins, torch.ones_like(bins))
 
+        self._store.append((lat * self.n_positions + tok + base, values))
         self._update_top(a, base)
         ok = eligible.reshape(-1)[tok]
         self._update_sample(tok[ok] + base, lat[ok], values[ok])
@@ -175,15 +192,18 @@ class StatsAccumulator:
         self.sample_values = torch.cat([self.sample_values, new_values]).gather(0, order)
 
     def _keep_for_correlation(self, acts: Tensor, valid: Tensor, base: int) -> None:
+        from scipy import sparse
+
         S, T, D = acts.shape
-        rows = (self.corr_rows[base : base + S * T] & valid.reshape(-1)).nonzero().squeeze(1)
-        block = acts.reshape(S * T, D)[rows]
-        r, col = block.nonzero(as_tuple=True)
-        self._corr.append(((r + self._n_corr).numpy(), col.numpy(), block[r, col].numpy()))
-        self._n_corr += len(rows)
+        rows = self.corr_rows[base : base + S * T] & valid.reshape(-1)
+        self._corr.append(sparse.csr_matrix(acts.reshape(S * T, D)[rows].numpy()))  # [kept tokens, d_sae]
+        self._n_corr += int(rows.sum())
 
     def finish(self, top_k: int, n_correlated: int) -> LatentStats:
         top_values, top_index = non_overlapping(self.top_values, self.top_index, self.T, self.window, top_k)
+        keys = torch.cat([k for k, _ in self._store]) if self._store else torch.zeros(0, dtype=torch.int64)
+        values = torch.cat([v for _, v in self._store]) if self._store else torch.zeros(0)
+        order = keys.argsort()
         return LatentStats(
             n_tokens=self.n_tokens,
             count=self.count,
@@ -196,6 +216,9 @@ class StatsAccumulator:
             sample_index=self.sample_index,
             sample_pool=self.sample_pool,
             correlations=self._correlations(n_correlated) if self.corr_rows is not None else None,
+            store_keys=keys[order],
+            store_values=values[order],
+            n_positions=self.n_positions,
         )
 
     def _correlations(self, n: int, chunk: int = 256) -> tuple[Tensor, Tensor]:
@@ -204,9 +227,8 @@ class StatsAccumulator:
         from scipy import sparse
 
         N = max(self._n_corr, 1)
-        parts = self._corr or [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))]
-        rows, cols, vals = (np.concatenate(x) for x in zip(*parts, strict=True))
-        X = sparse.csc_matrix((vals.astype(np.float64), (rows, cols)), shape=(N, self.d_sae))
+        X = sparse.vstack(self._corr, format="csc") if self._corr else sparse.csc_matrix((N, self.d_sae))
+        X = X.astype(np.float64)
         mean = np.asarray(X.sum(0)).ravel() / N
         std = np.sqrt(np.maximum(np.asarray(X.multiply(X).sum(0)).ravel() / N - mean**2, 0))
         ids, rs = [], []

@@ -23,12 +23,20 @@ def _settled(prefix: str, full: str) -> int:
     return n
 
 
+def _decode_all(tokenizer: Any, sequences: list[list[int]]) -> list[str]:
+    """Decode many sequences at once, in Rust when the tokenizer has a `tokenizers` backend (the Python loop of
+    `batch_decode` costs more than the decoding)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.decode_batch(sequences, skip_special_tokens=False)
+    return tokenizer.batch_decode(sequences, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
 def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
     """The text each token contributes: `"".join(token_strings(tok, ids)) == tok.decode(ids)` always holds."""
     if not ids:
         return []
-    kwargs = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
-    prefixes = tokenizer.batch_decode([ids[: k + 1] for k in range(len(ids))], **kwargs)
+    prefixes = _decode_all(tokenizer, [ids[: k + 1] for k in range(len(ids))])
     full = prefixes[-1]
     bounds = [0]
     for prefix in prefixes[:-1]:
