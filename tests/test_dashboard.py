@@ -29,6 +29,7 @@ from dashboard_helpers import (
     make_tokenizer,
     make_tokens,
 )
+from transformer_lens import HookedTransformer
 
 from saelab.dashboard.cli import parse_features
 from saelab.dashboard.compute import (
@@ -420,3 +421,52 @@ def test_toy_dashboard_matches_ground_truth_and_brute_force_loss():
     expected = (toy_loss(model, x[fires], ablated, 1) - toy_loss(model, x[fires], h[fires], 1)).mean().item()
     assert close(board.latents[0]["importance"]["mean"], expected, 1e-4)
     assert board.latents[0]["count"] == int(fires.sum())
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+
+def test_dashboard_command_builds_a_site_from_saved_folders(tok, tmp_path):
+    """`saelab dashboard` on a saved SAE whose cfg.json names a saved language-model folder, then the live view
+    that `saelab serve` would attach, loaded from what the site recorded."""
+    import typer
+    from typer.testing import CliRunner
+
+    from saelab.dashboard.cli import dashboard, export, site_analyzer
+    from saelab.dashboard.site import read_site
+    from saelab.io import save_tensors
+    from saelab.models.builtin import LMConfig
+    from saelab.sae import SAEConfig, build_sae, save_sae
+
+    lm_cfg = LMConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=64, n_ctx=64, d_vocab=len(tok))
+    lm_dir = tmp_path / "lm"
+    lm_dir.mkdir()
+    model = HookedTransformer(lm_cfg.tl_config(), tokenizer=tok)
+    save_tensors(lm_dir / "model.safetensors", dict(model.named_parameters()))
+    tok.backend_tokenizer.save(str(lm_dir / "tokenizer.json"))
+    (lm_dir / "cfg.json").write_text(json.dumps({"format": "saelab.lm", "version": 1, "model": vars(lm_cfg)}))
+    sae = build_sae(SAEConfig(architecture="relu", d_in=32, d_sae=16), torch.Generator().manual_seed(0))
+    sae.metadata = {"hook_name": HOOK, "model_name": str(lm_dir)}
+    save_sae(sae, tmp_path / "sae")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, text in enumerate(ADVERSARIAL * 4):
+        (data / f"doc{i}.txt").write_text(text)
+
+    app = typer.Typer()
+    app.command()(dashboard)
+    out = tmp_path / "site"
+    args = [str(tmp_path / "sae"), "--out", str(out), "--dataset", str(data), "--features", "0,3-5"]
+    result = CliRunner().invoke(app, [*args, "--sequences", "6", "--context", "24"])
+    assert result.exit_code == 0, result.output
+    assert "dashboard written" in result.output and (out / "index.html").is_file()
+    assert sorted(p.stem for p in (out / "data" / "latents").glob("*.js")) == ["0", "3", "4", "5"]
+    info = read_site(out)
+    assert info["model"] == str(lm_dir) and info["hook"] == HOOK
+    analysis = site_analyzer(info)().analyze("<!-- 中 -->")
+    assert "".join(analysis["tokens"]) == "<|endoftext|><!-- 中 -->"
+
+    export_app = typer.Typer()
+    export_app.command()(export)
+    result = CliRunner().invoke(export_app, [str(out), "--latents", "3,4", "--out", str(tmp_path / "x.html")])
+    assert result.exit_code == 0, result.output and (tmp_path / "x.html").is_file()

@@ -7,6 +7,7 @@ call directly: `build_dashboard` loads an SAE folder with its model and tokens a
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -113,6 +114,23 @@ def dashboard(
     typer.echo(f"open it in a browser, or run `saelab serve {out}` for the live prompt view")
 
 
+def site_analyzer(info: dict) -> Callable[[], object] | None:
+    """A function that loads the model and SAE a site was built from and returns the live view's analyzer (called
+    on the first prompt, since loading takes a while); None for toy-model sites, which have no prompts."""
+    if info.get("kind") != "lm":
+        return None
+
+    def load() -> object:
+        from saelab.dashboard.live import PromptAnalyzer
+        from saelab.models.access import load_model
+        from saelab.sae.io import load_sae
+
+        device = info.get("device") or "cpu"
+        return PromptAnalyzer(load_model(info["model"], device), load_sae(info["sae_dir"], device), info["hook"])
+
+    return load
+
+
 def serve(
     site: Path = typer.Argument(..., help="A dashboard folder written by saelab dashboard."),
     port: int = typer.Option(8000, help="Port on 127.0.0.1 (0 picks a free one)."),
@@ -120,19 +138,7 @@ def serve(
     """Serve a dashboard on 127.0.0.1 with the live prompt view (the model loads on the first prompt)."""
     from saelab.dashboard.server import make_server
 
-    info = read_site(site)
-    analyzer = None
-    if info.get("kind") == "lm":
-
-        def analyzer() -> object:
-            from saelab.dashboard.live import PromptAnalyzer
-            from saelab.models.access import load_model
-            from saelab.sae.io import load_sae
-
-            device = info.get("device") or "cpu"
-            return PromptAnalyzer(load_model(info["model"], device), load_sae(info["sae_dir"], device), info["hook"])
-
-    server = make_server(site, port, analyzer)
+    server = make_server(site, port, site_analyzer(read_site(site)))
     typer.echo(f"serving {Path(site).resolve()} at {server.url} (Ctrl+C stops)")
     try:
         server.serve_forever()
