@@ -115,7 +115,27 @@
     return x == null ? "–" : (x > 0 ? "+" : "") + num(x, digits);
   }
   const link = (id, text) => h("a", { href: "#/latent/" + Number(id), text: text == null ? "#" + id : text });
-  const chip = (text) => h("span", { class: "chip", title: JSON.stringify(text), text: text });
+  /* A token in a table cell. Whitespace and invisible characters get a visible stand-in drawn by CSS (data-show),
+     so the chip's text stays exactly the token. */
+  function chip(text) {
+    const node = h("span", { class: "chip", title: JSON.stringify(text), text: text });
+    if (/^[\s\p{Cf}]*$/u.test(text)) {
+      node.classList.add("ws");
+      const show = Array.from(text, (c) => ({ " ": "␣", "\n": "↵", "\t": "⇥" })[c] || "U+" + c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0"));
+      node.setAttribute("data-show", show.join("") || "∅");
+    }
+    return node;
+  }
+
+  /* About n round tick values covering [lo, hi]. */
+  function ticks(lo, hi, n) {
+    const raw = (hi - lo) / n;
+    const mag = Math.pow(10, Math.floor(Math.log10(raw)));
+    const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw);
+    const out = [];
+    for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(Math.abs(v) < step * 1e-9 ? 0 : v);
+    return out;
+  }
 
   function stat(label, value, extra) {
     return h("div", { class: "stat" }, [
@@ -240,11 +260,13 @@
     });
     chart.append(svg("line", { class: "axis", x1: pad.l, x2: width - pad.r, y1: pad.t + H, y2: pad.t + H }));
     chart.append(svg("line", { class: "axis", x1: pad.l, x2: pad.l, y1: pad.t, y2: pad.t + H }));
-    for (let k = 0; k <= 4; k++) {
-      const v = x0 + ((x1 - x0) * k) / 4;
+    const X = (v) => pad.l + ((v - x0) / (x1 - x0)) * W;
+    const decades = ticks(x0, x1, 4).filter((v) => Number.isInteger(v));
+    (logx && decades.length >= 2 ? decades : ticks(x0, x1, 5)).forEach((v) => {
       const label = logx ? num(Math.pow(10, v), 2) : num(v, 2);
-      chart.append(svg("text", { x: pad.l + (W * k) / 4, y: height - 10, "text-anchor": "middle", text: label }));
-    }
+      chart.append(svg("line", { class: "axis", x1: X(v), x2: X(v), y1: pad.t + H, y2: pad.t + H + 4 }));
+      chart.append(svg("text", { x: X(v), y: height - 10, "text-anchor": "middle", text: label }));
+    });
     const ytop = options.logy ? Math.round(Math.pow(10, ymax - 1)) : ymax;
     chart.append(svg("text", { x: pad.l - 6, y: pad.t + 8, "text-anchor": "end", text: String(ytop) }));
     chart.append(svg("text", { x: pad.l - 6, y: pad.t + H, "text-anchor": "end", text: "0" }));
@@ -253,7 +275,7 @@
   }
 
   /* Importance (mean ΔCE where the latent fires) against firing density, one point per latent, on a canvas. */
-  function scatter(rows, onPick) {
+  function scatter(rows, onPick, caption) {
     const canvas = h("canvas", { class: "scatter", "aria-label": "importance against density" });
     const pts = rows.filter((r) => r.density > 0 && r.imp != null);
     const draw = () => {
@@ -281,18 +303,17 @@
         ctx.textAlign = "center";
         ctx.fillText(percent(Math.pow(10, d)), X(d), H - pad.b + 14);
       }
-      for (let k = 0; k <= 4; k++) {
-        const v = y0 + ((y1 - y0) * k) / 4;
+      ticks(y0, y1, 5).forEach((v) => {
         ctx.beginPath(); ctx.moveTo(pad.l, Y(v)); ctx.lineTo(W - pad.r, Y(v)); ctx.stroke();
         ctx.textAlign = "right";
         ctx.fillText(num(v, 2), pad.l - 6, Y(v) + 3);
-      }
+      });
       ctx.strokeStyle = "#9aa3ad";
       ctx.beginPath(); ctx.moveTo(pad.l, Y(0)); ctx.lineTo(W - pad.r, Y(0)); ctx.stroke();
       ctx.textAlign = "center";
       ctx.fillText("firing density (log scale)", pad.l + (W - pad.l - pad.r) / 2, H - 6);
       ctx.save(); ctx.translate(12, pad.t + (H - pad.t - pad.b) / 2); ctx.rotate(-Math.PI / 2);
-      ctx.fillText("mean ΔCE when firing", 0, 0); ctx.restore();
+      ctx.fillText("mean " + LOSS + " when firing", 0, 0); ctx.restore();
       const r = pts.length > 4000 ? 1.6 : pts.length > 500 ? 2.4 : 3.4;
       pts.forEach((p) => {
         p.px = X(Math.log10(p.density));
@@ -314,7 +335,7 @@
     canvas.addEventListener("mousemove", (e) => {
       const p = nearest(e);
       if (!p) return hideTooltip();
-      showTooltip(e, [["density", percent(p.density)], ["mean ΔCE", signed(p.imp, 3)], ["total", signed(p.total, 3)]], "latent " + p.id);
+      showTooltip(e, [["density", percent(p.density)], ["mean " + LOSS, signed(p.imp, 3)], ["total", signed(p.total, 3)]], "latent " + p.id);
     });
     canvas.addEventListener("mouseleave", hideTooltip);
     canvas.addEventListener("click", (e) => {
@@ -329,6 +350,7 @@
   // ------------------------------------------------------------------------------------------------ index
 
   const state = { sort: "total", desc: true, query: "", page: 0, perPage: 100 };
+  let LOSS = "ΔCE"; // toy-model sites measure the toy model's own loss instead of next-token cross-entropy
 
   function indexRows(index) {
     const c = index.columns;
@@ -348,12 +370,11 @@
 
   function header(index) {
     const m = index.meta;
+    LOSS = m.kind === "toy" ? "Δloss" : "ΔCE";
     const sub = document.getElementById("subtitle");
     if (sub) sub.textContent = m.model + " · " + m.hook;
-    if (m.kind === "toy" || EMBEDDED || location.protocol === "file:") {
-      const live = document.getElementById("nav-live");
-      if (live && m.kind === "toy") live.remove();
-    }
+    const live = document.getElementById("nav-live");
+    if (live && (m.kind === "toy" || EMBEDDED)) live.remove(); // no model behind a toy site or an exported file
   }
 
   function summaryPanel(index) {
@@ -396,7 +417,9 @@
       const scatterPanel = h("section", { class: "panel" }, [
         h("h2", { text: "Importance against density" }),
         scatter(rows, (id) => (location.hash = "#/latent/" + id)),
-        h("p", { class: "muted small", text: "Each point is a latent: how often it fires, and how much the next-token loss rises, on average, when its contribution is removed where it fires (exact re-run of the model). Click a point to open it." }),
+        h("p", { class: "muted small", text: index.meta.kind === "toy"
+          ? "Each point is a latent: how often it fires, and how much the toy model's reconstruction loss rises, on average, when its contribution is removed from the hidden state where it fires. Click a point to open it."
+          : "Each point is a latent: how often it fires, and how much the next-token loss rises, on average, when its contribution is removed where it fires (exact re-run of the model). Click a point to open it." }),
       ]);
       show([summaryPanel(index), scatterPanel, h("section", { class: "panel" }, [h("div", { class: "controls" }, [search, h("span", { class: "muted small", text: "click a column to sort" })]), tableBox])]);
     }, failed);
@@ -504,8 +527,8 @@
     (d.quantiles || []).forEach((q) => figures.push(stat("p" + Math.round(q[0] * 100), num(q[1]))));
     if (imp.n) {
       const ci = imp.lo != null ? "[" + num(imp.lo, 3) + ", " + num(imp.hi, 3) + "]" : "";
-      figures.push(stat("importance (mean ΔCE)", signed(imp.mean), ci + " n=" + imp.n + "/" + imp.pool));
-      figures.push(stat("total importance", signed(d.total_importance.mean), "density × mean ΔCE"));
+      figures.push(stat("importance (mean " + LOSS + ")", signed(imp.mean), ci + " n=" + imp.n + "/" + imp.pool));
+      figures.push(stat("total importance", signed(d.total_importance.mean), "density × mean " + LOSS));
     }
     if (d.approx_error != null) figures.push(stat("direct-path error", num(d.approx_error), "mean |Δ| vs exact"));
     const title = h("section", { class: "panel" }, [
@@ -524,16 +547,13 @@
     const histPanel = h("section", { class: "panel" }, [h("h2", { text: "Activation histogram (non-zero)" }), toggles, histBox]);
 
     const panels = [title];
-    if (d.logits) {
-      panels.push(h("div", { class: "grid two" }, [histPanel, logitPanel(d.logits)]));
-    } else {
-      panels.push(histPanel);
-    }
+    const side = d.logits ? logitPanel(d.logits) : d.ground_truth ? groundTruthPanel(d.ground_truth) : null;
+    panels.push(side ? h("div", { class: "grid two" }, [histPanel, side]) : histPanel);
+    if (d.ground_truth) panels.push(inputsPanel(d.ground_truth));
     panels.push(h("div", { class: "grid two" }, [
       listPanel("Nearest by decoder cosine", d.neighbours, "cos", known),
       listPanel("Most correlated activations", d.correlated, "r", known),
     ]));
-    if (d.ground_truth) panels.push(groundTruthPanel(d.ground_truth));
     if (d.windows) panels.push(windowsPanel(d));
     show(panels);
   }
@@ -568,22 +588,24 @@
     return h("section", { class: "panel" }, [h("h2", { text: title }), items.length ? h("ul", { class: "plain" }, items) : h("p", { class: "muted", text: "none" })]);
   }
 
+  const featureList = (entries, label) => h("ul", { class: "plain" }, (entries || []).map((e) => h("li", {}, [
+    h("span", { text: "feature " + e[0] }),
+    h("span", { class: "mono", text: label + " " + num(e[1], 3) }),
+  ])));
+
   function groundTruthPanel(gt) {
-    const list = (entries, label) => h("ul", { class: "plain" }, (entries || []).map((e) => h("li", {}, [
-      h("span", { text: "feature " + e[0] }),
-      h("span", { class: "mono", text: label + " " + num(e[1], 3) }),
-    ])));
-    return h("div", { class: "grid two" }, [
-      h("section", { class: "panel" }, [
-        h("h2", { text: "Ground-truth features by decoder cosine" }),
-        h("p", { class: "muted small", text: "Cosine between this latent's decoder row and the toy model's true feature directions (columns of W)." }),
-        list(gt.top, "cos"),
-      ]),
-      h("section", { class: "panel" }, [
-        h("h2", { text: "Input features when it fires" }),
-        h("p", { class: "muted small", text: "Mean value of each true input feature over the samples where this latent fires." }),
-        list(gt.inputs, "mean"),
-      ]),
+    return h("section", { class: "panel" }, [
+      h("h2", { text: "Ground-truth features by decoder cosine" }),
+      h("p", { class: "muted small", text: "Cosine between this latent's decoder row and the toy model's true feature directions (columns of W)." }),
+      featureList(gt.top, "cos"),
+    ]);
+  }
+
+  function inputsPanel(gt) {
+    return h("section", { class: "panel" }, [
+      h("h2", { text: "Input features when it fires" }),
+      h("p", { class: "muted small", text: "Mean value of each true input feature over the samples where this latent fires." }),
+      featureList(gt.inputs, "mean"),
     ]);
   }
 
@@ -709,7 +731,7 @@
     out.replaceChildren(
       h("section", { class: "panel" }, [h("h2", { text: "Tokens (coloured by the selected latent)" }), tokensBox]),
       h("div", { class: "grid two" }, [
-        h("section", { class: "panel" }, [h("h2", { text: "Latents on this prompt" }), table]),
+        h("section", { class: "panel" }, [h("h2", { text: "Latents on this prompt" }), h("div", { class: "scroll" }, table)]),
         h("section", { class: "panel" }, [h("h2", { text: "On the selected token" }), detail]),
       ]),
     );
