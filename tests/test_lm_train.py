@@ -103,6 +103,15 @@ def test_fast_model_matches_hooked_transformer(n_layers: int, n_heads: int) -> N
     torch.testing.assert_close(tl(tokens[:, :5]), fast(tokens[:, :5]), atol=1e-5, rtol=1e-5)
 
 
+def test_init_is_gpt2_style() -> None:
+    model = FastLM(LMConfig(n_layers=2, d_model=64, n_heads=4, d_mlp=256, n_ctx=16, d_vocab=300))
+    block = model.blocks[1]
+    assert torch.equal(block.ln1.weight, torch.ones(64)) and torch.equal(model.ln_final.bias, torch.zeros(64))
+    assert torch.equal(block.qkv.bias, torch.zeros(192)) and torch.equal(model.unembed.bias, torch.zeros(300))
+    assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert block.mlp_out.weight.std().item() == pytest.approx(0.01, rel=0.05)  # 0.02 / sqrt(2 n_layers)
+
+
 def test_muon_matches_torch_reference() -> None:
     reference_cls = getattr(torch.optim, "Muon", None)
     if reference_cls is None:

@@ -124,17 +124,16 @@ class FastLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, 0.02), zero biases, and the residual-stream writers scaled by 1/sqrt(2 n_layers)."""
+        """GPT-2 init: N(0, 0.02), the residual-stream writers scaled by 1/sqrt(2 n_layers); LayerNorm is identity."""
         for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p) if ".ln" in f".{name}" else nn.init.zeros_(p)
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:  # LayerNorm scales
+                nn.init.ones_(p)
+            elif name.endswith(("attn_out.weight", "mlp_out.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
             else:
-                std = (
-                    0.02 / math.sqrt(2 * self.cfg.n_layers)
-                    if name.endswith(("attn_out.weight", "mlp_out.weight"))
-                    else 0.02
-                )
-                nn.init.normal_(p, std=std)
+                nn.init.normal_(p, std=0.02)
 
     def forward(self, tokens: Tensor) -> Tensor:  # [batch, pos] -> [batch, pos, d_vocab]
         positions = torch.arange(tokens.shape[1], device=tokens.device)
