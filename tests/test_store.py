@@ -214,3 +214,11 @@ def test_activations_cache_command(tokenizer, dataset, tmp_path):
         assert torch.equal(CachedActivations(out, hook).next_batch(300), rows)
     again = CliRunner().invoke(app, args)
     assert isinstance(again.exception, SaelabError) and "--overwrite" in str(again.exception)
+
+
+def test_the_built_in_model_and_corpus_are_the_defaults():
+    source = build_lm_source(None, None, HOOK, 64, 64, 0, "cpu", buffer_tokens=1024)
+    assert (source.metadata["model_name"], source.metadata["dataset"]) == ("builtin", "builtin")
+    assert source.model.kind == "HookedTransformer" and source.d_in == source.model.model.cfg.d_model
+    batch = source.next_batch(64)
+    assert batch.shape == (64, source.d_in) and torch.isfinite(batch).all()
