@@ -470,3 +470,25 @@ def test_dashboard_command_builds_a_site_from_saved_folders(tok, tmp_path):
     export_app.command()(export)
     result = CliRunner().invoke(export_app, [str(out), "--latents", "3,4", "--out", str(tmp_path / "x.html")])
     assert result.exit_code == 0, result.output and (tmp_path / "x.html").is_file()
+
+
+def test_dashboard_of_a_toy_model_sae_reads_the_toy_model_it_names(tmp_path):
+    from saelab.dashboard.cli import build_dashboard
+    from saelab.dashboard.site import read_data_script, read_site
+    from saelab.sae import SAEConfig, build_sae, save_sae
+    from saelab.toy.model import ToyModel, ToyModelConfig, save_toy_model
+
+    torch.manual_seed(0)
+    toy = ToyModel(ToyModelConfig(n_features=5, d_hidden=2, n_instances=2))
+    save_toy_model(toy, tmp_path / "toy")
+    sae = build_sae(SAEConfig(architecture="relu", d_in=2, d_sae=5), torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.W_dec.copy_(toy.feature_directions(1) / toy.feature_directions(1).norm(dim=1, keepdim=True))
+        sae.W_enc.copy_(sae.W_dec.T)
+    sae.metadata = {"hook_name": "hidden", "model_name": "saelab-toy", "source": f"toy:{tmp_path / 'toy'}#1"}
+    save_sae(sae, tmp_path / "sae")
+    index = build_dashboard(tmp_path / "sae", tmp_path / "site", n_sequences=64, context=16)
+    assert index.is_file() and read_site(tmp_path / "site")["kind"] == "toy"
+    _, page = read_data_script(tmp_path / "site" / "data" / "latents" / "2.js")
+    assert page["ground_truth"]["feature"] == 2 and page["ground_truth"]["cosine"] == pytest.approx(1.0, abs=1e-4)
+    assert page["windows"] is None and page["count"] > 0
