@@ -20,6 +20,7 @@ training context starts with it and it separates files in the token stream. The 
 from __future__ import annotations
 
 import hashlib
+import os
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -114,10 +115,13 @@ def stdlib_files(split: str = "train") -> list[Path]:
         raise SaelabError(f"unknown corpus split '{split}'; choose 'train' or 'heldout'")
     root = stdlib_root()
     files = []
-    for path in sorted(root.rglob("*.py")):
-        relative = path.relative_to(root)
-        if STDLIB_SKIP_DIRS.isdisjoint(relative.parts[:-1]) and split_of(relative.as_posix()) == split:
-            files.append(path)
+    for directory, subdirectories, names in os.walk(root):
+        subdirectories[:] = [name for name in subdirectories if name not in STDLIB_SKIP_DIRS]  # prune, not filter
+        for name in names:
+            path = Path(directory, name)
+            if name.endswith(".py") and split_of(path.relative_to(root).as_posix()) == split:
+                files.append(path)
+    files.sort()
     if not files:
         raise SaelabError(f"found no standard-library sources under {root}; this Python install ships no .py files")
     return files
