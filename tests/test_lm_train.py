@@ -211,6 +211,13 @@ def test_tiny_training_run_writes_a_loadable_model_that_learnt(tiny_run: tuple, 
     assert saved["train"]["tokens"] == STEPS * 16 * 32
 
 
+def test_minutes_budget_stops_on_time(tmp_path, corpus: tuple) -> None:
+    cfg = LMTrainConfig(model=TINY, minutes=0.05, tokens=10**12, batch_size=4, warmup_steps=2, eval_tokens=1024)
+    results = train_lm(cfg, tmp_path / "m", log=lambda _: None, corpus=corpus)
+    assert 0 < results["tokens_trained"] < 10**12 and results["train_seconds"] < 3 + 10
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
 def test_sample_cli_continues_a_prompt(tiny_run: tuple) -> None:
     out, _, _ = tiny_run
     result = CliRunner().invoke(app, ["lm", "sample", "--model", str(out), "--prompt", "def ", "--tokens", "8"])
