@@ -2,6 +2,190 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import typer
 
+from saelab.errors import SaelabError
+
 app = typer.Typer(help="Sparse autoencoders: train, eval, info.", no_args_is_help=True)
+
+
+def _numbers(text: str | None, option: str) -> list[float]:
+    """A comma-separated list of numbers (a sweep), e.g. `--k 8,16,32`."""
+    if text is None:
+        return []
+    try:
+        values = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise SaelabError(f"{option} takes a number or a comma-separated list of numbers, got '{text}'") from None
+    if not values:
+        raise SaelabError(f"{option} is empty; give a number, e.g. {option} 4")
+    return values
+
+
+def _build_source(
+    spec: str | None,
+    model: str | None,
+    dataset: str | None,
+    hook: str | None,
+    context_length: int,
+    batch_size: int,
+    seed: int,
+    device: str,
+) -> Any:
+    """A toy or synthetic source from its spec, else the language-model activation store."""
+    from saelab.sae.sources import parse_source
+
+    if spec is not None:
+        if model is not None or hook is not None:
+            raise SaelabError("give either --source or --model/--hook, not both")
+        return parse_source(spec, seed)
+    if hook is None:
+        raise SaelabError(
+            "language-model activations need --hook (e.g. blocks.0.hook_resid_post);"
+            " or pass --source toy:DIR / synthetic"
+        )
+    try:
+        from saelab.models.store import build_lm_source
+    except ImportError as err:
+        reason = f"saelab.models.store failed to import ({err})"
+        raise SaelabError(f"language-model activations are unavailable: {reason}") from None
+    return build_lm_source(model, dataset, hook, context_length, batch_size, seed, device)
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., help="Folder for the SAE(s), the JSONL log and checkpoints."),
+    source: str = typer.Option(None, help="Activations: toy:DIR[#instance] or synthetic[:key=value,...]."),
+    model: str = typer.Option(None, help="Language model (name or folder; default: the built-in one)."),
+    dataset: str = typer.Option(None, help="Text dataset for --model (default: the built-in corpus)."),
+    hook: str = typer.Option(None, help="TransformerLens hook name, e.g. blocks.0.hook_resid_post."),
+    context_length: int = typer.Option(128, help="Tokens per context for language-model activations."),
+    architecture: str = typer.Option("topk", help="relu | topk | batchtopk | jumprelu | gated."),
+    d_sae: int = typer.Option(None, help="Number of latents (default 8 × d_in)."),
+    k: str = typer.Option(None, help="Active latents per token for topk/batchtopk; a comma list sweeps."),
+    sparsity_coefficient: str = typer.Option(
+        None, "--sparsity-coefficient", "--l1", help="L1 (relu, gated) or L0 (jumprelu) weight; a comma list sweeps."
+    ),
+    steps: int = typer.Option(5000, help="Training steps."),
+    batch_size: int = typer.Option(4096, help="Activations per step."),
+    lr: float = typer.Option(4e-4, help="Adam learning rate."),
+    seed: int = typer.Option(0, help="Seed for initialisation and the data stream."),
+    normalize: bool = typer.Option(True, help="Scale inputs to E‖x‖ = √d_in while training (folded in at save)."),
+    b_dec_init: str = typer.Option("geometric_median", help="geometric_median | mean | zeros."),
+    dead_after_tokens: int = typer.Option(10_000_000, help="A latent silent this many tokens counts as dead."),
+    resample_every: int = typer.Option(0, help="Resample dead latents every N steps (0: never)."),
+    checkpoint_every: int = typer.Option(500, help="Checkpoint every N steps (0: never)."),
+    log_every: int = typer.Option(1, help="Write a JSONL log line every N steps."),
+    device: str = typer.Option("cpu", help="cpu, cuda, mps, ..."),
+    resume: bool = typer.Option(False, help="Continue the interrupted run in --out (same options)."),
+    quiet: bool = typer.Option(False, help="No progress bar."),
+) -> None:
+    """Train an SAE (or a sweep over --k / --sparsity-coefficient, all on the same batches)."""
+    from saelab.sae.model import ARCHITECTURES, SAEConfig
+    from saelab.sae.train import SAETrainConfig, train_saes
+
+    if architecture not in ARCHITECTURES:
+        raise SaelabError(f"unknown --architecture '{architecture}'; choose one of {', '.join(ARCHITECTURES)}")
+    activations = _build_source(source, model, dataset, hook, context_length, batch_size, seed, device)
+    d_in = activations.d_in
+    base: dict[str, Any] = {"architecture": architecture, "d_in": d_in, "d_sae": d_sae or 8 * d_in}
+    ks, coefficients = _numbers(k, "--k"), _numbers(sparsity_coefficient, "--sparsity-coefficient")
+    if ks and coefficients:
+        raise SaelabError("sweep over --k or over --sparsity-coefficient, not both at once")
+    if ks and architecture not in ("topk", "batchtopk"):
+        raise SaelabError(f"--k applies to topk and batchtopk, not {architecture}; use --sparsity-coefficient")
+    if coefficients and architecture in ("topk", "batchtopk"):
+        raise SaelabError(f"{architecture} sets sparsity with --k, not --sparsity-coefficient")
+    if ks:
+        configs = [SAEConfig(**base, k=int(v) if v.is_integer() else v) for v in ks]
+    elif coefficients:
+        configs = [SAEConfig(**base, sparsity_coefficient=v) for v in coefficients]
+    else:
+        configs = [SAEConfig(**base)]
+    train_cfg = SAETrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        normalize_activations=normalize,
+        b_dec_init=b_dec_init,
+        dead_after_tokens=dead_after_tokens,
+        resample_every=resample_every,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        seed=seed,
+        device=device,
+    )
+    saes = train_saes(activations, configs, train_cfg, out=out, resume=resume, progress=not quiet)
+    where = out if len(saes) == 1 else ", ".join(str(out / c.name) for c in configs)
+    typer.echo(f"saved {len(saes)} SAE{'s' if len(saes) > 1 else ''}: {where}")
+
+
+@app.command("eval")
+def eval_(
+    sae_dir: Path = typer.Argument(..., help="A saved SAE folder (saelab or SAELens)."),
+    source: str = typer.Option(None, help="Evaluate on this source instead of the one the SAE was trained on."),
+    tokens: int = typer.Option(65536, help="Activations to evaluate on."),
+    batch_size: int = typer.Option(4096, help="Activations per batch."),
+    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+) -> None:
+    """Reconstruction, sparsity and density metrics, and ground-truth recovery where the features are known."""
+    from saelab.sae.evaluate import evaluate_saved
+
+    report = evaluate_saved(sae_dir, source, tokens, batch_size, device)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        if key == "density_histogram":
+            continue
+        if key == "ground_truth" and isinstance(value, dict):
+            truth = value
+            typer.echo(
+                f"ground truth: MMCS {truth['mmcs']:.4f}  MCC {truth['mcc']:.4f}  "
+                f"recovered {truth['recovered']}/{truth['n_true_features']} (cos ≥ {truth['recovery_threshold']})"
+            )
+        elif isinstance(value, float):
+            typer.echo(f"{key}: {value:.6g}")
+        elif not isinstance(value, (dict, list)):
+            typer.echo(f"{key}: {value}")
+
+
+@app.command()
+def info(
+    sae_dir: Path = typer.Argument(..., help="A saved SAE folder (saelab or SAELens)."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+) -> None:
+    """What an SAE is: architecture, sizes, what it was trained on, and its decoder norms."""
+    from saelab.sae.io import load_sae
+
+    sae = load_sae(sae_dir)
+    norms = sae.W_dec.detach().norm(dim=1)
+    summary: dict[str, Any] = {
+        "architecture": sae.cfg.architecture,
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.d_sae,
+        "dtype": sae.cfg.dtype,
+        "parameters": sum(p.numel() for p in sae.parameters()),
+        "decoder_norm_min": float(norms.min()),
+        "decoder_norm_max": float(norms.max()),
+    }
+    if sae.cfg.architecture in ("topk", "batchtopk"):
+        summary["k"] = sae.cfg.k
+    elif sae.cfg.architecture in ("relu", "gated", "jumprelu") and sae.saved_info:
+        summary["sparsity_coefficient"] = sae.cfg.sparsity_coefficient
+    for key in ("model_name", "hook_name", "source"):
+        if sae.metadata.get(key):
+            summary[key] = sae.metadata[key]
+    for key in ("trained_steps", "normalization_scale"):
+        if key in sae.saved_info:
+            summary[key] = sae.saved_info[key]
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in summary.items():
+        typer.echo(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")

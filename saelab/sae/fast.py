@@ -1,0 +1,206 @@
+"""Fused training paths for the ReLU and TopK SAEs; `tests/test_sae_model.py` holds them to the reference.
+
+ReLU + L1: the loss and all four gradients are computed in one sweep over row blocks of the batch, so the
+`[tokens, d_sae]` latents never exist as a whole (each block stays in cache) and the work is the five dense
+matrix products of the step — encoder, decoder, the decoder's transpose, and the two weight gradients — with
+no elementwise pass repeated by autograd. The gradients are attached to the loss for `loss.backward()`.
+
+TopK: the encoder runs block by block with top-k taken on each block (a fused top-k encoder), keeping only
+`[tokens, k]` values and indices. The decoder is sparse (`embedding_bag`), and the encoder's backward touches
+only the k selected columns of W_enc per token, so past the one dense encoder product the step costs O(k) per
+token instead of O(d_sae).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from saelab.sae.model import SAE, SAEOutput
+
+# Rows per block: a [rows, d_sae] float32 block of about 4 MiB fits in L2/L3 with room for the operands.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def block_rows(d_sae: int) -> int:
+    return max(16, BLOCK_ELEMENTS // d_sae)
+
+
+def fused_forward(sae: SAE, x: Tensor, dead: Tensor | None, sparsity_scale: float) -> SAEOutput | None:
+    """The fused training forward for `sae` on `x [tokens, d_in]`, or None where there is none (use the reference)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        return None  # block-wise accumulation in half precision would drift from the reference
+    if sae.architecture == "relu":
+        return relu_l1_forward(sae, x, sparsity_scale)
+    if sae.architecture == "topk":
+        return topk_forward(sae, x, dead)
+    return None
+
+
+class _AttachGradients(torch.autograd.Function):
+    """Return `loss` unchanged; its backward hands out gradients that were computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, loss: Tensor, grads: tuple[Tensor, ...], *params: Tensor) -> Tensor:
+        ctx.grads = grads
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Any, ...]:
+        return (None, None, *(grad * grad_loss for grad in ctx.grads))
+
+
+# --- ReLU + L1 -------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def relu_l1_loss_and_grads(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, coefficient: float, apply_b_dec: bool
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Loss terms, x̂, fire counts and gradients of ReluSAE's training loss on `x [tokens, d_in]`.
+
+    loss = (1/T) Σₜ ‖x̂ₜ − xₜ‖² + (λ/T) Σₜ Σᵢ fₜᵢ nᵢ with f = ReLU(x_in W_enc + b_enc), nᵢ = ‖W_dec,ᵢ‖. Per block:
+        g_x̂ = (2/T)(x̂ − x)                  ∂loss/∂x̂           [rows, d_in]
+        g_pre = 1[f > 0] ⊙ (g_x̂ W_decᵀ + (λ/T) n)                  [rows, d_sae]
+        ∇W_dec += fᵀ g_x̂,  ∇W_enc += x_inᵀ g_pre,  ∇b_enc += Σ g_pre,  ∇b_dec += Σ g_x̂
+    then ∇b_dec −= W_enc ∇b_enc (b_dec is subtracted from the input) and ∇W_dec gains the L1's (λ/T)(Σₜ fₜᵢ) W_dec,ᵢ/nᵢ.
+    """
+    tokens, d_sae = x.shape[0], W_enc.shape[1]
+    norms = W_dec.norm(dim=1)
+    l1_grad = norms * (coefficient / tokens)  # ∂(L1 term)/∂f, the same for every token
+    grads = {name: torch.zeros_like(p) for name, p in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec))}
+    grads["b_dec"] = torch.zeros_like(b_dec)
+    latent_sums = x.new_zeros(d_sae, dtype=torch.float64)
+    fired = torch.zeros(d_sae, dtype=torch.long, device=x.device)
+    squared_error = x.new_zeros((), dtype=torch.float64)
+    x_hat = torch.empty_like(x)
+    rows = block_rows(d_sae)
+    for start in range(0, tokens, rows):
+        xs = x[start : start + rows]
+        x_in = xs - b_dec if apply_b_dec else xs
+        latents = torch.addmm(b_enc, x_in, W_enc).relu_()
+        x_hat_block = torch.addmm(b_dec, latents, W_dec, out=x_hat[start : start + rows])
+        error = x_hat_block - xs
+        squared_error += error.pow(2).sum(dtype=torch.float64)
+        latent_sums += latents.sum(dim=0, dtype=torch.float64)
+        fired += torch.count_nonzero(latents, dim=0)
+        grad_x_hat = error.mul_(2 / tokens)
+        grads["W_dec"].addmm_(latents.T, grad_x_hat)
+        grad_pre = torch.addmm(l1_grad, grad_x_hat, W_dec.T).mul_(latents > 0)
+        grads["W_enc"].addmm_(x_in.T, grad_pre)
+        grads["b_enc"] += grad_pre.sum(dim=0)
+        grads["b_dec"] += grad_x_hat.sum(dim=0)
+    if apply_b_dec:
+        grads["b_dec"] -= W_enc @ grads["b_enc"]
+    sums = latent_sums.to(x.dtype)
+    grads["W_dec"] += W_dec * (sums * (coefficient / tokens) / norms.clamp_min(1e-12))[:, None]
+    terms = {
+        "mse": (squared_error / tokens).to(x.dtype),
+        "sparsity": coefficient * (sums @ norms) / tokens,
+        "x_hat": x_hat,
+        "fired": fired,
+    }
+    return terms, grads
+
+
+def relu_l1_forward(sae: SAE, x: Tensor, sparsity_scale: float) -> SAEOutput:
+    params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    coefficient = sae.cfg.sparsity_coefficient * sparsity_scale
+    terms, grads = relu_l1_loss_and_grads(x, *params, coefficient, sae.cfg.apply_b_dec_to_input)
+    loss = _AttachGradients.apply(terms["mse"] + terms["sparsity"], tuple(grads.values()), *params)
+    zero = x.new_zeros(())
+    return SAEOutput(terms["x_hat"], None, loss, terms["mse"], terms["sparsity"], zero, terms["fired"])
+
+
+# --- TopK ------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def topk_encode(
+    x_in: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, dead: Tensor | None = None, aux_k: int = 0
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Top-k pre-activations of each token, block by block: values and indices `[tokens, k]`.
+
+    With a `dead [d_sae]` mask and `aux_k` > 0, also the top `aux_k` pre-activations among dead latents (AuxK).
+    Values are pre-activations (not yet ReLU'd), as the straight-through encoder gradient needs them.
+    """
+    tokens = x_in.shape[0]
+    values = x_in.new_empty(tokens, k)
+    indices = torch.empty(tokens, k, dtype=torch.long, device=x_in.device)
+    aux = aux_k > 0 and dead is not None
+    aux_values = x_in.new_empty(tokens, aux_k) if aux else None
+    aux_indices = torch.empty(tokens, aux_k, dtype=torch.long, device=x_in.device) if aux else None
+    rows = block_rows(W_enc.shape[1])
+    for start in range(0, tokens, rows):
+        block = slice(start, start + rows)
+        pre = torch.addmm(b_enc, x_in[block], W_enc)
+        torch.topk(pre, k, dim=1, sorted=False, out=(values[block], indices[block]))
+        if aux:
+            pre.masked_fill_(~dead, -torch.inf)
+            torch.topk(pre, aux_k, dim=1, sorted=False, out=(aux_values[block], aux_indices[block]))
+    return values, indices, aux_values, aux_indices
+
+
+def scatter_rows(indices: Tensor, weights: Tensor, rows: Tensor, n: int) -> Tensor:
+    """out [n, d] with out[indices[t, j]] += weights[t, j] · rows[t], without building a [tokens, k, d] tensor."""
+    tokens, k = indices.shape
+    token_of = torch.arange(tokens, device=rows.device).repeat_interleave(k)
+    coords = torch.stack([indices.flatten(), token_of])
+    matrix = torch.sparse_coo_tensor(coords, weights.flatten(), (n, tokens), check_invariants=False)
+    return torch.sparse.mm(matrix, rows)
+
+
+class _SparseEncoderGrad(torch.autograd.Function):
+    """Selected pre-activations `[tokens, k]` (computed without a graph) with the encoder's sparse backward.
+
+    pre[t, j] = x_in[t] · W_enc[:, idx[t, j]] + b_enc[idx[t, j]], so its gradient reaches only the k selected
+    columns of W_enc per token, instead of a dense [tokens, d_sae] matrix times x_in.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, x_in: Tensor, W_enc: Tensor, b_enc: Tensor, indices: Tensor) -> Tensor:
+        ctx.save_for_backward(x_in, W_enc, indices)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+        x_in, W_enc, indices = ctx.saved_tensors
+        d_sae = W_enc.shape[1]
+        grad_W_enc = scatter_rows(indices, grad, x_in, d_sae).T if ctx.needs_input_grad[2] else None
+        grad_b_enc = grad.new_zeros(d_sae).index_add_(0, indices.flatten(), grad.flatten())
+        grad_x_in = None
+        if ctx.needs_input_grad[1]:
+            grad_x_in = F.embedding_bag(indices, W_enc.T.contiguous(), per_sample_weights=grad, mode="sum")
+        return None, grad_x_in, grad_W_enc, grad_b_enc, None
+
+
+def topk_forward(sae: SAE, x: Tensor, dead: Tensor | None) -> SAEOutput:
+    cfg = sae.cfg
+    n_dead = 0 if dead is None or cfg.aux_k_coefficient == 0 else int(dead.sum())
+    aux_k = min(cfg.aux_k or cfg.d_in // 2, n_dead)
+    x_in = x - sae.b_dec if cfg.apply_b_dec_to_input else x
+    pre, indices, aux_pre, aux_indices = topk_encode(x_in.detach(), sae.W_enc, sae.b_enc, int(cfg.k), dead, aux_k)
+    values = _SparseEncoderGrad.apply(pre, x_in, sae.W_enc, sae.b_enc, indices).relu()
+    x_hat = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_dec
+    mse = (x_hat - x).pow(2).sum(dim=-1).mean()
+    aux = x.new_zeros(())
+    if aux_k > 0:
+        aux_values = _SparseEncoderGrad.apply(aux_pre, x_in, sae.W_enc, sae.b_enc, aux_indices).relu()
+        aux_x_hat = F.embedding_bag(aux_indices, sae.W_dec, per_sample_weights=aux_values, mode="sum")
+        residual = (x - x_hat).detach()
+        scale = min(n_dead / (cfg.aux_k or cfg.d_in // 2), 1.0)
+        aux = cfg.aux_k_coefficient * scale * (aux_x_hat - residual).pow(2).sum(dim=-1).mean()
+    fired = torch.bincount(indices[values > 0], minlength=cfg.d_sae)
+    zero = x.new_zeros(())
+    return SAEOutput(x_hat, None, mse + aux, mse.detach(), zero, aux.detach(), fired)
+
+
+@torch.no_grad()
+def topk_sparse_latents(sae: SAE, x: Tensor) -> tuple[Tensor, Tensor]:
+    """A TopK SAE's latents of `x [tokens, d_in]` as (values, indices) `[tokens, k]`, never densified."""
+    x_in = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
+    values, indices, _, _ = topk_encode(x_in, sae.W_enc, sae.b_enc, int(sae.cfg.k))
+    return values.relu_(), indices
