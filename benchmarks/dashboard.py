@@ -2,10 +2,10 @@
 
 Each tool runs in its own subprocess (so peak memory is its own) with the torch thread count set explicitly, on
 the built-in model, an SAE at its hook, and the same [sequences, context] tokens. Reported per tool and thread
-count: wall time of the dashboard computation and writing (model, SAE and tokens already loaded), total wall time of
-the process, peak resident memory, and output size. saelab also computes exact per-token loss effects and overall
-importance, which sae_vis approximates and SAEDashboard leaves out. A last row times saelab on every latent of the
-SAE (4096 by default).
+count: wall time of the dashboard computation and writing (imports done; model, SAE and tokens loaded), total wall
+time of the process, peak resident memory, and output size. saelab also computes exact per-token loss effects and
+overall importance, which sae_vis approximates and SAEDashboard leaves out. A last row times saelab on every
+latent of the SAE (4096 by default).
 
 sae_vis and sae-dashboard pin other versions of sae-lens/transformer-lens than saelab, so they live in their own
 virtual environment:
@@ -27,7 +27,9 @@ import tempfile
 from pathlib import Path
 
 BENCH_VENV = Path("/tmp/benchvenv")
-COMPETITORS = ["sae-vis==0.3.7", "sae-dashboard>=0.8,<0.9"]
+# torch stays pinned (the CPU wheel); pyarrow < 26 because transformer-lens 2.x pins numpy < 2; sae_vis imports
+# frozendict and tabulate without declaring them.
+COMPETITORS = ["sae-vis==0.3.7", "frozendict", "tabulate", "sae-dashboard>=0.8,<0.9", "pyarrow<26", "torch==2.13.0"]
 
 # Loading code shared by every child: the model, SAE and tokens that `prepare` saved in the work folder.
 LOAD = r"""
@@ -41,7 +43,10 @@ from safetensors.torch import load_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 work = Path(args["work"])
-tokenizer = PreTrainedTokenizerFast.from_pretrained(str(work / "tokenizer"))
+bos = json.loads((work / "special.json").read_text())["bos"]
+tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(work / "tokenizer.json"), bos_token=bos, eos_token=bos,
+                                    pad_token=bos, add_bos_token=True, clean_up_tokenization_spaces=False,
+                                    name_or_path="saelab-builtin")
 model_cfg = HookedTransformerConfig(**json.loads((work / "model_cfg.json").read_text()))
 model = HookedTransformer(model_cfg, tokenizer=tokenizer)
 model.load_state_dict(load_file(str(work / "model.safetensors")), strict=False)
@@ -49,7 +54,6 @@ model.eval()
 tokens = load_file(str(work / "tokens.safetensors"))["tokens"]
 hook = json.loads((work / "sae" / "cfg.json").read_text())["metadata"]["hook_name"]
 features = list(range(args["features"])) if args["features"] else None
-started = time.perf_counter()
 """
 
 REPORT = r"""
@@ -61,13 +65,15 @@ print("RESULT " + json.dumps({"seconds": seconds, "peak_mb": resource.getrusage(
 """
 
 SAELAB = (
-    LOAD.replace("started = time", "from saelab.models.access import LanguageModel\nstarted = time")
+    LOAD
     + r"""
 from saelab.dashboard.compute import compute_dashboard
 from saelab.dashboard.site import write_site
+from saelab.models.access import LanguageModel
 from saelab.sae.io import load_sae
 lm = LanguageModel.from_transformer_lens(model, "builtin")
 sae = load_sae(work / "sae")
+started = time.perf_counter()
 board = compute_dashboard(lm, sae, tokens, hook, features=args["features"] or None)
 write_site(board, args["out"], {"kind": "lm", "model": "builtin", "hook": hook})
 print("saelab phases", json.dumps(board.meta["seconds"]), file=sys.stderr)
@@ -78,15 +84,18 @@ print("saelab phases", json.dumps(board.meta["seconds"]), file=sys.stderr)
 SAE_VIS = (
     LOAD
     + r"""
-from sae_lens import SAE
+from sae_lens import SAE, HookedSAETransformer
 from sae_vis.data_config_classes import SaeVisConfig
 from sae_vis.data_storing_fns import SaeVisData
+sae_model = HookedSAETransformer(model_cfg, tokenizer=tokenizer)  # sae_vis splices the SAE in with SAELens hooks
+sae_model.load_state_dict(load_file(str(work / "model.safetensors")), strict=False)
 sae = SAE.load_from_disk(str(work / "sae"), device="cpu")
-sae.cfg.hook_name = hook  # sae_vis reads it from the SAELens 5 layout
-cfg = SaeVisConfig(hook_point=hook, features=features, minibatch_size_tokens=64, minibatch_size_features=64,
-                   verbose=False)
-data = SaeVisData.create(encoder=sae, model=model, tokens=tokens, cfg=cfg)
-data.save_feature_centric_vis(args["out"])
+sae.cfg.hook_name = hook  # sae_vis reads the SAELens 5 fields, which SAELens 6 moved into cfg.metadata
+sae.cfg.hook_layer = int(hook.split(".")[1])
+cfg = SaeVisConfig(features=features, minibatch_size_tokens=64, minibatch_size_features=64)
+started = time.perf_counter()
+data = SaeVisData.create(sae=sae, model=sae_model.eval(), tokens=tokens, cfg=cfg)
+data.save_feature_centric_vis(filename=args["out"])
 """
     + REPORT
 )
@@ -101,6 +110,7 @@ from sae_dashboard.sae_vis_runner import SaeVisRunner
 sae = SAE.load_from_disk(str(work / "sae"), device="cpu")
 cfg = SaeVisConfig(hook_point=hook, features=features, minibatch_size_tokens=64, minibatch_size_features=64,
                    device="cpu", dtype="float32", verbose=False)
+started = time.perf_counter()
 data = SaeVisRunner(cfg).run(encoder=sae, model=model, tokens=tokens)
 save_feature_centric_vis(sae_vis_data=data, filename=args["out"])
 """
@@ -114,12 +124,13 @@ def setup_venv() -> None:
     pip = [str(BENCH_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
     subprocess.run([*pip, "torch==2.13.0"], check=True)
     subprocess.run([*pip, *COMPETITORS], check=True)
+    # A dependency pulls torchvision built for another torch; nothing here needs it, and a mismatched one breaks
+    # `import transformers`.
+    subprocess.run([*pip[:3], "uninstall", "-y", "-q", "torchvision"], check=False)
 
 
 def prepare(work: Path, sae_dir: str | None, d_sae: int, sequences: int, context: int, smoke: bool) -> None:
     """Save the model (TransformerLens weights + config + tokenizer), the SAE and the tokens into `work`."""
-    import dataclasses
-
     import torch
     from safetensors.torch import save_file
 
@@ -145,11 +156,14 @@ def prepare(work: Path, sae_dir: str | None, d_sae: int, sequences: int, context
         model = load_builtin_model()
         tokenizer = model.tokenizer
     hook = "blocks.0.hook_resid_post"
-    tokenizer.save_pretrained(work / "tokenizer")
-    cfg_dict = {f.name: getattr(model.cfg, f.name) for f in dataclasses.fields(model.cfg) if f.init}
-    cfg_dict = {k: v for k, v in cfg_dict.items() if isinstance(v, (int, float, str, bool, type(None)))}
-    (work / "model_cfg.json").write_text(json.dumps(cfg_dict))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(work / "model.safetensors"))
+    # The raw tokenizer file: the competitors' older transformers cannot read a transformers-5 tokenizer folder.
+    tokenizer.backend_tokenizer.save(str(work / "tokenizer.json"))
+    (work / "special.json").write_text(json.dumps({"bos": tokenizer.bos_token}))
+    # The architecture fields both TransformerLens 2 (the competitors') and 3 (saelab's) understand.
+    fields = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "n_ctx", "d_vocab", "act_fn", "normalization_type",
+              "positional_embedding_type", "default_prepend_bos")  # fmt: skip
+    (work / "model_cfg.json").write_text(json.dumps({name: getattr(model.cfg, name) for name in fields}))
+    save_file({k: v.detach().contiguous() for k, v in model.named_parameters()}, str(work / "model.safetensors"))
     stream = ContextStream(lambda: iter_texts(None, "heldout"), tokenizer, context, tokenizer.bos_token_id)
     save_file({"tokens": stream.next(sequences)}, str(work / "tokens.safetensors"))
     if sae_dir is not None:
@@ -185,6 +199,7 @@ def run_child(python: str, code: str, work: Path, out: Path, threads: int, featu
     total = time.perf_counter() - started
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
+        print(proc.stderr[-3000:], file=sys.stderr)  # the traceback, for whoever fixes the environment
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:160]}
     return json.loads(lines[-1][len("RESULT ") :]) | {"process_seconds": total}
 
@@ -224,7 +239,8 @@ def main() -> None:
             rows.append((f"saelab, all {d_sae}", sys.executable, SAELAB, "site_all", 0))
         for name, python, code, out, features in rows:
             for threads in args.threads:
-                result = run_child(python, code, work, work / f"{out}_{threads}", threads, features)
+                target = work / f"{Path(out).stem}_{threads}{Path(out).suffix}"
+                result = run_child(python, code, work, target, threads, features)
                 if "error" in result:
                     print(f"{name:<20} {threads:>7}  failed: {result['error']}")
                     continue
