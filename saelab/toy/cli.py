@@ -1,7 +1,136 @@
-"""`saelab toy ...`: train, analyse and sweep toy models of superposition."""
+"""`saelab toy ...`: train, analyse and sweep toy models of superposition.
+
+Each command writes one results folder atomically (nothing is written when an input is bad) and prints where.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
 
+from saelab.errors import SaelabError
+from saelab.toy.model import ToyModelConfig, ToyTrainConfig
+from saelab.toy.phase import PhaseDiagramConfig, phase_train_config
+
 app = typer.Typer(help="Toy models of superposition: train, analyze, phase-diagram.", no_args_is_help=True)
+
+
+def parse_floats(text: str, option: str) -> list[float]:
+    """'0.05' or '0.1,0.05,0.02' → floats; anything else is a one-line error naming the option."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise SaelabError(f"{option} takes a number or a comma-separated list of numbers, got '{text}'") from None
+    if not values:
+        raise SaelabError(f"{option} is empty; give a number or a comma-separated list")
+    return values
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    typer.echo(f"wrote {summary['out']}  (cfg.json, model.safetensors, analysis.json, {', '.join(summary['figures'])})")
+    if "regular_polygons" in summary:
+        typer.echo(f"regular polygons: {summary['regular_polygons']} of {len(summary.get('instances', []))}")
+    for inst in summary.get("instances", [])[:16]:
+        shapes = ", ".join(f"{n}×{g}" for g, n in _counts(inst["geometry"]).items())
+        typer.echo(
+            f"  #{inst['instance']:<3} p={inst['feature_probability']:<8.3g} loss={inst['loss']:<10.4g} "
+            f"represented={inst['n_represented']:<3} D*={inst['dims_per_feature']:.3f}  {shapes}"
+        )
+    if "phase_counts" in summary:
+        typer.echo("cells: " + ", ".join(f"{name} {count}" for name, count in summary["phase_counts"].items()))
+
+
+def _counts(items: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return counts
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(Path("toy_model"), help="Results folder (replaced atomically when done)."),
+    n_features: int = typer.Option(5, help="Features per model."),
+    d_hidden: int = typer.Option(2, help="Hidden dimensions per model."),
+    n_instances: int | None = typer.Option(None, help="Models trained at once [default: 8, or one per probability]."),
+    feature_probability: str = typer.Option(
+        "0.05", help="Probability a feature is present; a list gives one per instance."
+    ),
+    importance_decay: float = typer.Option(1.0, help="Importance of feature i is decay**i."),
+    importance: str | None = typer.Option(None, help="Comma-separated importance per feature (overrides the decay)."),
+    variant: str = typer.Option("relu", help="relu | linear | neurons | abs."),
+    features: str = typer.Option("independent", help="independent | correlated | anticorrelated."),
+    steps: int = typer.Option(ToyTrainConfig.steps, help="Optimiser steps."),
+    batch_size: int = typer.Option(ToyTrainConfig.batch_size, help="Rows per step."),
+    lr: float = typer.Option(ToyTrainConfig.lr, help="Peak learning rate (Adam)."),
+    lr_schedule: str = typer.Option(ToyTrainConfig.lr_schedule, help="constant | linear | cosine."),
+    method: str = typer.Option(ToyTrainConfig.method, help="fast | reference (plain batches and autograd)."),
+    seed: int = typer.Option(0, help="Seed for initialisation and data."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train a batch of toy models, analyse them, and write cfg.json, weights, analysis.json and figures."""
+    from saelab.toy.lab import train_to_folder  # plotting libraries load only for commands that plot
+
+    probabilities = parse_floats(feature_probability, "--feature-probability")
+    model_cfg = ToyModelConfig(
+        n_features=n_features,
+        d_hidden=d_hidden,
+        n_instances=n_instances if n_instances is not None else (len(probabilities) if len(probabilities) > 1 else 8),
+        variant=variant,
+        features=features,
+        feature_probability=probabilities if len(probabilities) > 1 else probabilities[0],
+        importance_decay=importance_decay,
+        importance=parse_floats(importance, "--importance") if importance is not None else None,
+    )
+    train_cfg = ToyTrainConfig(
+        steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, seed=seed, method=method
+    )
+    _print_summary(train_to_folder(model_cfg, train_cfg, out, progress=progress))
+
+
+@app.command()
+def analyze(
+    directory: Path = typer.Argument(..., help="A folder written by `saelab toy train` or `phase-diagram`."),
+    out: Path | None = typer.Option(None, help="Write the results here instead of refreshing DIRECTORY."),
+) -> None:
+    """Recompute analysis.json and the figures of a saved toy model."""
+    from saelab.toy.lab import analyze_folder
+
+    _print_summary(analyze_folder(directory, out))
+
+
+@app.command("phase-diagram")
+def phase_diagram(
+    out: Path = typer.Option(Path("toy_phase"), help="Results folder (replaced atomically when done)."),
+    n_features: int = typer.Option(2, help="Features; the last one is the extra feature whose importance varies."),
+    d_hidden: int = typer.Option(1, help="Hidden dimensions."),
+    grid: int = typer.Option(20, help="Cells per axis."),
+    replicas: int = typer.Option(PhaseDiagramConfig.replicas, help="Seeds per cell; the lowest loss is kept."),
+    min_importance: float = typer.Option(0.1, help="Smallest relative importance of the extra feature."),
+    max_importance: float = typer.Option(10.0, help="Largest relative importance of the extra feature."),
+    min_density: float = typer.Option(0.01, help="Smallest feature density (probability)."),
+    max_density: float = typer.Option(1.0, help="Largest feature density (probability)."),
+    steps: int = typer.Option(phase_train_config().steps, help="Optimiser steps."),
+    batch_size: int = typer.Option(phase_train_config().batch_size, help="Non-empty rows per step."),
+    lr: float = typer.Option(phase_train_config().lr, help="Peak learning rate (Adam, cosine decay)."),
+    seed: int = typer.Option(0, help="Seed for initialisation and data."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Sweep relative importance × density of an extra feature in one batched run; classify every cell."""
+    from saelab.toy.lab import phase_diagram_to_folder
+
+    cfg = PhaseDiagramConfig(
+        n_features=n_features,
+        d_hidden=d_hidden,
+        grid=grid,
+        min_importance=min_importance,
+        max_importance=max_importance,
+        min_density=min_density,
+        max_density=max_density,
+        replicas=replicas,
+    )
+    train_cfg = phase_train_config(seed)
+    train_cfg.steps, train_cfg.batch_size, train_cfg.lr = steps, batch_size, lr
+    _print_summary(phase_diagram_to_folder(cfg, train_cfg, out, progress=progress))
