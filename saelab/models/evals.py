@@ -1,0 +1,130 @@
+"""Language-model evals of an SAE: how much of the model's next-token prediction survives splicing the SAE in.
+
+On held-out contexts, at the SAE's hook, averaging over next-token predictions t → t+1 whose input and target
+are both regular tokens (not BOS/padding; those positions also keep their clean activation in every run):
+
+    CE_clean  = mean −log p_clean(x_{t+1})            the model as it is
+    CE_sae    = mean −log p_sae(x_{t+1})              the activation replaced by x̂ = decode(encode(x))
+    CE_abl    = mean −log p_abl(x_{t+1})              the activation replaced by zeros
+    CE loss recovered = (CE_abl − CE_sae) / (CE_abl − CE_clean)      1: as good as the model, 0: as bad as ablation
+    KL_sae    = mean KL(p_clean ‖ p_sae) = mean Σ_v p_clean(v) (log p_clean(v) − log p_sae(v)), KL_abl likewise
+    KL score  = (KL_abl − KL_sae) / KL_abl
+
+plus the SAE's reconstruction metrics (explained variance, MSE, L0, …, see `saelab.sae.metrics`) on the
+activations of the same regular tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from saelab.errors import SaelabError
+from saelab.models.access import BUILTIN, LanguageModel, load_model, sae_replacement, zero_ablation
+from saelab.models.data import ContextStream, iter_texts
+
+DEFAULT_EVAL_TOKENS = 2**15
+
+
+@torch.no_grad()
+def lm_eval(
+    sae: nn.Module,
+    sae_dir: str | Path | None = None,
+    model: str | LanguageModel | None = None,
+    dataset: str | None = None,
+    n_tokens: int = DEFAULT_EVAL_TOKENS,
+    device: str = "cpu",
+    model_batch_size: int = 8,
+    context_length: int | None = None,
+) -> dict[str, float]:
+    """CE loss clean / with the SAE / zero-ablated, CE loss recovered, KL score and reconstruction metrics.
+
+    The hook comes from the SAE's metadata (`hook_name`), and so do, unless given, the model (`model_name`; a
+    relative local path is tried against `sae_dir` too), the context length and the dataset. The built-in corpus is
+    read from its held-out files; a local dataset has no split, so pass held-out text as `dataset`. About
+    `n_tokens` tokens are evaluated, `model_batch_size` contexts per forward pass; the SAE moves to the model's device.
+    """
+    from saelab.sae.metrics import ReconstructionStats
+
+    metadata = getattr(sae, "metadata", None) or getattr(sae.cfg, "metadata", None) or {}
+    hook = metadata.get("hook_name")
+    if not hook:
+        raise SaelabError("the SAE's metadata names no hook_name; LM evals need the model and hook it was trained on")
+    if not isinstance(model, LanguageModel):
+        model = load_model(_model_name(model or metadata.get("model_name"), sae_dir), device)
+    model.check_hook(hook)
+    sae = sae.to(model.device)
+    if model.d_hook(hook) != sae.cfg.d_in:
+        raise SaelabError(f"the SAE reads d_in = {sae.cfg.d_in} but {hook} of {model.name} has {model.d_hook(hook)}")
+    length = context_length or metadata.get("context_length") or metadata.get("context_size") or 128
+    if model.n_ctx is not None:
+        length = min(length, model.n_ctx)
+    dataset = dataset if dataset is not None else metadata.get("dataset", BUILTIN)
+    contexts = ContextStream(lambda: iter_texts(dataset, "heldout"), model.tokenizer, length, model.bos_token_id)
+
+    sums = {"clean": 0.0, "sae": 0.0, "abl": 0.0, "kl_sae": 0.0, "kl_abl": 0.0}
+    predictions = 0
+    stats = ReconstructionStats(sae.cfg.d_sae)
+    n_contexts = max(1, math.ceil(n_tokens / (length - 1)))
+    captured: dict[str, Tensor] = {}
+
+    def capture(x: Tensor) -> Tensor:
+        captured["x"] = x
+        return x
+
+    for start in range(0, n_contexts, model_batch_size):
+        tokens = contexts.next(min(model_batch_size, n_contexts - start)).to(model.device)
+        regular = model.regular_positions(tokens)  # [batch, pos]
+        counted = regular[:, :-1] & regular[:, 1:]  # [batch, pos − 1]: the predictions that count
+        targets = tokens[:, 1:]
+        clean = _log_probs(model.logits(tokens, {hook: capture}))
+        x = captured["x"][regular]  # [regular tokens, d_in]
+        x = x.to(next((p.dtype for p in sae.parameters()), x.dtype))
+        latents = sae.encode(x)
+        stats.update(x, sae.decode(latents), latents)
+        sums["clean"] += _nll(clean, targets)[counted].sum().item()
+        for name, replace in (("sae", sae_replacement(sae, regular)), ("abl", zero_ablation(regular))):
+            spliced = _log_probs(model.logits(tokens, {hook: replace}))
+            sums[name] += _nll(spliced, targets)[counted].sum().item()
+            sums[f"kl_{name}"] += (clean.exp() * (clean - spliced)).sum(-1)[counted].sum().item()
+        predictions += int(counted.sum())
+    if predictions == 0:
+        raise SaelabError("the eval contexts hold no regular tokens to predict; pass a dataset with text")
+
+    ce = {name: sums[name] / predictions for name in ("clean", "sae", "abl")}
+    kl_sae, kl_abl = sums["kl_sae"] / predictions, sums["kl_abl"] / predictions
+    recovered = (ce["abl"] - ce["sae"]) / (ce["abl"] - ce["clean"]) if ce["abl"] != ce["clean"] else math.nan
+    reconstruction = {k: float(v) for k, v in stats.compute().items() if isinstance(v, (int, float))}
+    return {
+        "ce_loss_clean": ce["clean"],
+        "ce_loss_with_sae": ce["sae"],
+        "ce_loss_with_ablation": ce["abl"],
+        "ce_loss_recovered": recovered,
+        "kl_div_with_sae": kl_sae,
+        "kl_div_with_ablation": kl_abl,
+        "kl_div_score": (kl_abl - kl_sae) / kl_abl if kl_abl > 0 else math.nan,
+        "predictions": float(predictions),
+        **reconstruction,
+    }
+
+
+def _model_name(name: str | None, sae_dir: str | Path | None) -> str | None:
+    """A relative local model path recorded in an SAE folder may be relative to that folder."""
+    if name and sae_dir is not None and not Path(name).is_absolute() and not Path(name).exists():
+        candidate = Path(sae_dir) / name
+        if candidate.exists():
+            return str(candidate)
+    return name
+
+
+def _log_probs(logits: Tensor) -> Tensor:
+    """[batch, pos, d_vocab] logits → [batch, pos − 1, d_vocab] log-probabilities of the next token."""
+    return torch.log_softmax(logits[:, :-1], dim=-1)
+
+
+def _nll(log_probs: Tensor, targets: Tensor) -> Tensor:
+    """[batch, pos − 1]: −log p(target)."""
+    return -log_probs.gather(-1, targets[..., None].to(log_probs.device)).squeeze(-1)
