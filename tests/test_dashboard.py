@@ -157,13 +157,13 @@ def test_direct_path_matches_brute_force_and_needs_a_linear_hook(lm, sae, tokens
     seq, pos, lat = torch.tensor([0, 1, 1]), torch.tensor([3, 7, 20]), torch.tensor([1, 2, 3])
     acts[seq, pos, lat] = 1.0
     delta = acts[seq, pos, lat][:, None] * sae.W_dec[lat].detach()
-    _, final = engine.loss_effects(run, seq, pos, delta)
+    _, clean = engine.loss_effects(run, seq, pos, delta)
     targets = tokens[seq, pos + 1]
-    direct, normed = engine.direct_effects(final, targets, engine.to_residual(delta))
+    direct, normed = engine.direct_effects(clean, targets, engine.to_residual(delta))
     for i in range(3):
         row, p = tokens[seq[i]], int(pos[i])
         x = brute_final(lm, row)[p]
-        assert torch.allclose(final[i], x, atol=1e-5)
+        assert torch.allclose(clean.final[i], x, atol=1e-5)
         logits = [lm.model.unembed(lm.model.ln_final(v[None, None]))[0, 0].double() for v in (x - delta[i], x)]
         ce = [(torch.logsumexp(lg, 0) - lg[row[p + 1]]).item() for lg in logits]
         assert close(direct[i].item(), ce[0] - ce[1])

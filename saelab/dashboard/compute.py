@@ -21,11 +21,13 @@ Definitions (also shown on the pages):
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -131,7 +133,13 @@ def _pairs(keys: list, values: list, digits: int = 5) -> list[list]:
 
 
 def _rounded(values: Tensor, digits: int = 5) -> list[float | None]:
-    return [_round(v, digits) for v in values.tolist()]
+    """`_round` for a whole tensor at once (vectorised: pages hold millions of numbers); NaN becomes None."""
+    a = values.double().numpy()
+    finite = np.isfinite(a) & (a != 0)
+    exponent = np.floor(np.log10(np.abs(a), where=finite, out=np.zeros_like(a)))
+    scale = 10.0 ** (digits - 1 - exponent)
+    out = np.where(finite, np.round(a * scale) / scale, a).tolist()
+    return [None if v != v or v in (math.inf, -math.inf) else v for v in out]
 
 
 def sae_metadata(sae) -> dict[str, Any]:
@@ -302,13 +310,13 @@ class _Effects:
             local = torch.searchsorted(chunk, seq[rows])
             pos = self.flat[rows] % self.T
             delta = self.act[rows, None] * W_dec[latents[self.latent[rows]]].cpu()
-            self.exact[rows], final = engine.loss_effects(run, local, pos, delta)
+            self.exact[rows], clean = engine.loss_effects(run, local, pos, delta)
             delta_res = engine.to_residual(delta.to(W_dec.device))
             if delta_res is None:
                 continue
             targets = tokens[chunk][local, pos + 1]
             for part in torch.arange(len(rows)).split(4096):
-                direct, normed = engine.direct_effects(final[part], targets[part], delta_res[part])
+                direct, normed = engine.direct_effects(clean[part], targets[part], delta_res[part])
                 self.direct[rows[part]] = direct
                 sampled = self.is_sample[rows[part]]
                 lat = self.latent[rows[part]][sampled]
@@ -354,6 +362,13 @@ def _logit_effects(lm, effects: _Effects, n: int) -> list[dict[str, Any] | None]
         return [None] * len(effects.normed_n)
     W_U = model.W_U.detach().float().cpu()
     out: list[dict[str, Any] | None] = []
+    seen: dict[int, str] = {}
+
+    def label(token_id: int) -> str:  # the same tokens recur across latents: decode each once
+        if token_id not in seen:
+            seen[token_id] = token_label(lm.tokenizer, token_id)
+        return seen[token_id]
+
     for start in range(0, len(effects.normed_n), 512):
         counts = effects.normed_n[start : start + 512]
         mean = (effects.normed_sum[start : start + 512] / counts.clamp(min=1)[:, None]).float()
@@ -364,17 +379,13 @@ def _logit_effects(lm, effects: _Effects, n: int) -> list[dict[str, Any] | None]
             if counts[j] == 0:
                 out.append(None)
                 continue
-            labels = lambda ids: [_token(lm, t) for t in ids.tolist()]  # noqa: E731
+            labels = lambda ids: [label(t) for t in ids.tolist()]  # noqa: E731
             out.append({
                 "top": _pairs(labels(top_i[j]), top_v[j].tolist()),
                 "bottom": _pairs(labels(bot_i[j]), bot_v[j].tolist()),
                 "positions": int(counts[j]),
             })  # fmt: skip
     return out
-
-
-def _token(lm, token_id: int) -> str:
-    return token_label(lm.tokenizer, token_id)
 
 
 def decoder_neighbours(W_dec: Tensor, latents: Tensor, n: int, chunk: int = 1024) -> tuple[Tensor, Tensor]:
@@ -391,11 +402,16 @@ def decoder_neighbours(W_dec: Tensor, latents: Tensor, n: int, chunk: int = 1024
     return torch.cat(ids), torch.cat(cos)
 
 
+@functools.lru_cache(maxsize=4096)
+def _t_quantile(q: float, dof: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(q, dof))
+
+
 def importance_interval(values: Tensor, pool: int, confidence: float) -> dict[str, Any]:
     """Mean of a uniform sample of ΔCEs drawn without replacement from `pool` firing positions, with a
     t-interval whose finite-population correction makes it exact (zero width) when the sample is the pool."""
-    from scipy.stats import t
-
     values = values[values.isfinite()].double()
     n = len(values)
     if n == 0:
@@ -404,7 +420,7 @@ def importance_interval(values: Tensor, pool: int, confidence: float) -> dict[st
     if n == 1:
         return {"mean": _round(mean), "lo": None, "hi": None, "n": 1, "pool": int(pool)}
     fpc = max(0.0, 1 - n / pool) if pool > 0 else 1.0
-    half = t.ppf(0.5 + confidence / 2, n - 1) * values.std().item() / math.sqrt(n) * math.sqrt(fpc)
+    half = _t_quantile(0.5 + confidence / 2, n - 1) * values.std().item() / math.sqrt(n) * math.sqrt(fpc)
     return {"mean": _round(mean), "lo": _round(mean - half), "hi": _round(mean + half), "n": n, "pool": int(pool)}
 
 
@@ -414,6 +430,11 @@ def _assemble(stats, cfg, latents, windows, effects, strings, tokens, logits, ne
     quantiles = stats.quantiles(list(QUANTILES))
     edges = stats.quantiles([i / cfg.quantile_intervals for i in range(cfg.quantile_intervals + 1)])
     corr = stats.correlations
+    span = cfg.window
+    grid: dict[str, list] = {"center": windows["center"].tolist(), "kind": windows["kind"].tolist()}
+    for name, values in (("acts", effects.win_acts), ("loss", effects.win_exact), ("direct", effects.win_direct)):
+        flat = _rounded(values.flatten())
+        grid[name] = [flat[i : i + span] for i in range(0, len(flat), span)]
     by_latent = [[] for _ in range(len(latents))]
     for row, l in enumerate(windows["latent"].tolist()):
         by_latent[l].append(row)
@@ -438,35 +459,27 @@ def _assemble(stats, cfg, latents, windows, effects, strings, tokens, logits, ne
             "logits": logits[j],
             "neighbours": _pairs(neighbours[0][j].tolist(), neighbours[1][j].tolist(), 4),
             "correlated": [] if corr is None else _pairs(corr[0][j].tolist(), corr[1][j].tolist(), 4),
-            "windows": _latent_windows(by_latent[j], windows, effects, strings, cfg, T, edges[j].tolist()),
+            "windows": _latent_windows(by_latent[j], grid, strings, cfg, T, edges[j].tolist()),
         }  # fmt: skip
         pages.append(page)
     return pages
 
 
-def _latent_windows(rows, windows, effects, strings, cfg, T, edges) -> dict[str, Any]:
+def _latent_windows(rows, grid, strings, cfg, T, edges) -> dict[str, Any]:
     """Top windows, then for each equal-probability interval [q_i, q_i+1] of the non-zero activations its
-    sampled windows."""
+    sampled windows. `grid` holds, per window row, its centre, kind and rounded per-position values."""
     top: list[dict] = []
     n = cfg.quantile_intervals
     intervals = [
         {"q": [i / n, (i + 1) / n], "lo": _round(edges[i]), "hi": _round(edges[i + 1]), "windows": []} for i in range(n)
     ]
     for row in rows:
-        center = int(windows["center"][row])
-        seq, pos = divmod(center, T)
+        seq, pos = divmod(grid["center"][row], T)
         start = max(0, pos - cfg.context_before)
         end = min(T, pos + cfg.context_after + 1)
         lo, hi = start - (pos - cfg.context_before), end - (pos - cfg.context_before)
-        window = {
-            "seq": seq,
-            "start": start,
-            "center": pos - start,
-            "tokens": strings[seq][start:end],
-            "acts": _rounded(effects.win_acts[row, lo:hi]),
-            "loss": _rounded(effects.win_exact[row, lo:hi]),
-            "direct": _rounded(effects.win_direct[row, lo:hi]),
-        }
-        kind = int(windows["kind"][row])
+        window = {"seq": seq, "start": start, "center": pos - start, "tokens": strings[seq][start:end]}
+        window |= {name: grid[name][row][lo:hi] for name in ("acts", "loss", "direct")}
+        kind = grid["kind"][row]
         (top if kind == 0 else intervals[kind - 1]["windows"]).append(window)
     return {"top": top, "intervals": intervals}

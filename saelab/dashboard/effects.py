@@ -82,6 +82,17 @@ class CleanRun:
     values: list[Tensor] | None = None
 
 
+@dataclass
+class Clean:
+    """Clean values at re-run positions: the final residual [n, d_model] and the next-token CE [n]."""
+
+    final: Tensor
+    ce: Tensor
+
+    def __getitem__(self, rows: Tensor) -> Clean:
+        return Clean(self.final[rows], self.ce[rows])
+
+
 class ReferenceDownstream:
     """The same interface as `Downstream` on top of `reference_loss_effects`: any model, no direct path."""
 
@@ -218,19 +229,19 @@ class Downstream:
     # ---------------------------------------------------------------------------------------------- exact ΔCE
 
     @torch.no_grad()
-    def loss_effects(self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    def loss_effects(self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor) -> tuple[Tensor, Clean]:
         """Exact ΔCE [n] for removing delta [n, d_in] at (run.tokens[seq[i]], pos[i]) (every pos < T − 1), and the
-        clean final residual [n, d_model] there, which the direct path starts from."""
+        clean final residual and loss there, which the direct path starts from."""
         device = run.resid_start.device
         dce = torch.empty(len(seq), dtype=torch.float32, device=device)
-        final = torch.empty(len(seq), self.model.cfg.d_model, device=device)
+        clean = Clean(torch.empty(len(seq), self.model.cfg.d_model, device=device), torch.empty_like(dce))
         seq, pos, delta = seq.to(device), pos.to(device), delta.to(device)
         for p in pos.unique().tolist():
             for rows in (pos == p).nonzero().squeeze(1).split(self.max_rows):
-                dce[rows], final[rows] = self._at_position(run, seq[rows], p, delta[rows])
-        return dce.cpu(), final
+                dce[rows], clean.final[rows], clean.ce[rows] = self._at_position(run, seq[rows], p, delta[rows])
+        return dce.cpu(), clean
 
-    def _at_position(self, run: CleanRun, seq: Tensor, p: int, delta: Tensor) -> tuple[Tensor, Tensor]:
+    def _at_position(self, run: CleanRun, seq: Tensor, p: int, delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One single-position run at p: the n ablated rows plus one clean row per sequence (zero delta), so the
         clean loss comes from the very same computation."""
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -256,7 +267,8 @@ class Downstream:
         with self.model.hooks(fwd_hooks=[(self.point, remove), (self.final_name, keep)]):
             logits = self.model(resid, start_at_layer=self.start, past_kv_cache=past)[:, 0]
         ce = next_token_ce(logits, run.tokens[rows, p + 1])
-        return ce[:n] - ce[n:][which], kept["final"][n:][which]
+        clean_ce = ce[n:][which]
+        return ce[:n] - clean_ce, kept["final"][n:][which], clean_ce
 
     # ---------------------------------------------------------------------------------------- direct path
 
@@ -278,13 +290,13 @@ class Downstream:
         return x if self.model.cfg.normalization_type is None else self.model.ln_final(x)
 
     @torch.no_grad()
-    def direct_effects(self, final: Tensor, targets: Tensor, delta_res: Tensor) -> tuple[Tensor, Tensor]:
+    def direct_effects(self, clean: Clean, targets: Tensor, delta_res: Tensor) -> tuple[Tensor, Tensor]:
         """Direct-path ΔCE [n] and the exact change to the normed final residual [n, d_model] of removing
-        delta_res [n, d_model] from clean final residuals final [n, d_model] whose next tokens are targets [n]."""
-        x = final.to(self.lm.device)
+        delta_res [n, d_model] from the clean final residuals (whose next tokens are targets [n])."""
+        x = clean.final.to(self.lm.device)
         ablated = x - delta_res.to(x.device, x.dtype)
         targets = targets.to(x.device)
-        dce = self._ce_from_final(ablated, targets) - self._ce_from_final(x, targets)
+        dce = self._ce_from_final(ablated, targets) - clean.ce.to(x.device)
         normed_change = self.final_norm(x) - self.final_norm(ablated)
         return dce.cpu(), normed_change.float().cpu()
 

@@ -64,10 +64,10 @@ class PromptAnalyzer:
         if ok.any():
             delta = act[ok, None] * W_dec[lat[ok]].float().cpu()
             seq = torch.zeros(int(ok.sum()), dtype=torch.long)
-            exact[ok], final = self.engine.loss_effects(run, seq, pos[ok], delta)
+            exact[ok], clean = self.engine.loss_effects(run, seq, pos[ok], delta)
             delta_res = self.engine.to_residual(delta.to(W_dec.device))
             if delta_res is not None:
-                direct[ok] = self.engine.direct_effects(final, tokens[0, pos[ok] + 1], delta_res)[0]
+                direct[ok] = self.engine.direct_effects(clean, tokens[0, pos[ok] + 1], delta_res)[0]
         T = tokens.shape[1]
         clean_ce = self.engine.clean_ce(run, torch.zeros(T - 1, dtype=torch.long), torch.arange(T - 1))
         firing: list[list[list]] = [[] for _ in range(T)]
