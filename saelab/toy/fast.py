@@ -47,7 +47,7 @@ def sample_nonempty(
     p_any = 1 - absent_upto[:, -1]
     upper_edges = torch.cumsum(first_active, dim=-1) / p_any[:, None]  # P(k <= j | any active)
 
-    u = torch.rand(n_inst, n_feat, batch_size, generator=generator, device=prob.device)
+    u = torch.rand(n_inst, n_feat, batch_size, generator=generator, device=prob.device, dtype=prob.dtype)
     k = _indicator(u[:, :1, :] - upper_edges[:, :-1, None]).sum(1, keepdim=True)  # [inst, 1, batch]
     u[:, 0, :].div_(upper_edges[:, :1])  # uniform on [0, 1] when k = 0, else > 1 and so dropped below
     offset = torch.arange(n_feat, device=prob.device, dtype=u.dtype)[None, :, None] - k  # j − k

@@ -33,8 +33,12 @@ SAVED_CFG_KEYS = ("format", "format_version", "model", "train")
 
 
 def _panel_titles(model: ToyModel) -> list[str]:
-    probs = model.feature_probability[:, 0].tolist()
-    return [f"#{i}  p={p:.3g}" for i, p in enumerate(probs)]
+    """'#i  p=…' per instance, plus the last feature's importance where it differs between instances (sweeps)."""
+    titles = [f"#{i}  p={p:.3g}" for i, p in enumerate(model.feature_probability[:, 0].tolist())]
+    extra = model.importance[:, -1]
+    if (extra != extra[0]).any():
+        titles = [f"{title}  I={imp:.2g}" for title, imp in zip(titles, extra.tolist(), strict=True)]
+    return titles
 
 
 def write_figures(model: ToyModel, analysis: dict[str, Any], directory: Path) -> list[str]:

@@ -222,7 +222,7 @@ class ToyModel(nn.Module):
         device = self.W.device
         prob = self.feature_probability
         kind = self.cfg.features
-        uniform = lambda *shape: torch.rand(*shape, generator=generator, device=device)  # noqa: E731
+        uniform = lambda *shape: torch.rand(*shape, generator=generator, device=device, dtype=self.W.dtype)  # noqa: E731
         if kind == "independent":
             present = uniform(batch_size, n_inst, n_feat) < prob
         elif kind == "correlated":

@@ -48,10 +48,21 @@ def _panel_instances(n_instances: int, max_panels: int) -> list[int]:
     return sorted({round(i * (n_instances - 1) / (max_panels - 1)) for i in range(max_panels)})
 
 
-def _panel_grid(n_panels: int, size: float, max_cols: int = 8) -> tuple[Figure, list]:
+def _panel_grid(n_panels: int, size: float, right: float = 0.0, max_cols: int = 8) -> tuple[Figure, list]:
+    """A grid of square panels `size` inches wide, 0.6 inch on top for the title, `right` inches spare."""
     cols = min(n_panels, max_cols)
     rows = math.ceil(n_panels / cols)
-    fig = Figure(figsize=(size * cols, size * rows + 0.4), layout="constrained")
+    width, height = size * cols + right, size * rows + 0.6
+    fig = Figure(figsize=(width, height))
+    # Fixed margins instead of a layout engine: many small panels make constrained layout the slowest step.
+    fig.subplots_adjust(
+        left=0.1 / width,
+        right=1 - (right + 0.1) / width,
+        bottom=0.1 / height,
+        top=1 - 0.6 / height,
+        wspace=0.15,
+        hspace=0.3,
+    )
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
     return fig, axes
 
@@ -95,14 +106,15 @@ def plot_wtw(W: torch.Tensor, path: Path, titles: list[str] | None = None, max_p
     """WᵀW per instance: the diagonal is each feature's squared norm, off-diagonal entries its interference."""
     W = W.detach().cpu()
     instances = _panel_instances(W.shape[0], max_panels)
-    fig, axes = _panel_grid(len(instances), 1.8)
+    fig, axes = _panel_grid(len(instances), 1.8, right=1.0)
     gram = torch.einsum("ihf,ihg->ifg", W, W)
     image = None
     for ax, inst in zip(axes, instances, strict=True):
         image = ax.imshow(gram[inst].numpy(), cmap="RdBu", vmin=-1, vmax=1)
         ax.set_axis_off()
         ax.set_title(titles[inst] if titles else f"instance {inst}", fontsize=8)
-    fig.colorbar(image, ax=axes, shrink=0.8, label="W_i · W_j")
+    width, _ = fig.get_size_inches()
+    fig.colorbar(image, cax=fig.add_axes((1 - 0.8 / width, 0.15, 0.12 / width, 0.6)), label="W_i · W_j")
     fig.suptitle("WᵀW (blue: positive, red: negative)", fontsize=10)
     return _save_png(fig, path)
 
@@ -128,7 +140,8 @@ def plot_dimensionality(analysis: dict[str, Any], path: Path, html_path: Path | 
     dstar = [inst["dims_per_feature"] for inst in analysis["instances"]]
     order = sorted(range(len(dstar_x)), key=dstar_x.__getitem__)
 
-    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    fig = Figure(figsize=(7.5, 4.5))
+    fig.subplots_adjust(left=0.09, right=0.78, bottom=0.12, top=0.92)
     ax = fig.add_subplot()
     for name, value in GEOMETRY_PLATEAUS.items():
         if value > 0:
@@ -148,7 +161,7 @@ def plot_dimensionality(analysis: dict[str, Any], path: Path, html_path: Path | 
     ax.set_ylim(-0.03, 1.1)
     ax.set_xlabel("1 / (1 − S)  (= 1 / feature probability)")
     ax.set_ylabel("dimensions per feature")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
     ax.set_title("Feature dimensionality vs sparsity", fontsize=10)
     _save_png(fig, path)
     if html_path is not None:
@@ -216,7 +229,8 @@ def plot_loss_vs_importance(analysis: dict[str, Any], path: Path) -> Path:
     importance_spread = max(importances) / min(importances) if importances else 1.0
     norm = LogNorm(min(densities), max(densities)) if min(densities) < max(densities) else None
     cmap = colormaps["plasma"]
-    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    fig = Figure(figsize=(12, 3.6))
+    fig.subplots_adjust(left=0.05, right=0.88, bottom=0.15, top=0.84, wspace=0.3)
     for k, (key, label, sign, scale) in enumerate(panels):
         ax = fig.add_subplot(1, 3, k + 1)
         for inst, density in zip(analysis["instances"], densities, strict=True):
@@ -237,7 +251,7 @@ def plot_loss_vs_importance(analysis: dict[str, Any], path: Path) -> Path:
             ax.set_yscale("symlog", linthresh=1e-4)
     if norm is not None:
         scalar_map = ScalarMappable(norm=norm, cmap=ListedColormap(cmap(torch.linspace(0, 0.85, 64).numpy())))
-        fig.colorbar(scalar_map, ax=fig.axes, label="feature probability", shrink=0.9)
+        fig.colorbar(scalar_map, cax=fig.add_axes((0.91, 0.15, 0.012, 0.69)), label="feature probability")
     fig.suptitle("Loss vs importance per feature", fontsize=10)
     return _save_png(fig, path)
 
@@ -245,7 +259,8 @@ def plot_loss_vs_importance(analysis: dict[str, Any], path: Path) -> Path:
 def plot_phase_diagram(result: dict[str, Any], path: Path, html_path: Path | None = None, title: str = "") -> Path:
     """Phase of the extra feature per (relative importance, density) cell, log axes, as in Elhage et al."""
     importance, density, phase = result["relative_importance"], result["density"], result["phase"]
-    fig = Figure(figsize=(5.2, 4.6), layout="constrained")
+    fig = Figure(figsize=(5.2, 4.6))
+    fig.subplots_adjust(left=0.15, right=0.95, bottom=0.22, top=0.92)
     ax = fig.add_subplot()
     ax.pcolormesh(
         _log_edges(importance),
@@ -261,7 +276,7 @@ def plot_phase_diagram(result: dict[str, Any], path: Path, html_path: Path | Non
     ax.set_ylabel("feature density (1 − S)")
     ax.set_title(title or "Phase diagram", fontsize=10)
     handles = [Patch(color=color, label=name) for color, name in zip(PHASE_COLORS, PHASES, strict=True)]
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8, frameon=False)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=8, frameon=False)
     _save_png(fig, path)
     if html_path is not None:
         _phase_html(result, html_path, title)
