@@ -135,10 +135,13 @@ def marginal_loss(model: ToyModel, n_samples: int = 4096, seed: int = 0) -> dict
       unweighted error. Because ∂L/∂W = 0 at a trained optimum, this is also (envelope theorem) how fast the
       loss of the *retrained* model rises with I_i — importance is worth exactly the error left on the feature.
     - `dloss_dcapacity [instances, features]` = d(I_i·E[(y_i − x'_i)²]) / dC_i along the one knob that gives
-      feature i more capacity while keeping its direction: lengthening its embedding, W_i → s·W_i at s = 1.
-      It is the feature's own loss saved per unit of capacity (negative; −value is the marginal benefit of
-      Scherlis et al.); at the optimum it is balanced by the interference that lengthening costs the others.
-      NaN where capacity is pinned at 0 or 1 (dC_i/ds = 2C_i(1 − C_i) ≈ 0): absent and dedicated features.
+      feature i more capacity while keeping its direction: lengthening its embedding, W_i → s·W_i at s = 1
+      (both derivatives by autograd; dC_i/ds = 2C_i(1 − C_i)). Any derivative of the *total* loss is 0 at a
+      trained optimum, so this is the feature's *own* loss per unit of capacity — negative when capacity helps
+      it, with −value the marginal benefit of Scherlis et al. — which the interference that lengthening costs
+      the other features balances. Lengthening also raises the feature's own read-out gain, so a feature
+      whose norm already overshoots can show a positive value. NaN where capacity is pinned at 0 or 1
+      (dC_i/ds ≈ 0): absent and dedicated features.
     """
     importance = model.importance.detach().clone().requires_grad_(True)
     scale = torch.ones_like(importance, requires_grad=True)

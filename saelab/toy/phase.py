@@ -5,8 +5,8 @@ whose relative importance sweeps [min_importance, max_importance]; all features 
 probability), swept over [min_density, max_density]; both axes are log-spaced. Each cell is classified by what
 the extra feature ends as: not represented, given a dedicated dimension, or stored in superposition.
 
-Every (cell, replica) pair is one instance of a single `ToyModel`, so a 20×20 sweep with 2 replicas is one run
-of 800 instances. Training sometimes stalls in a local minimum (a feature dies early), so each cell keeps its
+Every (cell, replica) pair is one instance of a single `ToyModel`, so a 20×20 sweep with 6 replicas is one run
+of 2400 instances. Training sometimes stalls in a local minimum (a feature dies early), so each cell keeps its
 lowest-loss replica — the same as running a few seeds and reporting the best.
 """
 
