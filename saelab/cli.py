@@ -6,9 +6,11 @@ and turns SaelabError into a one-line message with exit status 2.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
+import click
 import typer
 
 from saelab.dashboard.cli import dashboard, export, serve
@@ -16,6 +18,13 @@ from saelab.errors import SaelabError
 from saelab.models.cli import activations_app, lm_app
 from saelab.sae.cli import app as sae_app
 from saelab.toy.cli import app as toy_app
+
+# Recent typer vendors click as typer._click; older typer raises click's own exceptions. Catch both.
+USAGE_ERRORS: tuple[type[Exception], ...] = (click.UsageError,)
+with contextlib.suppress(ImportError):
+    from typer._click.exceptions import UsageError as _TyperUsageError
+
+    USAGE_ERRORS = (click.UsageError, _TyperUsageError)
 
 app = typer.Typer(
     name="saelab",
@@ -48,10 +57,22 @@ app.command()(export)
 
 def main() -> None:
     try:
-        app()
+        status = app(standalone_mode=False)
     except SaelabError as err:
         print(f"saelab: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except USAGE_ERRORS as err:  # a typo'd option or an unparseable value: one line, like our own errors
+        ctx = getattr(err, "ctx", None)
+        if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help())
+            sys.exit(0)
+        command = ctx.command_path if ctx is not None else "saelab"
+        print(f"saelab: error: {err.format_message()} (see `{command} --help`)", file=sys.stderr)
+        sys.exit(2)
+    except click.Abort:
+        print("saelab: aborted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 if __name__ == "__main__":
