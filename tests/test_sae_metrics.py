@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from sae_helpers import one_thread  # noqa: F401  (autouse)
 
 from saelab.errors import SaelabError
 from saelab.sae.metrics import (

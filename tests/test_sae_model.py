@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sae_helpers import one_thread  # noqa: F401  (autouse)
 
 from saelab.errors import SaelabError
 from saelab.sae.fast import scatter_rows, topk_sparse_latents
@@ -66,6 +67,7 @@ def test_batchtopk_keeps_k_per_token_on_average_and_becomes_a_jumprelu_in_eval()
     sae.eval()
     pre = sae.pre_activations(x)
     assert torch.equal(sae.encode(x), torch.relu(pre) * (pre > theta))
+    assert torch.equal(sae(x).latents, sae.encode(x)) and float(sae.threshold[0]) == theta  # no update in eval
 
 
 @pytest.mark.parametrize("architecture", ["relu", "topk"])
@@ -90,6 +92,16 @@ def test_fused_path_matches_reference_loss_and_gradients(architecture: str, dtyp
     assert torch.equal(fast.fired, ref.fired)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-5, msg=f"gradient of {name}")
+
+
+def test_aux_k_loss_trains_only_the_dead_latents() -> None:
+    sae = _perturbed_sae("topk", k=3)
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[:10] = True
+    out = sae(torch.randn(64, 12), dead=dead, fast=False)
+    out.aux.backward()
+    assert sae.W_dec.grad[:10].abs().sum() > 0 and not sae.W_dec.grad[10:].any()
+    assert sae.W_enc.grad[:, :10].abs().sum() > 0 and not sae.W_enc.grad[:, 10:].any()
 
 
 def test_fused_paths_are_used_only_while_training_with_gradients() -> None:

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from saelab.sae.model import SAE, SAEOutput
 
-# Rows per block: a [rows, d_sae] float32 block of about 4 MiB fits in L2/L3 with room for the operands.
-BLOCK_ELEMENTS = 1 << 20
+# Rows per block: a [rows, d_sae] float32 block of 8 MiB stays in L3 cache (measured: 2 to 8 MiB all do well).
+BLOCK_ELEMENTS = 1 << 21
 
 
 def block_rows(d_sae: int) -> int:
@@ -74,7 +74,7 @@ def relu_l1_loss_and_grads(
     grads = {name: torch.zeros_like(p) for name, p in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec))}
     grads["b_dec"] = torch.zeros_like(b_dec)
     latent_sums = x.new_zeros(d_sae, dtype=torch.float64)
-    fired = torch.zeros(d_sae, dtype=torch.long, device=x.device)
+    fired = x.new_zeros(d_sae, dtype=torch.float64)
     squared_error = x.new_zeros((), dtype=torch.float64)
     x_hat = torch.empty_like(x)
     rows = block_rows(d_sae)
@@ -84,12 +84,15 @@ def relu_l1_loss_and_grads(
         latents = torch.addmm(b_enc, x_in, W_enc).relu_()
         x_hat_block = torch.addmm(b_dec, latents, W_dec, out=x_hat[start : start + rows])
         error = x_hat_block - xs
-        squared_error += error.pow(2).sum(dtype=torch.float64)
-        latent_sums += latents.sum(dim=0, dtype=torch.float64)
-        fired += torch.count_nonzero(latents, dim=0)
+        squared_error += error.pow(2).sum()
+        # Column sums in the working dtype, running totals in float64. sign() of a ReLU output marks where it
+        # fired; it is one vectorised pass, where building a boolean mask costs several times more.
+        latent_sums += latents.sum(dim=0)
+        fired += latents.sign().sum(dim=0)
         grad_x_hat = error.mul_(2 / tokens)
         grads["W_dec"].addmm_(latents.T, grad_x_hat)
-        grad_pre = torch.addmm(l1_grad, grad_x_hat, W_dec.T).mul_(latents > 0)
+        # ReLU's backward (zero the gradient where the latent is 0), fused into one pass
+        grad_pre = torch.ops.aten.threshold_backward(torch.addmm(l1_grad, grad_x_hat, W_dec.T), latents, 0.0)
         grads["W_enc"].addmm_(x_in.T, grad_pre)
         grads["b_enc"] += grad_pre.sum(dim=0)
         grads["b_dec"] += grad_x_hat.sum(dim=0)
@@ -101,7 +104,7 @@ def relu_l1_loss_and_grads(
         "mse": (squared_error / tokens).to(x.dtype),
         "sparsity": coefficient * (sums @ norms) / tokens,
         "x_hat": x_hat,
-        "fired": fired,
+        "fired": fired.long(),
     }
     return terms, grads
 

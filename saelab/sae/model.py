@@ -199,7 +199,7 @@ class SAE(nn.Module):
         flat = self._flatten_input(x)
         out = None
         if fast and self.training and torch.is_grad_enabled():
-            from saelab.sae.fast import fused_forward
+            from saelab.sae.fast import fused_forward  # fast.py builds on this module
 
             out = fused_forward(self, flat, dead, sparsity_scale)
         if out is None:
@@ -295,7 +295,7 @@ class TopKSAE(SAE):
 
     def training_terms(self, x: Tensor, dead: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pre = self.pre_activations(x)
-        latents = TopKSAE.activation(self, pre)
+        latents = self.activation(pre)
         x_hat = self.decode(latents)
         return latents, x_hat, x.new_zeros(()), self.aux_k_loss(x, x_hat, pre, dead)
 
@@ -333,10 +333,13 @@ class BatchTopKSAE(TopKSAE):
 
     def training_terms(self, x: Tensor, dead: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pre = self.pre_activations(x)
-        acts = torch.relu(pre).flatten()
-        values, indices = acts.topk(min(round(self.cfg.k * x.shape[0]), acts.numel()), sorted=False)
-        latents = torch.zeros_like(acts).scatter(-1, indices, values).reshape(pre.shape)
-        self.update_threshold(latents)
+        if self.training:
+            acts = torch.relu(pre).flatten()
+            values, indices = acts.topk(min(round(self.cfg.k * x.shape[0]), acts.numel()), sorted=False)
+            latents = torch.zeros_like(acts).scatter(-1, indices, values).reshape(pre.shape)
+            self.update_threshold(latents)
+        else:
+            latents = self.activation(pre)
         x_hat = self.decode(latents)
         return latents, x_hat, x.new_zeros(()), self.aux_k_loss(x, x_hat, pre, dead)
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from saelab.config import config_to_dict
 from saelab.errors import SaelabError
 from saelab.io import atomic_write_bytes
-from saelab.sae.io import save_sae
+from saelab.sae.io import CFG_FILE, save_sae
 from saelab.sae.metrics import explained_variance
 from saelab.sae.model import SAE, SAEConfig, SAEOutput, build_sae
 from saelab.sae.sources import ActivationSource, as_source
@@ -118,7 +118,7 @@ class TrainState:
     optimizers: list[torch.optim.Optimizer]
     since_fired: list[Tensor]  # per SAE, [d_sae] int64 tokens since each latent last fired
     scale: float  # input normalisation factor (1 when off), folded into the weights at save
-    generator: torch.Generator  # the trainer's own randomness (initialisation, resampling)
+    generator: torch.Generator  # the trainer's own randomness (resampling)
     step: int = 0  # steps completed
 
 
@@ -170,7 +170,7 @@ def train_saes(
         state = load_checkpoint(out, source, sae_configs, cfg, device)
     else:
         if out is not None:
-            _clear_run_files(out)
+            _clear_run_files(out, [c.name for c in sae_configs])
         state = _fresh_state(source, sae_configs, cfg, device)
     log = _open_log(out, state.step) if out is not None else None
 
@@ -268,8 +268,10 @@ def _draw(source: ActivationSource, tokens: int, batch_size: int) -> Tensor:
 def _fresh_state(
     source: ActivationSource, sae_configs: list[SAEConfig], cfg: SAETrainConfig, device: torch.device
 ) -> TrainState:
+    # Every SAE starts from a generator seeded alike, so SAEs of one shape in a sweep start from the same weights
+    # (and each equals the SAE a run of its own would train).
+    saes = [build_sae(sae_cfg, torch.Generator().manual_seed(cfg.seed)).to(device) for sae_cfg in sae_configs]
     generator = torch.Generator().manual_seed(cfg.seed)
-    saes = [build_sae(sae_cfg, generator).to(device) for sae_cfg in sae_configs]
     sample = _draw(source, cfg.init_tokens, cfg.batch_size).double()
     scale = 1.0
     if cfg.normalize_activations:
@@ -432,7 +434,7 @@ def load_checkpoint(
     for key, expected in identity.items():
         saved = checkpoint[key]
         if saved != expected:
-            differing = _first_difference(saved, expected)
+            differing = _first_difference(saved, expected, key)
             raise SaelabError(
                 f"the checkpoint in {out} was written with other settings ({differing});"
                 " rerun the same command with --resume"
@@ -464,13 +466,16 @@ def _first_difference(saved: Any, expected: Any, path: str = "") -> str:
     return f"{path or 'settings'}: checkpoint {saved!r}, now {expected!r}"
 
 
-def _clear_run_files(out: Path) -> None:
+def _clear_run_files(out: Path, names: list[str]) -> None:
+    """Start afresh in `out`: drop the log, and the cfg.json of any SAE an earlier run left where ours will go."""
     if out.exists() and not out.is_dir():
         raise SaelabError(f"{out} exists and is not a directory; choose another --out")
     if (out / CHECKPOINT_FILE).exists():
         raise SaelabError(f"{out} holds an unfinished run; pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / LOG_FILE).unlink(missing_ok=True)
+    for folder in [out] if len(names) == 1 else [out / name for name in names]:
+        (folder / CFG_FILE).unlink(missing_ok=True)  # until this run saves, no stale SAE can be loaded from here
 
 
 def _open_log(out: Path, step: int) -> io.TextIOWrapper:
