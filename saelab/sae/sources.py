@@ -127,11 +127,12 @@ class SyntheticSource:
         self.metadata = {"model_name": "saelab-synthetic", "hook_name": "synthetic", "source": f"synthetic:{spec}"}
 
     def next_batch(self, batch_size: int) -> Tensor:
-        shape = (batch_size, self.cfg.n_features)
-        fires = torch.rand(shape, generator=self.generator) < self.probabilities
+        u = torch.rand(batch_size, self.cfg.n_features, generator=self.generator)
+        fires = u < self.probabilities
+        # Given that feature i fires, u / pᵢ is uniform on [0, 1): one draw gives both whether and how strongly.
         low = self.cfg.min_magnitude
-        magnitudes = low + (1 - low) * torch.rand(shape, generator=self.generator)
-        return (fires * magnitudes) @ self.true_directions
+        magnitudes = torch.where(fires, low + (1 - low) * (u / self.probabilities), 0.0)
+        return magnitudes @ self.true_directions
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
