@@ -183,7 +183,7 @@ class _SparseEncoderGrad(torch.autograd.Function):
 def topk_forward(sae: SAE, x: Tensor, dead: Tensor | None) -> SAEOutput:
     cfg = sae.cfg
     n_dead = 0 if dead is None or cfg.aux_k_coefficient == 0 else int(dead.sum())
-    aux_k = min(cfg.aux_k or cfg.d_in // 2, n_dead)
+    aux_k = min(cfg.aux_k_latents, n_dead)
     x_in = x - sae.b_dec if cfg.apply_b_dec_to_input else x
     pre, indices, aux_pre, aux_indices = topk_encode(x_in.detach(), sae.W_enc, sae.b_enc, int(cfg.k), dead, aux_k)
     values = _SparseEncoderGrad.apply(pre, x_in, sae.W_enc, sae.b_enc, indices).relu()
@@ -194,7 +194,7 @@ def topk_forward(sae: SAE, x: Tensor, dead: Tensor | None) -> SAEOutput:
         aux_values = _SparseEncoderGrad.apply(aux_pre, x_in, sae.W_enc, sae.b_enc, aux_indices).relu()
         aux_x_hat = F.embedding_bag(aux_indices, sae.W_dec, per_sample_weights=aux_values, mode="sum")
         residual = (x - x_hat).detach()
-        scale = min(n_dead / (cfg.aux_k or cfg.d_in // 2), 1.0)
+        scale = min(n_dead / cfg.aux_k_latents, 1.0)
         aux = cfg.aux_k_coefficient * scale * (aux_x_hat - residual).pow(2).sum(dim=-1).mean()
     fired = torch.bincount(indices[values > 0], minlength=cfg.d_sae)
     zero = x.new_zeros(())

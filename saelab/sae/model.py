@@ -26,7 +26,7 @@ from saelab.errors import SaelabError
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Sparsity coefficients that work on activations normalised to E‖x‖² = d_in: an L1 weight for relu and gated,
+# Sparsity coefficients that suit activations normalised to E‖x‖ = √d_in: an L1 weight for relu and gated,
 # an L0 weight for jumprelu. TopK and BatchTopK set sparsity through k instead.
 DEFAULT_SPARSITY_COEFFICIENT = {"relu": 5.0, "gated": 5.0, "jumprelu": 1.0, "topk": 0.0, "batchtopk": 0.0}
 
@@ -87,6 +87,11 @@ class SAEConfig:
                 raise SaelabError(f"{name} must be in (0, 1], got {value!r}")
         if self.dtype not in DTYPES:
             raise SaelabError(f"unknown dtype '{self.dtype}'; choose one of {', '.join(DTYPES)}")
+
+    @property
+    def aux_k_latents(self) -> int:
+        """How many dead latents the AuxK loss uses: `aux_k`, by default d_in // 2 (Gao et al.)."""
+        return self.aux_k or max(1, self.d_in // 2)
 
     @property
     def name(self) -> str:
@@ -304,7 +309,7 @@ class TopKSAE(SAE):
         n_dead = 0 if dead is None else int(dead.sum())
         if n_dead == 0 or self.cfg.aux_k_coefficient == 0:
             return x.new_zeros(())
-        aux_k = self.cfg.aux_k or self.cfg.d_in // 2
+        aux_k = self.cfg.aux_k_latents
         scale = min(n_dead / aux_k, 1.0)
         aux_k = min(aux_k, n_dead)
         dead_pre = torch.where(dead, pre, torch.full_like(pre, -torch.inf))

@@ -191,7 +191,9 @@ def train_saes(
                 state.since_fired[i] += x.shape[0]
                 state.since_fired[i][output.fired > 0] = 0
                 if resample_inputs is not None:
+                    dead = state.since_fired[i] >= cfg.dead_after_tokens
                     resample_dead_latents(sae, state.optimizers[i], dead, resample_inputs, state.generator)
+                    state.since_fired[i][dead] = 0  # a resampled latent gets a fresh window to fire in
                 if step % cfg.log_every == 0 or step == cfg.steps - 1:
                     record = _step_record(step, names[i], lr, sparsity_scale, x, output, state.since_fired[i], cfg)
                     if log is not None:
