@@ -78,3 +78,11 @@ def load_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SaelabError(f"{path} must hold a JSON object, not {type(data).__name__}")
     return data
+
+
+def require_positive_ints(config: object, names: typing.Iterable[str], prefix: str = "") -> None:
+    """Raise SaelabError unless every named field of `config` is a positive int (a bool is not a count)."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise SaelabError(f"{prefix}{name} must be a positive integer, got {value!r}")

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from saelab.config import config_from_dict, load_json
+from saelab.config import config_from_dict, load_json, require_positive_ints
 from saelab.errors import SaelabError
 from saelab.io import load_tensors
 
@@ -65,10 +65,7 @@ class LMConfig:
     d_vocab: int = 4096
 
     def validate(self) -> None:
-        for name in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "d_vocab"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise SaelabError(f"model {name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx", "d_vocab"), "model ")
         if self.d_model % self.n_heads:
             raise SaelabError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saelab.config import config_to_dict
+from saelab.config import config_to_dict, require_positive_ints
 from saelab.errors import SaelabError
 from saelab.io import atomic_directory, atomic_write_json, atomic_write_text, save_tensors
 from saelab.models.builtin import (
@@ -266,10 +266,7 @@ class LMTrainConfig:
         self.model.validate()
         if self.minutes is not None and not self.minutes > 0:
             raise SaelabError(f"--minutes must be positive, got {self.minutes}")
-        for name in ("tokens", "batch_size", "eval_tokens", "warmup_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise SaelabError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, ("tokens", "batch_size", "eval_tokens", "warmup_steps"))
         for name in ("lr", "embed_lr", "muon_lr"):
             if not getattr(self, name) > 0:
                 raise SaelabError(f"{name} must be positive, got {getattr(self, name)!r}")

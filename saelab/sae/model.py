@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from saelab.config import require_positive_ints
 from saelab.errors import SaelabError
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated")
@@ -61,10 +62,7 @@ class SAEConfig:
     def validate(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise SaelabError(f"unknown architecture '{self.architecture}'; choose one of {', '.join(ARCHITECTURES)}")
-        for name in ("d_in", "d_sae"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise SaelabError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, ("d_in", "d_sae"))
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not self.k > 0:
             raise SaelabError(f"k must be a positive number, got {self.k!r}")
         if self.architecture == "topk" and self.k != int(self.k):

@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from saelab.config import config_from_dict, config_to_dict
+from saelab.config import config_from_dict, config_to_dict, require_positive_ints
 from saelab.errors import SaelabError
 
 SOURCE_SPECS = "toy:DIR[#instance], synthetic[:key=value,...]"
@@ -94,10 +94,7 @@ class SyntheticConfig:
     dictionary_seed: int = 0
 
     def validate(self) -> None:
-        for name in ("n_features", "d_in"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise SaelabError(f"synthetic source: {name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, ("n_features", "d_in"), "synthetic source: ")
         if not 0 < self.mean_l0 <= self.n_features:
             raise SaelabError(f"synthetic source: mean_l0 must be in (0, n_features], got {self.mean_l0!r}")
         if not self.zipf_exponent >= 0:

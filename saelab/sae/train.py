@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.config import config_to_dict
+from saelab.config import config_to_dict, require_positive_ints
 from saelab.errors import SaelabError
 from saelab.io import atomic_write_bytes
 from saelab.sae.io import CFG_FILE, save_sae
@@ -69,10 +69,9 @@ class SAETrainConfig:
     device: str = "cpu"
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "init_tokens", "dead_after_tokens", "resample_tokens", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise SaelabError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_ints(
+            self, ("steps", "batch_size", "init_tokens", "dead_after_tokens", "resample_tokens", "log_every")
+        )
         for name in ("resample_every", "checkpoint_every", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

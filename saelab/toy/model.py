@@ -20,7 +20,7 @@ import einops
 import torch
 from torch import Tensor, nn
 
-from saelab.config import config_from_dict, config_to_dict, load_json
+from saelab.config import config_from_dict, config_to_dict, load_json, require_positive_ints
 from saelab.errors import SaelabError
 from saelab.io import atomic_directory, atomic_write_json, load_tensors, save_tensors
 
@@ -51,10 +51,7 @@ class ToyModelConfig:
     importance: list[float] | None = None
 
     def validate(self) -> None:
-        for name in ("n_features", "d_hidden", "n_instances"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise SaelabError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, ("n_features", "d_hidden", "n_instances"))
         if self.variant not in VARIANTS:
             raise SaelabError(f"unknown variant '{self.variant}'; choose one of {', '.join(VARIANTS)}")
         if self.features not in FEATURE_GENERATORS:
@@ -123,10 +120,7 @@ class ToyTrainConfig:
     method: str = "fast"
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise SaelabError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, ("steps", "batch_size", "log_every"))
         if not self.lr > 0:
             raise SaelabError(f"lr must be positive, got {self.lr!r}")
         if self.lr_schedule not in LR_SCHEDULES:

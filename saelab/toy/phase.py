@@ -19,6 +19,7 @@ from typing import Any
 import einops
 import torch
 
+from saelab.config import require_positive_ints
 from saelab.errors import SaelabError
 from saelab.toy.analysis import REPRESENTED_NORM, dimensionality, feature_errors, feature_norms
 from saelab.toy.model import ToyModel, ToyModelConfig, ToyTrainConfig
@@ -47,10 +48,7 @@ class PhaseDiagramConfig:
     replicas: int = 6
 
     def validate(self) -> None:
-        for name in ("n_features", "d_hidden", "grid", "replicas"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise SaelabError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_ints(self, ("n_features", "d_hidden", "grid", "replicas"))
         if self.n_features < 2:
             raise SaelabError(f"a phase diagram needs at least 2 features (one extra), got {self.n_features}")
         if not 0 < self.min_importance <= self.max_importance:
