@@ -10,14 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from models_helpers import byte_bpe
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
 from saelab.models.access import LanguageModel
 
-BOS = "<|endoftext|>"
 HOOK = "blocks.0.hook_resid_post"
 XSS = '<img src=x onerror="window.__pwned=1">'
 ADVERSARIAL = [
@@ -45,24 +44,8 @@ def corpus() -> list[str]:
 def make_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     """A byte-level BPE; with few merges, multi-byte characters stay split over several byte tokens, while the
     markup strings of SINGLE_TOKENS are one token each."""
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[BOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    raw.train_from_iterator(corpus(), trainer)
     # Whole markup strings as single tokens: rendering one token as HTML would be enough to run them.
-    raw.add_tokens([AddedToken(t, normalized=False) for t in SINGLE_TOKENS])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=raw,
-        bos_token=BOS,
-        eos_token=BOS,
-        pad_token=BOS,
-        add_bos_token=True,
-        clean_up_tokenization_spaces=False,
-        name_or_path="tiny",
-    )
+    return byte_bpe(corpus(), vocab_size, SINGLE_TOKENS, clean_up_tokenization_spaces=False)
 
 
 def make_model(

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -28,19 +29,33 @@ def corpus() -> list[str]:
     return [(STDLIB / name).read_text() for name in SOURCES]
 
 
-def make_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A byte-level BPE with one special token that is BOS, EOS and padding (as in GPT-2)."""
+def byte_bpe(
+    texts: list[str], vocab_size: int, extra_tokens: Sequence[str] = (), **tokenizer_kwargs: Any
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on `texts`, with one special token that is BOS, EOS and padding (as in GPT-2);
+    `extra_tokens` are added whole, as single tokens."""
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[BOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    raw.train_from_iterator(corpus(), trainer)
+    raw.train_from_iterator(texts, trainer)
+    raw.add_tokens([AddedToken(t, normalized=False) for t in extra_tokens])
     # add_bos_token: TransformerLens would otherwise re-load the tokenizer by name to get one that adds BOS.
     return PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token=BOS, eos_token=BOS, pad_token=BOS, add_bos_token=True, name_or_path="tiny"
+        tokenizer_object=raw,
+        bos_token=BOS,
+        eos_token=BOS,
+        pad_token=BOS,
+        add_bos_token=True,
+        name_or_path="tiny",
+        **tokenizer_kwargs,
     )
+
+
+def make_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    return byte_bpe(corpus(), vocab_size)
 
 
 def make_tl_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> HookedTransformer:

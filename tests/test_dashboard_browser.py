@@ -13,7 +13,6 @@ import pytest
 import torch
 from dashboard_helpers import (
     ADVERSARIAL,
-    BOS,
     HOOK,
     TinySAE,
     brute_acts,
@@ -22,6 +21,7 @@ from dashboard_helpers import (
     make_model,
     make_tokenizer,
 )
+from models_helpers import BOS
 
 from saelab.dashboard.compute import DashboardConfig, compute_dashboard
 from saelab.dashboard.export import export_html
