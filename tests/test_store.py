@@ -155,7 +155,7 @@ def test_cache_holds_exactly_the_live_stores_batches(lm, dataset, tmp_path):
 
     live = make_store(lm, dataset, hooks)
     readers = {hook: CachedActivations(out, hook) for hook in hooks}
-    assert isinstance(readers[HOOK]._shards[0], np.memmap)  # zero-copy: rows are read from disk on demand
+    assert isinstance(readers[HOOK]._shards[HOOK][0], np.memmap)  # zero-copy: rows are read from disk on demand
     assert readers[HOOK].metadata == live.metadata_for(HOOK) and readers[HOOK].d_in == 32
     for size in (100, 100, 150, 150):  # batches cross shard boundaries
         expected = live.next_batches(size)
@@ -163,6 +163,10 @@ def test_cache_holds_exactly_the_live_stores_batches(lm, dataset, tmp_path):
             assert torch.equal(reader.next_batch(size), expected[hook])
     with pytest.raises(SaelabError, match="holds 500 tokens, too few"):
         readers[HOOK].next_batch(1)
+    both = CachedActivations(out)  # every hook at once, row-aligned as the live store serves them
+    assert both.hooks == hooks and both.d_ins == dict.fromkeys(hooks, 32)
+    first = both.next_batches(100)
+    assert all(torch.equal(first[hook], make_store(lm, dataset, hooks).next_batches(100)[hook]) for hook in hooks)
 
 
 def test_cache_reader_resumes(lm, dataset, tmp_path):

@@ -93,3 +93,40 @@ def test_lm_eval_of_a_trained_and_saved_sae(lm, dataset, tmp_path):
     assert metrics["explained_variance"] > baseline["explained_variance"] + 0.2
     assert metrics["kl_div_with_sae"] < baseline["kl_div_with_sae"]
     assert metrics["ce_loss_clean"] == baseline["ce_loss_clean"]
+
+
+def test_saes_on_two_hooks_train_from_one_pass_as_each_would_alone(lm, dataset):
+    hooks = [HOOK, "blocks.1.hook_resid_post"]
+    contexts = ContextStream(lambda: iter_texts(dataset), lm.tokenizer, LENGTH, lm.bos_token_id)
+    store = ActivationStore(lm, contexts, hooks, buffer_tokens=8 * LENGTH, model_batch_size=4, dataset=dataset)
+    both = train_saes(store, [SAE_CFG, SAE_CFG], TRAIN, progress=False, hooks=hooks)
+    for hook, sae in zip(hooks, both, strict=True):
+        alone_store = ActivationStore(
+            lm, ContextStream(lambda: iter_texts(dataset), lm.tokenizer, LENGTH, lm.bos_token_id), [hook],
+            buffer_tokens=8 * LENGTH, model_batch_size=4, dataset=dataset,
+        )  # fmt: skip
+        assert_same_weights(train_saes(alone_store, SAE_CFG, TRAIN, progress=False)[0], sae)
+        assert sae.metadata["hook_name"] == hook
+
+
+def test_sae_train_command_reads_a_cache_with_several_hooks(lm, dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from saelab.cli import app
+
+    hooks = [HOOK, "blocks.1.hook_resid_post"]
+    contexts = ContextStream(lambda: iter_texts(dataset), lm.tokenizer, LENGTH, lm.bos_token_id)
+    store = ActivationStore(lm, contexts, hooks, buffer_tokens=8 * LENGTH, model_batch_size=4, dataset=dataset)
+    cache = write_activation_cache(store, 16384 + 4 * 64, tmp_path / "cache")  # init sample + 4 steps
+    args = ["sae", "train", "--source", f"cache:{cache}", "--k", "2,4", "--d-sae", "64", "--steps", "4"]
+    args += ["--batch-size", "64", "--quiet", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert "saved 4 SAEs" in result.output
+    for hook in hooks:
+        for k in (2, 4):
+            sae = load_sae(tmp_path / "run" / hook / f"topk_k{k}")
+            assert sae.metadata["hook_name"] == hook and sae.cfg.k == k and sae.metadata["model_name"] == "tiny"
+    one = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "one"), "--hook", hooks[1]], catch_exceptions=False)
+    assert "saved 2 SAEs" in one.output and (tmp_path / "one" / "topk_k2" / "cfg.json").is_file()
+    typo = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "typo"), "--hook", "blocks.1.hook_resid_pots"])
+    assert "did you mean 'blocks.1.hook_resid_post'" in str(typo.exception)

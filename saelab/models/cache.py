@@ -12,6 +12,7 @@ Shards are numpy `.npy` files opened as memory maps, so a batch reads only its o
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,59 +95,86 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 class CachedActivations:
-    """The activation-source protocol over one hook of a cache: rows in written order, `[batch, d_in]` batches.
+    """The activation-source protocol over a cache: rows in written order, as `[batch, d_in]` batches.
 
-    Readers of different hooks of one cache stay row-aligned when read with the same batch sizes.
+    Reads one hook (`hook="blocks.0.hook_resid_post"`; then `d_in`, `metadata` and `next_batch` apply) or several
+    (`hook` a list, or None for all of the cache's hooks; then `d_ins`, `metadata_for` and `next_batches`, whose
+    row j is the same token at every hook, as the live store serves them).
     """
 
-    def __init__(self, folder: str | Path, hook: str | None = None, device: str = "cpu") -> None:
+    def __init__(self, folder: str | Path, hook: str | Sequence[str] | None = None, device: str = "cpu") -> None:
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
-        hooks = manifest["hooks"]
-        if hook is None and len(hooks) == 1:
-            hook = next(iter(hooks))
-        if hook not in hooks:
-            close = difflib.get_close_matches(str(hook), list(hooks), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"it holds {', '.join(hooks)}"
-            raise SaelabError(f"the activation cache {self.folder} has no hook '{hook}'; {hint}")
-        self.hook = hook
-        self.d_in = int(hooks[hook])
-        self.metadata = dict(manifest["metadata"][hook])
+        available = manifest["hooks"]
+        hooks = list(available) if hook is None else [hook] if isinstance(hook, str) else list(hook)
+        for name in hooks:
+            if name not in available:
+                close = difflib.get_close_matches(str(name), list(available), n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"it holds {', '.join(available)}"
+                raise SaelabError(f"the activation cache {self.folder} has no hook '{name}'; {hint}")
+        self.hooks = hooks
+        self.d_ins = {name: int(available[name]) for name in hooks}
+        self._metadata = {name: dict(manifest["metadata"][name]) for name in hooks}
         self.device = device
         self.tokens = int(manifest["tokens"])
-        self._shards = [self._open(i, rows) for i, rows in enumerate(manifest["shards"])]
+        shards = manifest["shards"]
+        self._shards = {name: [self._open(name, i, rows) for i, rows in enumerate(shards)] for name in hooks}
         self._ends = np.cumsum(manifest["shards"])  # row index one past each shard
         self._row = 0
 
-    def _open(self, index: int, rows: int) -> np.ndarray:
-        path = shard_path(self.folder, self.hook, index)
+    @property
+    def hook(self) -> str:
+        if len(self.hooks) != 1:
+            raise SaelabError(f"this reader holds {len(self.hooks)} hooks; use next_batches / metadata_for(hook)")
+        return self.hooks[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.d_ins[self.hook]
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.metadata_for(self.hook)
+
+    def metadata_for(self, hook: str) -> dict[str, Any]:
+        """The live store's metadata (model, hook, dataset): an SAE trained from the cache is evaluated on the model."""
+        return dict(self._metadata[hook])
+
+    def _open(self, hook: str, index: int, rows: int) -> np.ndarray:
+        path = shard_path(self.folder, hook, index)
         try:
             shard = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as err:
             raise SaelabError(f"cannot read cache shard {path} ({err}); the cache is damaged, write it again") from None
-        if shard.shape != (rows, self.d_in) or shard.dtype != np.float32:
+        if shard.shape != (rows, self.d_ins[hook]) or shard.dtype != np.float32:
             raise SaelabError(
-                f"cache shard {path} holds {shard.dtype} {shard.shape}, the manifest says float32 {(rows, self.d_in)}"
+                f"cache shard {path} holds {shard.dtype} {shard.shape},"
+                f" the manifest says float32 {(rows, self.d_ins[hook])}"
             )
         return shard
 
     def next_batch(self, batch_size: int) -> Tensor:
-        """The next `batch_size` rows; only they are read from disk."""
+        """The next `batch_size` rows of the one hook; only they are read from disk."""
+        return self.next_batches(batch_size)[self.hook]
+
+    def next_batches(self, batch_size: int) -> dict[str, Tensor]:
+        """The next `batch_size` rows of every hook read."""
         end = self._row + batch_size
         if end > self.tokens:
             raise SaelabError(
                 f"the activation cache {self.folder} holds {self.tokens} tokens, too few for this run; "
                 "cache more with saelab activations cache --tokens, or train on fewer"
             )
-        pieces = []
+        pieces: dict[str, list[np.ndarray]] = {hook: [] for hook in self.hooks}
         shard = int(np.searchsorted(self._ends, self._row, side="right"))
         while self._row < end:
             start = int(self._ends[shard - 1]) if shard else 0
             stop = min(end, int(self._ends[shard]))
-            pieces.append(self._shards[shard][self._row - start : stop - start])
+            for hook in self.hooks:
+                pieces[hook].append(self._shards[hook][shard][self._row - start : stop - start])
             self._row = stop
             shard += 1
-        return torch.from_numpy(np.concatenate(pieces)).to(self.device)
+        return {hook: torch.from_numpy(np.concatenate(parts)).to(self.device) for hook, parts in pieces.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"row": self._row}

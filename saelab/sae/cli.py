@@ -30,40 +30,54 @@ def _build_source(
     spec: str | None,
     model: str | None,
     dataset: str | None,
-    hook: str | None,
+    hooks: list[str],
     context_length: int,
     batch_size: int,
     seed: int,
     device: str,
+    bf16: bool,
 ) -> Any:
-    """A toy or synthetic source from its spec, else the language-model activation store."""
-    from saelab.sae.sources import parse_source
+    """A toy, synthetic or cached source from its spec, else the language-model activation store.
 
+    Under torchrun, the store reads only this rank's contexts and any other source is wrapped in a RankSlice.
+    """
+    from saelab import distributed
+    from saelab.sae.sources import RankSlice, parse_source
+
+    rank, world_size = distributed.world()
     if spec is not None:
-        if model is not None or hook is not None:
-            raise SaelabError("give either --source or --model/--hook, not both")
-        return parse_source(spec, seed)
-    if hook is None:
+        if model is not None or dataset is not None:
+            raise SaelabError("give either --source or --model/--dataset, not both")
+        if hooks and not spec.startswith("cache:"):
+            raise SaelabError("--hook picks language-model or cached activations; toy and synthetic sources have none")
+        source = parse_source(spec, seed, hooks or None)
+        return RankSlice(source, rank, world_size) if world_size > 1 else source
+    if not hooks:
         raise SaelabError(
             "language-model activations need --hook (e.g. blocks.0.hook_resid_post);"
-            " or pass --source toy:DIR / synthetic"
+            " or pass --source toy:DIR / synthetic / cache:DIR"
         )
     try:
         from saelab.models.store import build_lm_source
     except ImportError as err:
         reason = f"saelab.models.store failed to import ({err})"
         raise SaelabError(f"language-model activations are unavailable: {reason}") from None
-    return build_lm_source(model, dataset, hook, context_length, batch_size, seed, device)
+    return build_lm_source(
+        model, dataset, hooks, context_length, batch_size, seed, device, rank=rank, world_size=world_size, bf16=bf16
+    )
 
 
 @app.command()
 def train(
     out: Path = typer.Option(..., help="Folder for the SAE(s), the JSONL log and checkpoints."),
-    source: str = typer.Option(None, help="Activations: toy:DIR[#instance] or synthetic[:key=value,...]."),
+    source: str = typer.Option(None, help="Activations: toy:DIR[#instance], synthetic[:key=value,...] or cache:DIR."),
     model: str = typer.Option(None, help="Language model (name or folder; default: the built-in one)."),
     dataset: str = typer.Option(None, help="Text dataset for --model (default: the built-in corpus)."),
-    hook: str = typer.Option(None, help="TransformerLens hook name, e.g. blocks.0.hook_resid_post."),
+    hook: list[str] = typer.Option(
+        None, help="TransformerLens hook name, e.g. blocks.0.hook_resid_post; repeat to train SAEs on several hooks."
+    ),
     context_length: int = typer.Option(128, help="Tokens per context for language-model activations."),
+    bf16: bool = typer.Option(False, help="Run the language model's forward pass under bfloat16 autocast."),
     architecture: str = typer.Option("topk", help="relu | topk | batchtopk | jumprelu | gated."),
     d_sae: int = typer.Option(None, help="Number of latents (default 8 × d_in)."),
     k: str = typer.Option(None, help="Active latents per token for topk/batchtopk; a comma list sweeps."),
@@ -71,7 +85,7 @@ def train(
         None, "--sparsity-coefficient", "--l1", help="L1 (relu, gated) or L0 (jumprelu) weight; a comma list sweeps."
     ),
     steps: int = typer.Option(5000, help="Training steps."),
-    batch_size: int = typer.Option(4096, help="Activations per step."),
+    batch_size: int = typer.Option(4096, help="Activations per step (under torchrun: over all processes)."),
     lr: float = typer.Option(4e-4, help="Adam learning rate."),
     seed: int = typer.Option(0, help="Seed for initialisation and the data stream."),
     normalize: bool = typer.Option(True, help="Scale inputs to E‖x‖ = √d_in while training (folded in at save)."),
@@ -80,19 +94,20 @@ def train(
     resample_every: int = typer.Option(0, help="Resample dead latents every N steps (0: never)."),
     checkpoint_every: int = typer.Option(500, help="Checkpoint every N steps (0: never)."),
     log_every: int = typer.Option(1, help="Write a JSONL log line every N steps."),
-    device: str = typer.Option("cpu", help="cpu, cuda, mps, ..."),
+    device: str = typer.Option("cpu", help="cpu, cuda, mps, ... (under torchrun, cuda means each rank's own GPU)."),
     resume: bool = typer.Option(False, help="Continue the interrupted run in --out (same options)."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
-    """Train an SAE (or a sweep over --k / --sparsity-coefficient, all on the same batches)."""
+    """Train an SAE (or a sweep over --k / --sparsity-coefficient and --hook, all from the same batches).
+
+    Under `torchrun --nproc_per_node N`, N processes train data-parallel (gloo on CPU, NCCL on GPU).
+    """
+    from saelab import distributed
     from saelab.sae.model import ARCHITECTURES, SAEConfig
-    from saelab.sae.train import SAETrainConfig, train_saes
+    from saelab.sae.train import SAETrainConfig, sae_labels, train_saes
 
     if architecture not in ARCHITECTURES:
         raise SaelabError(f"unknown --architecture '{architecture}'; choose one of {', '.join(ARCHITECTURES)}")
-    activations = _build_source(source, model, dataset, hook, context_length, batch_size, seed, device)
-    d_in = activations.d_in
-    base: dict[str, Any] = {"architecture": architecture, "d_in": d_in, "d_sae": d_sae or 8 * d_in}
     ks, coefficients = _numbers(k, "--k"), _numbers(sparsity_coefficient, "--sparsity-coefficient")
     if ks and coefficients:
         raise SaelabError("sweep over --k or over --sparsity-coefficient, not both at once")
@@ -100,28 +115,45 @@ def train(
         raise SaelabError(f"--k applies to topk and batchtopk, not {architecture}; use --sparsity-coefficient")
     if coefficients and architecture in ("topk", "batchtopk"):
         raise SaelabError(f"{architecture} sets sparsity with --k, not --sparsity-coefficient")
-    if ks:
-        configs = [SAEConfig(**base, k=int(v) if v.is_integer() else v) for v in ks]
-    elif coefficients:
-        configs = [SAEConfig(**base, sparsity_coefficient=v) for v in coefficients]
-    else:
-        configs = [SAEConfig(**base)]
-    train_cfg = SAETrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        normalize_activations=normalize,
-        b_dec_init=b_dec_init,
-        dead_after_tokens=dead_after_tokens,
-        resample_every=resample_every,
-        checkpoint_every=checkpoint_every,
-        log_every=log_every,
-        seed=seed,
-        device=device,
-    )
-    saes = train_saes(activations, configs, train_cfg, out=out, resume=resume, progress=not quiet)
-    where = out if len(saes) == 1 else ", ".join(str(out / c.name) for c in configs)
-    typer.echo(f"saved {len(saes)} SAE{'s' if len(saes) > 1 else ''}: {where}")
+    hooks = list(dict.fromkeys(hook or []))
+    if distributed.launched_by_torchrun():
+        device = distributed.init_from_env(device)
+    try:
+        activations = _build_source(source, model, dataset, hooks, context_length, batch_size, seed, device, bf16)
+        source_hooks = getattr(activations, "hooks", None)
+        configs, sae_hooks = [], []
+        for stream in source_hooks or [None]:
+            d_in = activations.d_ins[stream] if stream else activations.d_in
+            base: dict[str, Any] = {"architecture": architecture, "d_in": d_in, "d_sae": d_sae or 8 * d_in}
+            if ks:
+                configs += [SAEConfig(**base, k=int(v) if v.is_integer() else v) for v in ks]
+            elif coefficients:
+                configs += [SAEConfig(**base, sparsity_coefficient=v) for v in coefficients]
+            else:
+                configs.append(SAEConfig(**base))
+            sae_hooks += [stream] * (len(configs) - len(sae_hooks))
+        train_cfg = SAETrainConfig(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            normalize_activations=normalize,
+            b_dec_init=b_dec_init,
+            dead_after_tokens=dead_after_tokens,
+            resample_every=resample_every,
+            checkpoint_every=checkpoint_every,
+            log_every=log_every,
+            seed=seed,
+            device=device,
+        )
+        saes = train_saes(
+            activations, configs, train_cfg, out, resume, progress=not quiet, hooks=sae_hooks if source_hooks else None
+        )
+        if distributed.is_main():
+            labels = sae_labels(configs, sae_hooks if source_hooks else None)
+            where = out if len(saes) == 1 else ", ".join(str(out / label) for label in labels)
+            typer.echo(f"saved {len(saes)} SAE{'s' if len(saes) > 1 else ''}: {where}")
+    finally:
+        distributed.close()
 
 
 @app.command("eval")

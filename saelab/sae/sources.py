@@ -3,11 +3,14 @@
 A source has `d_in`, a `metadata` dict (copied into the saved SAE's cfg.json: `hook_name`, `model_name`, …, and
 `source`, the spec that rebuilds it), `next_batch(batch_size) -> [batch, d_in]`, and `state_dict()` /
 `load_state_dict()` so a resumed run continues from the same position in the stream. Sources with known
-ground truth also carry `true_directions [n_features, d_in]`.
+ground truth also carry `true_directions [n_features, d_in]`. A source over several hooks (a language model's
+activation store or cache) instead has `hooks`, `d_ins {hook: d_in}`, `metadata_for(hook)` and
+`next_batches(batch_size) -> {hook: [batch, d_in]}`, row j being the same token at every hook.
 
 Here: `ToySource` (hidden states of a saved toy model, `toy:DIR` or `toy:DIR#i`), `SyntheticSource` (sparse
-combinations of random unit directions with Zipf-like firing, `synthetic[:key=value,...]`) and `TensorSource`
-(rows of a tensor, in order, cycling). Language-model activations live in `saelab.models.store`.
+combinations of random unit directions with Zipf-like firing, `synthetic[:key=value,...]`), `TensorSource`
+(rows of a tensor, in order, cycling) and `RankSlice` (one rank's share of another source's batches).
+Language-model activations live in `saelab.models.store` (live) and `saelab.models.cache` (`cache:DIR`, on disk).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch import Tensor
 from saelab.config import config_from_dict, config_to_dict, require_positive_ints
 from saelab.errors import SaelabError
 
-SOURCE_SPECS = "toy:DIR[#instance], synthetic[:key=value,...]"
+SOURCE_SPECS = "toy:DIR[#instance], synthetic[:key=value,...], cache:DIR"
 
 
 @runtime_checkable
@@ -196,9 +199,43 @@ class IteratorSource:
         raise SaelabError("a run fed from a plain iterator cannot resume; use a source with state (toy:, synthetic:)")
 
 
+class RankSlice:
+    """Rank `rank`'s share of `source`: rows [rank·b, (rank+1)·b) of each world_size·b rows a single process reads.
+
+    Together the ranks of a data-parallel run see exactly the batches one process would, which makes runs
+    comparable across world sizes. Every rank produces the whole batch, so this suits cheap sources (toy,
+    synthetic, tensors, caches); the language-model store instead reads only its own rank's contexts.
+    """
+
+    def __init__(self, source: Any, rank: int, world_size: int) -> None:
+        self.source, self.rank, self.world_size = source, rank, world_size
+
+    def __getattr__(self, name: str) -> Any:  # d_in, metadata, hooks, true_directions, …: the source's own
+        if name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def _share(self, batch: Tensor, batch_size: int) -> Tensor:
+        return batch[self.rank * batch_size : (self.rank + 1) * batch_size]
+
+    def next_batch(self, batch_size: int) -> Tensor:
+        return self._share(self.source.next_batch(batch_size * self.world_size), batch_size)
+
+    def next_batches(self, batch_size: int) -> dict[str, Tensor]:
+        batches = self.source.next_batches(batch_size * self.world_size)
+        return {hook: self._share(batch, batch_size) for hook, batch in batches.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.source.load_state_dict(state)
+
+
 def as_source(data: Any) -> ActivationSource:
     """A source from a source, a tensor [tokens, d_in], or an iterable of [batch, d_in] tensors."""
-    if isinstance(data, ActivationSource):
+    # Not isinstance(data, ActivationSource): on Python 3.11 that reads `metadata`, which a multi-hook store refuses.
+    if hasattr(type(data), "state_dict") and (hasattr(data, "next_batch") or hasattr(data, "next_batches")):
         return data
     if isinstance(data, Tensor):
         return TensorSource(data)
@@ -207,8 +244,11 @@ def as_source(data: Any) -> ActivationSource:
     raise SaelabError(f"cannot read activations from a {type(data).__name__}; pass a source, a tensor or an iterator")
 
 
-def parse_source(spec: str, seed: int = 0) -> ActivationSource:
-    """Build a source from its spec: `toy:DIR`, `toy:DIR#i`, `synthetic` or `synthetic:key=value,...`."""
+def parse_source(spec: str, seed: int = 0, hooks: list[str] | None = None) -> ActivationSource:
+    """Build a source from its spec: `toy:DIR`, `toy:DIR#i`, `synthetic`, `synthetic:key=value,...` or `cache:DIR`.
+
+    `hooks` picks among a cache's hooks (default: all of them).
+    """
     kind, _, rest = spec.partition(":")
     if kind == "toy" and rest:
         path, _, instance = rest.rpartition("#") if "#" in rest else (rest, "", "0")
@@ -217,6 +257,10 @@ def parse_source(spec: str, seed: int = 0) -> ActivationSource:
         return ToySource(path, int(instance), seed)
     if kind == "synthetic":
         return SyntheticSource(config_from_dict(SyntheticConfig, _parse_assignments(rest, spec), spec), seed)
+    if kind == "cache" and rest:
+        from saelab.models.cache import CachedActivations  # the cache format belongs to the models stage
+
+        return CachedActivations(rest, hooks)
     raise SaelabError(f"unknown activation source '{spec}'; use {SOURCE_SPECS}, or --model/--hook for a language model")
 
 

@@ -12,8 +12,13 @@ Dead latents — none fired in the last `dead_after_tokens` tokens — are reviv
 and, every `resample_every` steps, by Anthropic-style resampling (Bricken et al. 2023).
 
 A checkpoint holds everything the rest of the run depends on — weights, Adam state, tokens-since-fired, the
-normalisation scale, the trainer's RNG and the source's position — and is written atomically, so a run killed
+normalisation scales, the trainer's RNG and the source's position — and is written atomically, so a run killed
 at any moment and resumed gives bit-identical weights to one that was never interrupted.
+
+Several hooks: with a multi-hook source (`next_batches`), `hooks[i]` names the hook SAE i trains on, and one
+forward pass of the model feeds them all. Several processes (`torchrun`): `batch_size` is the global batch, each
+rank reads its own batch_size / world_size rows, and the ranks average their gradients, fire counts and
+statistics (saelab.distributed), so every rank holds the same SAEs; rank 0 writes the log, checkpoints and SAEs.
 """
 
 from __future__ import annotations
@@ -29,20 +34,22 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saelab import distributed
 from saelab.config import config_to_dict, require_positive_ints
 from saelab.errors import SaelabError
 from saelab.io import atomic_write_bytes
 from saelab.sae.io import CFG_FILE, save_sae
-from saelab.sae.metrics import explained_variance
+from saelab.sae.metrics import explained_variance_from_sums
 from saelab.sae.model import SAE, SAEConfig, SAEOutput, build_sae
 from saelab.sae.sources import ActivationSource, as_source
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
 CHECKPOINT_FORMAT = "saelab.sae_checkpoint"
+CHECKPOINT_VERSION = 2
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 # Settings that do not change the trained weights, so a resumed run may use different values.
-RESUME_FREE_FIELDS = ("checkpoint_every", "log_every")
+RESUME_FREE_FIELDS = ("checkpoint_every", "log_every", "device")
 
 
 @dataclass
@@ -116,7 +123,7 @@ class TrainState:
     saes: list[SAE]
     optimizers: list[torch.optim.Optimizer]
     since_fired: list[Tensor]  # per SAE, [d_sae] int64 tokens since each latent last fired
-    scale: float  # input normalisation factor (1 when off), folded into the weights at save
+    scales: dict[str, float]  # per hook, the input normalisation factor (1 when off), folded in at save
     generator: torch.Generator  # the trainer's own randomness (resampling)
     step: int = 0  # steps completed
 
@@ -134,11 +141,13 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     out = sae(x, dead=dead, sparsity_scale=sparsity_scale, fast=fast)
     out.loss.backward()
+    distributed.average_([p.grad for p in sae.parameters() if p.grad is not None])  # data parallel: no-op alone
     sae.project_gradients()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
     optimizer.step()
     sae.project_parameters()
+    distributed.average_(list(sae.buffers()))  # e.g. BatchTopK's threshold, tracked from each rank's own rows
     return out
 
 
@@ -149,52 +158,64 @@ def train_saes(
     out: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    hooks: list[str] | None = None,
 ) -> list[SAE]:
     """Train one SAE per config on the same batches of `source`; return them folded to raw activations.
 
-    With `out`, the run writes a JSONL log, checkpoints, and finally the SAE(s): directly into `out` for one SAE,
-    into `out/<name>` for several. `resume` continues from `out`'s checkpoint.
+    `hooks[i]`, for a multi-hook source, names the hook SAE i trains on. With `out`, the run writes a JSONL log,
+    checkpoints, and finally the SAE(s): directly into `out` for one SAE, else into `out/<label>` (see
+    `sae_labels`). `resume` continues from `out`'s checkpoint. Inside a process group (torchrun), `source` must
+    serve this rank's own rows (`RankSlice`, or a store built with rank and world_size).
     """
     source = as_source(source)
     cfg = cfg or SAETrainConfig()
     cfg.validate()
     sae_configs = [sae_configs] if isinstance(sae_configs, SAEConfig) else list(sae_configs)
-    _check_configs(sae_configs, source.d_in)
+    streams = _streams(source, sae_configs, hooks)
+    labels = sae_labels(sae_configs, hooks)
+    rank, world_size = distributed.world()
+    if cfg.batch_size % world_size:
+        raise SaelabError(f"batch size {cfg.batch_size} does not split over {world_size} processes; make it a multiple")
+    local_batch = cfg.batch_size // world_size
     out = Path(out) if out is not None else None
     if resume and out is None:
         raise SaelabError("resuming needs the run's output folder (--out)")
     device = _device(cfg.device)
 
     if resume:
-        state = load_checkpoint(out, source, sae_configs, cfg, device)
+        state = load_checkpoint(out, source, sae_configs, cfg, device, streams)
     else:
         if out is not None:
-            _clear_run_files(out, [c.name for c in sae_configs])
-        state = _fresh_state(source, sae_configs, cfg, device)
-    log = _open_log(out, state.step) if out is not None else None
+            _check_fresh_out(out)
+            if rank == 0:
+                _clear_run_files(out, labels)
+        state = _fresh_state(source, sae_configs, cfg, device, streams)
+    log = _open_log(out, state.step) if out is not None and rank == 0 else None
 
-    names = [c.name for c in sae_configs]
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress, desc="sae", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress or rank > 0, desc="sae", dynamic_ncols=True)
     try:
         for step in range(state.step, cfg.steps):
             lr, sparsity_scale = cfg.lr_at(step), cfg.sparsity_scale_at(step)
-            x = _next_batch(source, cfg.batch_size, step).to(device) * state.scale
+            inputs = _scaled(_read(source, streams, local_batch, step), state.scales, device)
             resample_inputs = None
             if cfg.resamples_at(step):
-                resample_inputs = _draw(source, cfg.resample_tokens, cfg.batch_size).to(device) * state.scale
+                drawn = _draw(source, streams, cfg.resample_tokens // world_size, local_batch)
+                resample_inputs = _scaled(drawn, state.scales, device)
             for i, sae in enumerate(state.saes):
+                x = inputs[streams[i]]
                 for group in state.optimizers[i].param_groups:
                     group["lr"] = lr
                 dead = state.since_fired[i] >= cfg.dead_after_tokens
                 output = train_step(sae, state.optimizers[i], x, dead, sparsity_scale, cfg.grad_clip)
-                state.since_fired[i] += x.shape[0]
-                state.since_fired[i][output.fired > 0] = 0
+                fired = distributed.sum_(output.fired.clone())
+                state.since_fired[i] += cfg.batch_size
+                state.since_fired[i][fired > 0] = 0
                 if resample_inputs is not None:
                     dead = state.since_fired[i] >= cfg.dead_after_tokens
-                    resample_dead_latents(sae, state.optimizers[i], dead, resample_inputs, state.generator)
+                    resample_dead_latents(sae, state.optimizers[i], dead, resample_inputs[streams[i]], state.generator)
                     state.since_fired[i][dead] = 0  # a resampled latent gets a fresh window to fire in
                 if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                    record = _step_record(step, names[i], lr, sparsity_scale, x, output, state.since_fired[i], cfg)
+                    record = _step_record(step, labels[i], lr, sparsity_scale, x, output, state.since_fired[i], cfg)
                     if log is not None:
                         log.write(json.dumps(record) + "\n")
                     if i == 0:
@@ -210,34 +231,66 @@ def train_saes(
             if log is not None:
                 log.flush()
             if out is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                save_checkpoint(out, state, source, sae_configs, cfg)
+                save_checkpoint(out, state, source, sae_configs, cfg, streams)
     finally:
         bar.close()
         if log is not None:
             log.close()
 
-    for sae, sae_cfg in zip(state.saes, sae_configs, strict=True):
-        sae.fold_input_scale(state.scale)
+    for sae, stream, label in zip(state.saes, streams, labels, strict=True):
+        sae.fold_input_scale(state.scales[stream])
         sae.eval()
-        sae.metadata = dict(source.metadata)
-        if out is not None:
-            extra = {"train": config_to_dict(cfg), "normalization_scale": state.scale, "trained_steps": state.step}
-            save_sae(sae, out if len(state.saes) == 1 else out / sae_cfg.name, extra)
-    if out is not None:
+        sae.metadata = dict(source.metadata_for(stream) if stream else source.metadata)
+        if out is not None and rank == 0:
+            extra = {
+                "train": config_to_dict(cfg),
+                "normalization_scale": state.scales[stream],
+                "trained_steps": state.step,
+            }
+            extra["train"]["world_size"] = world_size
+            save_sae(sae, out if len(state.saes) == 1 else out / label, extra)
+    if out is not None and rank == 0:
         (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+    distributed.barrier()  # no rank returns before rank 0 has written the SAEs
     return state.saes
 
 
-def _check_configs(sae_configs: list[SAEConfig], d_in: int) -> None:
+def sae_labels(sae_configs: list[SAEConfig], hooks: list[str] | None = None) -> list[str]:
+    """Each SAE's name in logs and its folder in a multi-SAE run: `topk_k32`, or `<hook>/topk_k32` across hooks."""
+    if hooks is None or len(set(hooks)) == 1:
+        return [c.name for c in sae_configs]
+    return [f"{hook}/{c.name}" for hook, c in zip(hooks, sae_configs, strict=True)]
+
+
+def _streams(source: Any, sae_configs: list[SAEConfig], hooks: list[str] | None) -> list[str]:
+    """The hook each SAE reads ("" for a single-stream source), checked against the configs and the source."""
     if not sae_configs:
         raise SaelabError("no SAE to train; give at least one SAE config")
-    for sae_cfg in sae_configs:
+    if hooks is None:
+        if not hasattr(source, "next_batch"):
+            raise SaelabError("this source serves several hooks; name the hook of each SAE (hooks=[...])")
+        streams, d_ins = [""] * len(sae_configs), [source.d_in] * len(sae_configs)
+    else:
+        if len(hooks) != len(sae_configs):
+            raise SaelabError(f"{len(hooks)} hooks for {len(sae_configs)} SAEs; name one hook per SAE")
+        available = getattr(source, "hooks", None)
+        if available is None:
+            raise SaelabError("per-SAE hooks need a multi-hook source (an activation store or cache over those hooks)")
+        missing = [hook for hook in hooks if hook not in available]
+        if missing:
+            raise SaelabError(f"the source does not read hook {missing[0]}; it reads {', '.join(available)}")
+        streams, d_ins = list(hooks), [source.d_ins[hook] for hook in hooks]
+    for sae_cfg, d_in, stream in zip(sae_configs, d_ins, streams, strict=True):
         sae_cfg.validate()
         if sae_cfg.d_in != d_in:
-            raise SaelabError(f"SAE {sae_cfg.name} has d_in = {sae_cfg.d_in}, but the activations have d_in = {d_in}")
-    names = [c.name for c in sae_configs]
-    if len(set(names)) != len(names):
-        raise SaelabError(f"two SAEs of the sweep share a name ({', '.join(names)}); give each different settings")
+            at = f" at {stream}" if stream else ""
+            raise SaelabError(
+                f"SAE {sae_cfg.name} has d_in = {sae_cfg.d_in}, but the activations{at} have d_in = {d_in}"
+            )
+    labels = sae_labels(sae_configs, hooks)
+    if len(set(labels)) != len(labels):
+        raise SaelabError(f"two SAEs of the sweep share a name ({', '.join(labels)}); give each different settings")
+    return streams
 
 
 def _device(name: str) -> torch.device:
@@ -250,44 +303,65 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _next_batch(source: ActivationSource, batch_size: int, step: int) -> Tensor:
-    x = source.next_batch(batch_size)
-    if x.ndim != 2 or x.shape[1] != source.d_in:
-        shape = tuple(x.shape)
-        raise SaelabError(f"the source gave a batch of shape {shape} at step {step}; expected [batch, {source.d_in}]")
-    if not torch.isfinite(x).all():
-        raise SaelabError(f"the activations at step {step} contain NaN or inf; check the source's data")
-    return x.float() if not x.is_floating_point() else x
+def _read(source: Any, streams: list[str], batch_size: int, step: int) -> dict[str, Tensor]:
+    """The next batch of every stream the SAEs read: {hook or "": [batch_size, d_in]}, checked."""
+    if streams[0] == "":
+        batches = {"": source.next_batch(batch_size)}
+    else:
+        served = source.next_batches(batch_size)
+        batches = {hook: served[hook] for hook in dict.fromkeys(streams)}
+    for hook, x in batches.items():
+        d_in = source.d_ins[hook] if hook else source.d_in
+        if x.ndim != 2 or x.shape != (batch_size, d_in):
+            shape = tuple(x.shape)
+            raise SaelabError(
+                f"the source gave a batch of shape {shape} at step {step}; expected [{batch_size}, {d_in}]"
+            )
+        if not torch.isfinite(x).all():
+            at = f" at {hook}" if hook else ""
+            raise SaelabError(f"the activations{at} at step {step} contain NaN or inf; check the source's data")
+        if not x.is_floating_point():
+            batches[hook] = x.float()
+    return batches
 
 
-def _draw(source: ActivationSource, tokens: int, batch_size: int) -> Tensor:
-    """`tokens` rows from the source, read in batches of the training batch size."""
-    batches = [_next_batch(source, batch_size, -1) for _ in range(math.ceil(tokens / batch_size))]
-    return torch.cat(batches)[:tokens]
+def _scaled(batches: dict[str, Tensor], scales: dict[str, float], device: torch.device) -> dict[str, Tensor]:
+    return {hook: x.to(device) * scales[hook] for hook, x in batches.items()}
+
+
+def _draw(source: Any, streams: list[str], tokens: int, batch_size: int) -> dict[str, Tensor]:
+    """`tokens` rows of every stream, read in batches of the training batch size, gathered over all ranks."""
+    reads = [_read(source, streams, batch_size, -1) for _ in range(math.ceil(tokens / batch_size))]
+    return {hook: distributed.gather_rows(torch.cat([r[hook] for r in reads])[:tokens]) for hook in reads[0]}
 
 
 def _fresh_state(
-    source: ActivationSource, sae_configs: list[SAEConfig], cfg: SAETrainConfig, device: torch.device
+    source: Any, sae_configs: list[SAEConfig], cfg: SAETrainConfig, device: torch.device, streams: list[str]
 ) -> TrainState:
     # Every SAE starts from a generator seeded alike, so SAEs of one shape in a sweep start from the same weights
     # (and each equals the SAE a run of its own would train).
     saes = [build_sae(sae_cfg, torch.Generator().manual_seed(cfg.seed)).to(device) for sae_cfg in sae_configs]
     generator = torch.Generator().manual_seed(cfg.seed)
-    sample = _draw(source, cfg.init_tokens, cfg.batch_size).double()
-    scale = 1.0
-    if cfg.normalize_activations:
-        mean_norm = float(sample.norm(dim=1).mean())
-        if mean_norm == 0:
-            raise SaelabError("every activation in the first batches is zero; the source has no signal to learn")
-        scale = math.sqrt(source.d_in) / mean_norm
-    b_dec = initial_b_dec(sample * scale, cfg.b_dec_init)
+    world_size = distributed.world()[1]
+    samples = _draw(source, streams, cfg.init_tokens // world_size, cfg.batch_size // world_size)
+    scales, b_decs = {}, {}
+    for hook, sample in samples.items():
+        sample = sample.double().cpu()
+        scales[hook] = 1.0
+        if cfg.normalize_activations:
+            mean_norm = float(sample.norm(dim=1).mean())
+            if mean_norm == 0:
+                at = f" at {hook}" if hook else ""
+                raise SaelabError(f"every activation{at} in the first batches is zero; there is no signal to learn")
+            scales[hook] = math.sqrt(sample.shape[1]) / mean_norm
+        b_decs[hook] = initial_b_dec(sample * scales[hook], cfg.b_dec_init)
     optimizers = []
-    for sae in saes:
+    for sae, stream in zip(saes, streams, strict=True):
         with torch.no_grad():
-            sae.b_dec.copy_(b_dec)
+            sae.b_dec.copy_(b_decs[stream])
         optimizers.append(_adam(sae, cfg))
     since_fired = [torch.zeros(c.d_sae, dtype=torch.long, device=device) for c in sae_configs]
-    return TrainState(saes, optimizers, since_fired, scale, generator)
+    return TrainState(saes, optimizers, since_fired, scales, generator)
 
 
 def _adam(sae: SAE, cfg: SAETrainConfig) -> torch.optim.Optimizer:
@@ -366,15 +440,24 @@ def _step_record(
     since_fired: Tensor,
     cfg: SAETrainConfig,
 ) -> dict[str, Any]:
+    """One log line. Across ranks the losses and L0 are averaged and the explained variance pooled over all rows."""
+    x, x_hat = x.double(), output.x_hat.detach().double()
+    terms = (output.loss, output.mse, output.sparsity, output.aux, output.fired.sum() / x.shape[0])
+    # Means over this rank's rows; every rank has as many rows, so their average is the mean over the batch.
+    means = torch.stack([*(t.detach().double().reshape(()) for t in terms), (x - x_hat).pow(2).sum(1).mean()])
+    means = torch.cat([means, x.pow(2).sum(1).mean()[None], x.mean(dim=0)])
+    distributed.average_([means])
+    loss, mse, sparsity, aux, l0, squared_error, squared_norm = means[:7].tolist()
+    total_variance = squared_norm - float(means[7:].pow(2).sum())
     record = {
         "step": step,
         "sae": name,
-        "loss": float(output.loss.detach()),
-        "mse": float(output.mse.detach()),
-        "sparsity": float(output.sparsity.detach()),
-        "aux": float(output.aux.detach()),
-        "l0": float(output.fired.sum()) / x.shape[0],
-        "explained_variance": explained_variance(x, output.x_hat.detach()),
+        "loss": loss,
+        "mse": mse,
+        "sparsity": sparsity,
+        "aux": aux,
+        "l0": l0,
+        "explained_variance": explained_variance_from_sums(squared_error, total_variance),
         "dead_fraction": float((since_fired >= cfg.dead_after_tokens).double().mean()),
         "lr": lr,
         "sparsity_scale": sparsity_scale,
@@ -390,27 +473,37 @@ def _step_record(
 # --- checkpoints -----------------------------------------------------------------------------------------------
 
 
-def _run_identity(sae_configs: list[SAEConfig], cfg: SAETrainConfig) -> dict[str, Any]:
+def _run_identity(sae_configs: list[SAEConfig], cfg: SAETrainConfig, streams: list[str]) -> dict[str, Any]:
     train = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUME_FREE_FIELDS}
     train["adam_betas"] = list(train["adam_betas"])
+    train["hooks"] = streams
+    train["world_size"] = distributed.world()[1]
     return {"sae_configs": [config_to_dict(c) for c in sae_configs], "train_config": train}
 
 
 def save_checkpoint(
-    out: Path, state: TrainState, source: ActivationSource, sae_configs: list[SAEConfig], cfg: SAETrainConfig
+    out: Path,
+    state: TrainState,
+    source: ActivationSource,
+    sae_configs: list[SAEConfig],
+    cfg: SAETrainConfig,
+    streams: list[str],
 ) -> None:
-    """Write the whole run state to `out/checkpoint.pt` atomically."""
+    """Write the whole run state to `out/checkpoint.pt` atomically (rank 0; every rank must call it)."""
+    sources = distributed.gather_objects(source.state_dict())  # each rank's own position in its stream
+    if not distributed.is_main():
+        return
     checkpoint = {
         "format": CHECKPOINT_FORMAT,
-        "version": 1,
+        "version": CHECKPOINT_VERSION,
         "step": state.step,
-        **_run_identity(sae_configs, cfg),
+        **_run_identity(sae_configs, cfg, streams),
         "saes": [sae.state_dict() for sae in state.saes],
         "optimizers": [optimizer.state_dict() for optimizer in state.optimizers],
         "since_fired": state.since_fired,
-        "scale": state.scale,
+        "scales": state.scales,
         "generator": state.generator.get_state(),
-        "source": source.state_dict(),
+        "sources": sources,
     }
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
@@ -418,7 +511,12 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    out: Path, source: ActivationSource, sae_configs: list[SAEConfig], cfg: SAETrainConfig, device: torch.device
+    out: Path,
+    source: ActivationSource,
+    sae_configs: list[SAEConfig],
+    cfg: SAETrainConfig,
+    device: torch.device,
+    streams: list[str],
 ) -> TrainState:
     """The run state saved in `out`, checked against the settings of the run that resumes it."""
     path = out / CHECKPOINT_FILE
@@ -431,7 +529,9 @@ def load_checkpoint(
         raise SaelabError(f"{path} is not a readable checkpoint ({kind}); delete it to start afresh") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise SaelabError(f"{path} is not a saelab SAE checkpoint")
-    identity = _run_identity(sae_configs, cfg)
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise SaelabError(f"{path} was written by another saelab version; delete it to start afresh")
+    identity = _run_identity(sae_configs, cfg, streams)
     for key, expected in identity.items():
         saved = checkpoint[key]
         if saved != expected:
@@ -450,9 +550,10 @@ def load_checkpoint(
         optimizer.load_state_dict(checkpoint["optimizers"][i])
         saes.append(sae)
         optimizers.append(optimizer)
-    source.load_state_dict(checkpoint["source"])
+    source.load_state_dict(checkpoint["sources"][distributed.world()[0]])
     since_fired = [t.to(device) for t in checkpoint["since_fired"]]
-    return TrainState(saes, optimizers, since_fired, float(checkpoint["scale"]), generator, int(checkpoint["step"]))
+    scales = {hook: float(scale) for hook, scale in checkpoint["scales"].items()}
+    return TrainState(saes, optimizers, since_fired, scales, generator, int(checkpoint["step"]))
 
 
 def _first_difference(saved: Any, expected: Any, path: str = "") -> str:
@@ -467,15 +568,19 @@ def _first_difference(saved: Any, expected: Any, path: str = "") -> str:
     return f"{path or 'settings'}: checkpoint {saved!r}, now {expected!r}"
 
 
-def _clear_run_files(out: Path, names: list[str]) -> None:
-    """Start afresh in `out`: drop the log, and the cfg.json of any SAE an earlier run left where ours will go."""
+def _check_fresh_out(out: Path) -> None:
+    """Refuse to start afresh where a file, or an unfinished run, already is (checked on every rank)."""
     if out.exists() and not out.is_dir():
         raise SaelabError(f"{out} exists and is not a directory; choose another --out")
     if (out / CHECKPOINT_FILE).exists():
         raise SaelabError(f"{out} holds an unfinished run; pass --resume to continue it, or choose another --out")
+
+
+def _clear_run_files(out: Path, labels: list[str]) -> None:
+    """Start afresh in `out`: drop the log, and the cfg.json of any SAE an earlier run left where ours will go."""
     out.mkdir(parents=True, exist_ok=True)
     (out / LOG_FILE).unlink(missing_ok=True)
-    for folder in [out] if len(names) == 1 else [out / name for name in names]:
+    for folder in [out] if len(labels) == 1 else [out / label for label in labels]:
         (folder / CFG_FILE).unlink(missing_ok=True)  # until this run saves, no stale SAE can be loaded from here
 
 
