@@ -196,12 +196,13 @@ class SAE(nn.Module):
         """Reconstruct `x [..., d_in]` and compute the training loss.
 
         `dead [d_sae]` marks latents the trainer considers dead (AuxK revives them); `sparsity_scale` is the
-        warm-up factor on the sparsity coefficient. While training with gradients on, `fast` picks the fused
-        path where the architecture has one.
+        warm-up factor on the sparsity coefficient. While training on the CPU with gradients on, `fast` picks
+        the fused path where the architecture has one.
         """
         flat = self._flatten_input(x)
         out = None
-        if fast and self.training and torch.is_grad_enabled():
+        # The fused paths are CPU paths: on an H100 the plain whole-batch products ran 2-3x faster than them.
+        if fast and self.training and torch.is_grad_enabled() and flat.device.type == "cpu":
             from saelab.sae.fast import fused_forward  # fast.py builds on this module
 
             out = fused_forward(self, flat, dead, sparsity_scale)
