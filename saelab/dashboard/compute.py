@@ -38,6 +38,7 @@ from saelab.dashboard.text import token_label, token_strings
 from saelab.errors import SaelabError
 
 QUANTILES = (0.5, 0.9, 0.99)
+ENCODE_FLOATS = 4 * 2**20  # latent activations encoded at once (16 MB)
 
 
 @dataclass
@@ -53,7 +54,7 @@ class DashboardConfig:
     confidence: float = 0.95  # of the importance interval
     n_logits: int = 10  # promoted and suppressed tokens shown
     n_neighbours: int = 8  # nearest latents by decoder cosine, and most correlated ones
-    batch_size: int = 32  # sequences per forward pass
+    batch_size: int = 32  # sequences per forward pass (fewer for wide SAEs, see ENCODE_FLOATS)
     corr_tokens: int = 65536  # tokens whose activations are kept for correlations (a uniform subset)
     exact: str = "fast"  # "fast" single-position re-runs, or "reference": a whole forward pass per pair
     resid_cache_mb: int = 1024  # keep the residuals at the hooked block for pass 2 when they fit in this
@@ -192,8 +193,11 @@ def compute_dashboard(
     d_model = getattr(getattr(lm.model, "cfg", None), "d_model", 0)
     keep = hasattr(engine, "start_name") and n_seq * T * d_model * 4 <= cfg.resid_cache_mb * 2**20
     resid = torch.empty(n_seq, T, d_model) if keep else None
-    for first in tqdm(range(0, n_seq, cfg.batch_size), desc="activations", disable=not progress, leave=False):
-        batch = tokens[first : first + cfg.batch_size]
+    # Few sequences per batch: the latent activations [batch, T, d_sae] stay under ENCODE_FLOATS, so they are reused
+    # from the heap and stay in cache, where larger blocks would be freshly mapped (and page-faulted) memory each time.
+    batch_size = max(1, min(cfg.batch_size, ENCODE_FLOATS // (T * sae.cfg.d_sae)))
+    for first in tqdm(range(0, n_seq, batch_size), desc="activations", disable=not progress, leave=False):
+        batch = tokens[first : first + batch_size]
         names = [hook] if not keep or engine.hook_is_start else [hook, engine.start_name]
         found = lm.activations(batch, names)
         if keep:
@@ -210,7 +214,7 @@ def compute_dashboard(
     effects = _Effects(stats, cfg, windows, eligible, d_model)
     W_dec = sae.W_dec.detach().float()
     effects.evaluate(engine, tokens, resid, W_dec, latents, _seqs_per_run(lm, engine, T), progress)
-    strings = {s: token_strings(lm.tokenizer, tokens[s].tolist()) for s in (windows["center"] // T).unique().tolist()}
+    strings = _window_strings(lm.tokenizer, tokens, windows["center"], cfg)
     pass2 = time.perf_counter() - started - pass1
 
     meta = {
@@ -248,6 +252,24 @@ def _choose_windows(stats: LatentStats, cfg: DashboardConfig) -> dict[str, Tenso
     latent, center, kind, rank = (torch.cat(x) for x in zip(*parts, strict=True))
     order = torch.argsort(latent * 10_000_000 + kind * 10_000 + rank)
     return {"latent": latent[order], "center": center[order], "kind": kind[order]}
+
+
+def _window_strings(tokenizer, tokens: Tensor, center: Tensor, cfg: DashboardConfig) -> dict[tuple[int, int], str]:
+    """{(sequence, position): token string} over every window; overlapping windows are decoded together, once."""
+    T = tokens.shape[1]
+    runs: list[list[int]] = []  # [sequence, first, end] of merged windows
+    for c in center.unique().tolist():  # sorted: by sequence, then position
+        seq, pos = divmod(c, T)
+        first, end = max(0, pos - cfg.context_before), min(T, pos + cfg.context_after + 1)
+        if runs and runs[-1][0] == seq and first <= runs[-1][2]:
+            runs[-1][2] = end
+        else:
+            runs.append([seq, first, end])
+    out: dict[tuple[int, int], str] = {}
+    for seq, first, end in runs:
+        text = token_strings(tokenizer, tokens[seq].tolist(), first, end)
+        out.update(zip([(seq, pos) for pos in range(first, end)], text, strict=True))
+    return out
 
 
 def _seqs_per_run(lm, engine, T: int, budget: int = 512 * 2**20) -> int:
@@ -404,9 +426,9 @@ def decoder_neighbours(W_dec: Tensor, latents: Tensor, n: int, chunk: int = 1024
 
 @functools.lru_cache(maxsize=4096)
 def _t_quantile(q: float, dof: int) -> float:
-    from scipy.stats import t
+    from scipy.special import stdtrit  # Student's t quantile; scipy.stats would cost a second to import
 
-    return float(t.ppf(q, dof))
+    return float(stdtrit(dof, q))
 
 
 def importance_interval(values: Tensor, pool: int, confidence: float) -> dict[str, Any]:
@@ -478,7 +500,8 @@ def _latent_windows(rows, grid, strings, cfg, T, edges) -> dict[str, Any]:
         start = max(0, pos - cfg.context_before)
         end = min(T, pos + cfg.context_after + 1)
         lo, hi = start - (pos - cfg.context_before), end - (pos - cfg.context_before)
-        window = {"seq": seq, "start": start, "center": pos - start, "tokens": strings[seq][start:end]}
+        tokens = [strings[seq, p] for p in range(start, end)]
+        window = {"seq": seq, "start": start, "center": pos - start, "tokens": tokens}
         window |= {name: grid[name][row][lo:hi] for name in ("acts", "loss", "direct")}
         kind = grid["kind"][row]
         (top if kind == 0 else intervals[kind - 1]["windows"]).append(window)

@@ -28,18 +28,22 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from saelab.errors import SaelabError
 
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _NOT_PER_POSITION = ("hook_attn_scores", "hook_pattern")
+CLEAN_FLOATS = 2**21  # attention scores computed at once by a clean run (8 MB)
+POSITIONS_PER_RUN = 8  # nearby positions share a single-position run (fewer, larger runs)
+RUN_FLOATS = 2**20  # cached keys gathered for one single-position run, per block (4 MB)
 
 
 def next_token_ce(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross-entropy [...] of logits [..., d_vocab] against target ids [...], in float32."""
-    logits = logits.float()
-    return torch.logsumexp(logits, dim=-1) - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat, targets.reshape(-1).to(flat.device), reduction="none").view(targets.shape)
 
 
 @torch.no_grad()
@@ -144,6 +148,7 @@ class Downstream:
         self.model: HookedTransformer = lm.model
         self.hook = hook
         self.max_rows = max_rows
+        self.positions_per_run = POSITIONS_PER_RUN if _pads_safely(self.model.cfg) else 1
         cfg = self.model.cfg
         match = _BLOCK_HOOK.match(hook)
         if match is None or hook.endswith(_NOT_PER_POSITION) or hook not in self.model.hook_dict:
@@ -175,7 +180,7 @@ class Downstream:
         return self.point == self.start_name
 
     @torch.no_grad()
-    def clean(self, tokens: Tensor, resid_start: Tensor | None = None) -> CleanRun:
+    def clean(self, tokens: Tensor, resid_start: Tensor | None = None, per_pass: int | None = None) -> CleanRun:
         """The clean keys and values of tokens [S, T] for every block from `start` on (no unembedding: clean losses
         are only needed at the re-run positions, where the single-position runs compute them).
 
@@ -183,7 +188,31 @@ class Downstream:
         Given the residual stream at `start` [S, T, d_model] from an earlier pass, only blocks from `start` on run,
         and the last one stops as soon as its keys and values are cached (its attention output and MLP are only
         needed at the re-run positions).
+
+        The model runs on `per_pass` sequences at a time (by default, as many as keep the attention scores
+        [n, heads, T, T] within CLEAN_FLOATS: a working memory that stays in cache); the parts are then joined.
         """
+        n = per_pass or max(1, CLEAN_FLOATS // (self.model.cfg.n_heads * tokens.shape[1] ** 2))
+        parts = [
+            self._clean(tokens[i : i + n], None if resid_start is None else resid_start[i : i + n])
+            for i in range(0, len(tokens), n)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+
+        def join(tensors: list[Tensor | None]) -> Tensor | None:
+            return None if tensors[0] is None else torch.cat(tensors)
+
+        return CleanRun(
+            tokens=join([part.tokens for part in parts]),
+            x_hook=join([part.x_hook for part in parts]),
+            resid_start=join([part.resid_start for part in parts]),
+            final_resid=join([part.final_resid for part in parts]),
+            keys=[join(block) for block in zip(*(part.keys for part in parts), strict=True)],
+            values=[join(block) for block in zip(*(part.values for part in parts), strict=True)],
+        )
+
+    def _clean(self, tokens: Tensor, resid_start: Tensor | None) -> CleanRun:
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
         model, cfg = self.model, self.model.cfg
@@ -236,39 +265,56 @@ class Downstream:
         dce = torch.empty(len(seq), dtype=torch.float32, device=device)
         clean = Clean(torch.empty(len(seq), self.model.cfg.d_model, device=device), torch.empty_like(dce))
         seq, pos, delta = seq.to(device), pos.to(device), delta.to(device)
-        for p in pos.unique().tolist():
-            for rows in (pos == p).nonzero().squeeze(1).split(self.max_rows):
-                dce[rows], clean.final[rows], clean.ce[rows] = self._at_position(run, seq[rows], p, delta[rows])
+        # The hooks stay on for all runs (adding and removing them costs more than a small run); each run sets the
+        # delta it removes and reads back the final residual.
+        state: dict[str, Tensor] = {}
+
+        def remove(act: Tensor, hook) -> Tensor:  # act [rows, 1, ...]: the single position p
+            return act - state["delta"].view(act.shape).to(act.dtype)
+
+        def keep(act: Tensor, hook) -> None:
+            state["final"] = act[:, 0]
+
+        width = run.keys[0].shape[2:].numel()  # floats per cached key
+        group = pos // self.positions_per_run
+        with self.model.hooks(fwd_hooks=[(self.point, remove), (self.final_name, keep)]):
+            for g in group.unique().tolist():
+                rows = (group == g).nonzero().squeeze(1)
+                per_run = min(self.max_rows, max(1, RUN_FLOATS // (width * (int(pos[rows].max()) + 1))))
+                for part in rows.split(per_run):
+                    dce[part], clean.final[part], clean.ce[part] = self._run(
+                        run, seq[part], pos[part], delta[part], state
+                    )
         return dce.cpu(), clean
 
-    def _at_position(self, run: CleanRun, seq: Tensor, p: int, delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One single-position run at p: the n ablated rows plus one clean row per sequence (zero delta), so the
-        clean loss comes from the very same computation."""
+    def _run(
+        self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor, state: dict[str, Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """One single-position run for nearby positions: the n ablated rows plus one clean row (zero delta) per
+        (sequence, position), so the clean loss comes from the very same computation. Each row attends to the
+        clean keys and values before its own position; rows below the run's longest cache have the rest masked."""
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-        n = len(seq)
-        clean_seq, which = seq.unique(return_inverse=True)
-        rows = torch.cat([seq, clean_seq])
-        delta = torch.cat([delta, delta.new_zeros(len(clean_seq), delta.shape[1])])
+        n, T = len(seq), run.tokens.shape[1]
+        clean_at, which = (seq * T + pos).unique(return_inverse=True)
+        rows, at = torch.cat([seq, clean_at // T]), torch.cat([pos, clean_at % T])
+        state["delta"] = torch.cat([delta, delta.new_zeros(len(clean_at), delta.shape[1])])
+        length = int(at.max())
+        visible = torch.arange(length + 1, device=at.device)[None] < at[:, None]  # [rows, length + 1] keys before
+        visible[:, -1] = True  # ... and the row's own
         entries = [TransformerLensKeyValueCacheEntry(run.keys[0][:0], run.values[0][:0], frozen=True)] * self.start
         for k, v in zip(run.keys, run.values, strict=True):
-            entries.append(TransformerLensKeyValueCacheEntry(k[rows, :p], v[rows, :p], frozen=True))
-        past = TransformerLensKeyValueCache(entries, run.tokens.new_ones(len(rows), p), frozen=True)
-        kept: dict[str, Tensor] = {}
-
-        def remove(act: Tensor, hook) -> Tensor:  # act [rows, 1, ...]: the single position p
-            return act - delta.view(act.shape).to(act.dtype)
-
-        def keep(act: Tensor, hook) -> None:
-            kept["final"] = act[:, 0]
-
-        resid = run.resid_start[rows, p : p + 1]  # [rows, 1, d_model]
-        with self.model.hooks(fwd_hooks=[(self.point, remove), (self.final_name, keep)]):
-            logits = self.model(resid, start_at_layer=self.start, past_kv_cache=past)[:, 0]
-        ce = next_token_ce(logits, run.tokens[rows, p + 1])
+            # Slicing before selecting rows copies contiguous runs, several times faster than k[rows, :length].
+            k, v = k[:, :length].index_select(0, rows), v[:, :length].index_select(0, rows)
+            entries.append(TransformerLensKeyValueCacheEntry(k, v, frozen=True))
+        past = TransformerLensKeyValueCache(entries, visible[:, :-1].long(), frozen=True)
+        mask = None if int(at.min()) == length else visible.long()  # rotary positions are counted on the mask too
+        resid = run.resid_start[rows, at][:, None]  # [rows, 1, d_model]
+        logits = self.model(resid, start_at_layer=self.start, past_kv_cache=past, attention_mask=mask)[:, 0]
+        ce = next_token_ce(logits, run.tokens[rows, at + 1])
         clean_ce = ce[n:][which]
-        return ce[:n] - clean_ce, kept["final"][n:][which], clean_ce
+        return ce[:n] - clean_ce, state["final"][n:][which], clean_ce
 
     # ---------------------------------------------------------------------------------------- direct path
 
@@ -299,6 +345,18 @@ class Downstream:
         dce = self._ce_from_final(ablated, targets) - clean.ce.to(x.device)
         normed_change = self.final_norm(x) - self.final_norm(ablated)
         return dce.cpu(), normed_change.float().cpu()
+
+
+def _pads_safely(cfg) -> bool:
+    """Whether rows with caches of different lengths may share a run, the shorter ones padded and masked: true when
+    positions live in the residual (standard) or are counted on the mask (rotary), and false where the model reads
+    them from the cache length (ALiBi, log-n scaling, dynamic NTK) or windows attention by it (local attention)."""
+    return (
+        cfg.positional_embedding_type in ("standard", "rotary")
+        and not getattr(cfg, "use_logn_attn", False)
+        and not getattr(cfg, "use_dynamic_ntk_rope", False)
+        and all(kind == "global" for kind in getattr(cfg, "attn_types", None) or [])
+    )
 
 
 class _Stop(Exception):

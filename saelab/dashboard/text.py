@@ -9,6 +9,7 @@ whole, on token k+1 (the token that completes it), and token k shows an empty st
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
@@ -32,17 +33,26 @@ def _decode_all(tokenizer: Any, sequences: list[list[int]]) -> list[str]:
     return tokenizer.batch_decode(sequences, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
-    """The text each token contributes: `"".join(token_strings(tok, ids)) == tok.decode(ids)` always holds."""
-    if not ids:
+def token_strings(tokenizer: Any, ids: list[int], start: int = 0, end: int | None = None) -> list[str]:
+    """The text each token of `ids[start:end]` contributes: `"".join(token_strings(tok, ids)) == tok.decode(ids)`
+    always holds, and a slice equals the same slice of the whole sequence's strings.
+
+    A slice decodes only the prefixes that end inside it, so the windows of a long sequence cost a few dozen
+    decodes rather than one per token. (Settled lengths never shrink as tokens are added; the running maximum only
+    guards against odd decoders.)
+    """
+    end = len(ids) if end is None else min(end, len(ids))
+    if start >= end:
         return []
-    prefixes = _decode_all(tokenizer, [ids[: k + 1] for k in range(len(ids))])
-    full = prefixes[-1]
-    bounds = [0]
-    for prefix in prefixes[:-1]:
-        bounds.append(max(bounds[-1], _settled(prefix, full)))
-    bounds.append(len(full))
-    return [full[bounds[k] : bounds[k + 1]] for k in range(len(ids))]
+    # bounds[i] = characters settled after the first start + i tokens.
+    cuts = range(max(start, 1), min(end, len(ids) - 1) + 1)
+    *prefixes, full = _decode_all(tokenizer, [ids[:k] for k in cuts] + [ids])
+    bounds = [0] if start == 0 else []
+    for prefix in prefixes:
+        bounds.append(max(bounds[-1] if bounds else 0, _settled(prefix, full)))
+    if end == len(ids):
+        bounds.append(len(full))
+    return [full[bounds[i] : bounds[i + 1]] for i in range(end - start)]
 
 
 def sequence_strings(tokenizer: Any, tokens: list[list[int]]) -> list[list[str]]:
@@ -63,6 +73,7 @@ def token_label(tokenizer: Any, token_id: int) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet: printable stand-in character → byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]

@@ -1,0 +1,112 @@
+"""The dashboard's performance paths against plain computations on tiny real models: token strings of a slice,
+numpy's non-zero scan, clean runs in parts, pass 1 in small batches, and single-position runs that share a run
+across nearby positions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dashboard_helpers import ADVERSARIAL, HOOK, PLAIN, TinySAE, make_model, make_tokenizer, make_tokens
+
+from saelab.dashboard.compute import DashboardConfig, compute_dashboard
+from saelab.dashboard.effects import Downstream, reference_loss_effects
+from saelab.dashboard.stats import nonzero_2d
+from saelab.dashboard.text import token_strings
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    yield
+    torch.set_num_threads(before)
+    torch.set_grad_enabled(grad)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def test_token_strings_of_a_slice_are_that_slice_of_the_whole(tok):
+    for text in [*ADVERSARIAL, *PLAIN, "".join(ADVERSARIAL)]:
+        ids = tok.encode(text, add_special_tokens=False)
+        whole = token_strings(tok, ids)
+        assert "".join(whole) == text
+        for start in range(len(ids) + 1):
+            for end in range(start, len(ids) + 2):
+                assert token_strings(tok, ids, start, end) == whole[start:end]
+
+
+def test_nonzero_2d_finds_what_torch_finds():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 70, generator=g) * (torch.rand(300, 70, generator=g) < 0.05)
+    x[3, 5], x[7, 0] = -2.0, float("nan")  # negative and NaN entries are non-zero too
+    rows, cols = nonzero_2d(x)
+    expected = x.nonzero(as_tuple=True)
+    assert torch.equal(rows, expected[0]) and torch.equal(cols, expected[1])
+    assert len(nonzero_2d(torch.zeros(4, 3))[0]) == 0
+
+
+@pytest.mark.parametrize(("normalization", "positional"), [("LN", "standard"), ("RMS", "rotary")])
+def test_clean_run_in_parts_equals_one_pass(tok, normalization, positional):
+    lm = make_model(tok, normalization, positional)
+    engine = Downstream(lm, HOOK)
+    tokens = make_tokens(tok, n_seq=7, length=24)
+    whole = engine.clean(tokens, per_pass=7)
+    parts = engine.clean(tokens, per_pass=3)
+    for name in ("tokens", "x_hook", "resid_start", "final_resid"):
+        assert torch.allclose(getattr(parts, name).float(), getattr(whole, name).float(), atol=1e-5), name
+    for a, b in zip(parts.keys + parts.values, whole.keys + whole.values, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    from_resid = engine.clean(tokens, whole.resid_start, per_pass=2)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(from_resid.keys, whole.keys, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("normalization", "positional", "hook"),
+    [("LN", "standard", HOOK), ("RMS", "rotary", HOOK), ("RMS", "rotary", "blocks.0.attn.hook_z")],
+)
+def test_runs_shared_by_many_positions_match_the_reference(tok, normalization, positional, hook):
+    """Every position of a sequence, several latents each: the runs that mix positions (shorter caches padded and
+    masked) give the plain whole-forward-pass ΔCE."""
+    lm = make_model(tok, normalization, positional)
+    sae = TinySAE(lm.d_hook(hook), 8, hook, bias=0.5)  # fires almost everywhere
+    tokens = make_tokens(tok, n_seq=3, length=24)
+    engine = Downstream(lm, hook)
+    run = engine.clean(tokens)
+    acts = sae.encode(run.x_hook)
+    seq, pos, lat = (acts[:, :-1, :3] > 0).nonzero(as_tuple=True)
+    delta = acts[seq, pos, lat][:, None] * sae.W_dec[lat]
+    fast, clean = engine.loss_effects(run, seq, pos, delta)
+    reference = reference_loss_effects(lm, hook, tokens, seq, pos, delta)
+    assert len(pos.unique()) >= 20 and fast.abs().max() > 1e-3
+    assert torch.allclose(fast, reference, atol=2e-5, rtol=1e-4)
+    assert torch.allclose(clean.final, run.final_resid[seq, pos], atol=1e-5)
+
+
+def test_small_batches_give_the_same_dashboard(tok):
+    """Pass 1 streams batches of sequences; splitting the tokens differently changes nothing shown."""
+    lm = make_model(tok)
+    sae = TinySAE(32, 12, HOOK)
+    tokens = make_tokens(tok, n_seq=12, length=24)
+    boards = [
+        compute_dashboard(lm, sae, tokens, HOOK, cfg=DashboardConfig(batch_size=size, importance_samples=8))
+        for size in (12, 5)
+    ]
+    for one, other in zip(boards[0].latents, boards[1].latents, strict=True):
+        assert one["count"] == other["count"] and one["hist"] == other["hist"]
+        assert [i for i, _ in one["correlated"]] == [i for i, _ in other["correlated"]]
+        assert _close(one["importance"], other["importance"]) and _close(one["windows"], other["windows"])
+
+
+def _close(a, b) -> bool:
+    """Equal structures whose numbers agree to float rounding."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-4 * max(1.0, abs(b))
+    return a == b
