@@ -9,8 +9,8 @@ import torch
 from dashboard_helpers import ADVERSARIAL, HOOK, PLAIN, TinySAE, make_model, make_tokenizer, make_tokens
 
 from saelab.dashboard.compute import DashboardConfig, compute_dashboard
-from saelab.dashboard.effects import Downstream, reference_loss_effects
-from saelab.dashboard.stats import nonzero_2d
+from saelab.dashboard.effects import Downstream, _pads_safely, reference_loss_effects
+from saelab.dashboard.stats import flat_nonzero
 from saelab.dashboard.text import token_strings
 
 
@@ -39,14 +39,13 @@ def test_token_strings_of_a_slice_are_that_slice_of_the_whole(tok):
                 assert token_strings(tok, ids, start, end) == whole[start:end]
 
 
-def test_nonzero_2d_finds_what_torch_finds():
+def test_flat_nonzero_finds_what_torch_finds():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 70, generator=g) * (torch.rand(300, 70, generator=g) < 0.05)
     x[3, 5], x[7, 0] = -2.0, float("nan")  # negative and NaN entries are non-zero too
-    rows, cols = nonzero_2d(x)
-    expected = x.nonzero(as_tuple=True)
-    assert torch.equal(rows, expected[0]) and torch.equal(cols, expected[1])
-    assert len(nonzero_2d(torch.zeros(4, 3))[0]) == 0
+    assert torch.equal(flat_nonzero(x), x.flatten().nonzero()[:, 0])
+    assert torch.equal(flat_nonzero(x.T), x.T.flatten().nonzero()[:, 0])  # a non-contiguous view
+    assert len(flat_nonzero(torch.zeros(4, 3))) == 0
 
 
 @pytest.mark.parametrize(("normalization", "positional"), [("LN", "standard"), ("RMS", "rotary")])
@@ -84,6 +83,16 @@ def test_runs_shared_by_many_positions_match_the_reference(tok, normalization, p
     assert len(pos.unique()) >= 20 and fast.abs().max() > 1e-3
     assert torch.allclose(fast, reference, atol=2e-5, rtol=1e-4)
     assert torch.allclose(clean.final, run.final_resid[seq, pos], atol=1e-5)
+    engine.positions_per_run = 1  # what models that read positions off the cache length get
+    assert torch.allclose(engine.loss_effects(run, seq, pos, delta)[0], fast, atol=1e-5)
+
+
+def test_only_models_with_mask_counted_positions_share_runs(tok):
+    assert Downstream(make_model(tok, "LN", "rotary"), HOOK).positions_per_run > 1
+    cfg = make_model(tok).model.cfg
+    for change in ({"positional_embedding_type": "alibi"}, {"use_logn_attn": True}, {"attn_types": ["local"]}):
+        assert not _pads_safely(type(cfg)(**{**cfg.to_dict(), **change}))
+    assert _pads_safely(cfg)
 
 
 def test_small_batches_give_the_same_dashboard(tok):

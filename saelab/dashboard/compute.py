@@ -337,7 +337,7 @@ class _Effects:
             if delta_res is None:
                 continue
             targets = tokens[chunk][local, pos + 1]
-            for part in torch.arange(len(rows)).split(4096):
+            for part in torch.arange(len(rows)).split(1024):  # logits [1024, d_vocab] at a time: reused memory
                 direct, normed = engine.direct_effects(clean[part], targets[part], delta_res[part])
                 self.direct[rows[part]] = direct
                 sampled = self.is_sample[rows[part]]

@@ -13,7 +13,9 @@ Positive means the latent helps predict the next token. Two ways to compute it:
 - `Downstream.loss_effects`: the same numbers, fast, for TransformerLens models. Removing the contribution at p
   cannot change anything at positions before p (attention is causal), so the keys and values of positions < p are
   the clean ones. We cache them once per sequence and re-run *only position p*, and only the blocks from the hooked
-  one on: each pair costs one position of the downstream blocks instead of a whole forward pass.
+  one on: each pair costs one position of the downstream blocks instead of a whole forward pass. Pairs at nearby
+  positions share one batched run (each row's cache padded to the longest and the padding masked out), so a
+  dashboard needs a few dozen runs rather than one per position.
 
 `Downstream.direct_effects` is the cheap approximation: remove the contribution from the final residual stream only
 (skipping the blocks after the hook), then apply the model's own final norm and unembedding. The same pass gives the
@@ -136,7 +138,8 @@ class Downstream:
     The run starts at the block holding the hook (`blocks.L.hook_resid_post` is the same tensor as
     `blocks.{L+1}.hook_resid_pre`, so it starts one block later), feeds it the clean residual stream of position p,
     subtracts the contribution at the hook point itself, and attends to the cached clean keys and values of
-    positions < p. Rotary embeddings see the right position because the cache's length is p.
+    positions < p. Rotary embeddings see the right position because the cache's length is p, or, for a row whose
+    cache is padded, because TransformerLens counts positions on the attention mask.
     """
 
     def __init__(self, lm, hook: str, max_rows: int = 1024) -> None:
@@ -269,7 +272,7 @@ class Downstream:
         # delta it removes and reads back the final residual.
         state: dict[str, Tensor] = {}
 
-        def remove(act: Tensor, hook) -> Tensor:  # act [rows, 1, ...]: the single position p
+        def remove(act: Tensor, hook) -> Tensor:  # act [rows, 1, ...]: the one position each row re-runs
             return act - state["delta"].view(act.shape).to(act.dtype)
 
         def keep(act: Tensor, hook) -> None:

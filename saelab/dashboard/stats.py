@@ -134,9 +134,8 @@ class StatsAccumulator:
     def update(self, acts: Tensor, first_seq: int, valid: Tensor, eligible: Tensor) -> None:
         """acts [S, T, d_sae] of sequences first_seq.. ; valid [S, T]: positions to count (not special tokens);
         eligible [S, T]: positions that may enter the sample (valid, with a valid next token)."""
-        acts = acts.float().cpu()
+        acts = acts.float().cpu().contiguous()
         valid, eligible = valid.cpu(), eligible.cpu()
-        S, T, _ = acts.shape
         base = first_seq * self.T
         if self.corr_rows is not None:
             self._keep_for_correlation(acts, valid, base)
@@ -147,9 +146,10 @@ class StatsAccumulator:
         self.act_sum += a.sum((0, 1), dtype=torch.float64)
         self.max_act = torch.maximum(self.max_act, a.amax((0, 1)))
 
-        flat = a.reshape(S * T, -1)
-        tok, lat = nonzero_2d(flat)
-        values = flat[tok, lat]
+        L = len(self.latents)
+        index = flat_nonzero(a)  # into [S · T, L]
+        tok, lat = index // L, index % L
+        values = a.view(-1)[index]
         bins = ((values.double().log10() - LOG10_LO) * BINS_PER_DECADE).floor().long().clamp(0, N_BINS - 1)
         self.hist.view(-1).index_add_(0, lat * N_BINS + bins, torch.ones_like(bins))
 
@@ -196,12 +196,12 @@ class StatsAccumulator:
 
         S, T, D = acts.shape
         rows = self.corr_rows[base : base + S * T] & valid.reshape(-1)
-        flat = acts.reshape(S * T, D)
-        tok, lat = nonzero_2d(flat)
-        keep = rows[tok]  # tokens left out keep an empty row, which adds nothing to the sums of `_correlations`
-        tok, lat = tok[keep], lat[keep]
+        index = flat_nonzero(acts)
+        index = index[rows[index // D]]  # tokens left out keep an empty row, which adds nothing to the sums
+        tok, lat = index // D, index % D
         indptr = F.pad(torch.bincount(tok, minlength=S * T).cumsum(0), (1, 0))
-        self._corr.append(sparse.csr_matrix((flat[tok, lat].numpy(), lat.numpy(), indptr.numpy()), shape=(S * T, D)))
+        values = acts.view(-1)[index]
+        self._corr.append(sparse.csr_matrix((values.numpy(), lat.numpy(), indptr.numpy()), shape=(S * T, D)))
         self._n_corr += int(rows.sum())
 
     def finish(self, top_k: int, n_correlated: int) -> LatentStats:
@@ -251,11 +251,10 @@ class StatsAccumulator:
         return torch.cat(ids), torch.cat(rs)
 
 
-def nonzero_2d(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(rows, columns) of the non-zero entries of x [n, m] in row-major order, as `x.nonzero(as_tuple=True)` gives
-    them; numpy finds the few non-zeros of a sparse block several times faster than torch does."""
-    index = torch.from_numpy(np.flatnonzero(x.contiguous().numpy() != 0))
-    return index // x.shape[1], index % x.shape[1]
+def flat_nonzero(x: Tensor) -> Tensor:
+    """Row-major flat indices of the non-zero entries of x, as `x.flatten().nonzero()[:, 0]` gives them; numpy finds
+    the few non-zeros of a sparse block several times faster than torch does."""
+    return torch.from_numpy(np.flatnonzero(x.contiguous().numpy() != 0))
 
 
 def non_overlapping(values: Tensor, index: Tensor, T: int, window: int, k: int) -> tuple[Tensor, Tensor]:
