@@ -232,10 +232,11 @@ class StatsAccumulator:
         from scipy import sparse
 
         N = max(self._n_corr, 1)
-        X = sparse.vstack(self._corr, format="csc") if self._corr else sparse.csc_matrix((N, self.d_sae))
+        # Stacking CSR blocks is a concatenation; converting the whole once is cheaper than stacking into CSC.
+        X = sparse.vstack(self._corr, format="csr").tocsc() if self._corr else sparse.csc_matrix((N, self.d_sae))
         X = X.astype(np.float64)
         mean = np.asarray(X.sum(0)).ravel() / N
-        std = np.sqrt(np.maximum(np.asarray(X.multiply(X).sum(0)).ravel() / N - mean**2, 0))
+        std = np.sqrt(np.maximum(np.asarray(X.power(2).sum(0)).ravel() / N - mean**2, 0))
         ids, rs = [], []
         sel = self.latents.numpy()
         for start in range(0, len(sel), chunk):
