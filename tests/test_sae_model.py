@@ -7,7 +7,7 @@ import torch
 from sae_helpers import one_thread  # noqa: F401  (autouse)
 
 from saelab.errors import SaelabError
-from saelab.sae.fast import scatter_rows, topk_sparse_latents
+from saelab.sae.fast import block_rows, relu_l1_loss_and_grads, scatter_rows, topk_sparse_latents
 from saelab.sae.model import ARCHITECTURES, SAEConfig, build_sae
 
 
@@ -92,6 +92,36 @@ def test_fused_path_matches_reference_loss_and_gradients(architecture: str, dtyp
     assert torch.equal(fast.fired, ref.fired)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, atol=1e-5, rtol=1e-5, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_relu_runs_sparse_blocks_with_the_reference_loss_and_gradients(dtype: str) -> None:
+    """A trained ReLU SAE fires few latents: those row blocks run sparse, and must still match the reference."""
+    d_sae = 2048
+    sae = _perturbed_sae("relu", dtype, d_in=16, d_sae=d_sae, sparsity_coefficient=0.7)
+    rows = block_rows(d_sae)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2 * rows + 100, 16, generator=generator, dtype=sae.W_enc.dtype)
+    with torch.no_grad():  # each latent fires on ~2 % of tokens, as in a trained SAE
+        sae.b_enc -= sae.pre_activations(x).quantile(0.98, dim=0)
+    x[:rows] *= 10  # but the first block is dense (~40 % active), so both kinds of block meet in one batch
+    ref = sae.reference_forward(x)
+    ref.loss.backward()
+    params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    terms, grads = relu_l1_loss_and_grads(x, *(p.detach() for p in params), 0.7, apply_b_dec=True)
+
+    assert terms["sparse_blocks"] == 2  # of 3
+    latents = sae.encode(x).detach()
+    assert 0.01 < (latents[rows:] > 0).float().mean() < 0.03
+    assert torch.equal(terms["fired"], (latents > 0).sum(dim=0)) and torch.equal(terms["fired"], ref.fired)
+    l1 = 0.7 * (latents * sae.W_dec.detach().norm(dim=1)).sum(dim=-1).mean()  # the norm-weighted L1, by hand
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == "float32" else {"atol": 1e-12, "rtol": 1e-12}
+    torch.testing.assert_close(terms["sparsity"], l1, **tolerance)
+    torch.testing.assert_close(terms["sparsity"], ref.sparsity.detach(), **tolerance)
+    torch.testing.assert_close(terms["mse"], ref.mse.detach(), **tolerance)
+    torch.testing.assert_close(terms["x_hat"], ref.x_hat.detach(), **tolerance)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, getattr(sae, name).grad, **tolerance, msg=f"gradient of {name}")
 
 
 def test_aux_k_loss_trains_only_the_dead_latents() -> None:
