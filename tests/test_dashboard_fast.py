@@ -1,17 +1,21 @@
 """The dashboard's performance paths against plain computations on tiny real models: token strings of a slice,
-numpy's non-zero scan, clean runs in parts, pass 1 in small batches, and single-position runs that share a run
-across nearby positions."""
+byte-level prefix decoding, numpy's non-zero scan, clean runs in parts, pass 1 in small batches, and single-position
+runs shared across nearby positions."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from dashboard_helpers import ADVERSARIAL, HOOK, PLAIN, TinySAE, make_model, make_tokenizer, make_tokens
+from tokenizers import Tokenizer
+from tokenizers.decoders import WordPiece
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
 
 from saelab.dashboard.compute import DashboardConfig, compute_dashboard
 from saelab.dashboard.effects import Downstream, _pads_safely, reference_loss_effects
 from saelab.dashboard.stats import flat_nonzero
-from saelab.dashboard.text import token_strings
+from saelab.dashboard.text import _byte_level_decodes, token_strings
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,6 +41,25 @@ def test_token_strings_of_a_slice_are_that_slice_of_the_whole(tok):
         for start in range(len(ids) + 1):
             for end in range(start, len(ids) + 2):
                 assert token_strings(tok, ids, start, end) == whole[start:end]
+
+
+def test_byte_level_prefix_decodes_equal_the_tokenizers_own(tok):
+    """The one-pass byte-level decoding against the tokenizer decoding every prefix itself, on the adversarial
+    strings and on random ids (invalid UTF-8 everywhere); other tokenizers take the tokenizer's way."""
+    g = torch.Generator().manual_seed(0)
+    sequences = [tok.encode(text, add_special_tokens=False) for text in [*ADVERSARIAL, *PLAIN]]
+    sequences += (
+        make_tokens(tok, n_seq=8, length=40).tolist() + torch.randint(len(tok), (100, 30), generator=g).tolist()
+    )
+    for ids in sequences:
+        cuts = range(1, len(ids))
+        fast = _byte_level_decodes(tok, ids, cuts)
+        assert fast == tok.backend_tokenizer.decode_batch([ids[:k] for k in cuts] + [ids], skip_special_tokens=False)
+    word = Tokenizer(WordLevel({"hello": 0, "wor": 1, "##ld": 2, "[UNK]": 3}, unk_token="[UNK]"))
+    word.decoder = WordPiece()
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=word)
+    assert _byte_level_decodes(wrapped, [0, 1, 2], range(1, 3)) is None
+    assert "".join(token_strings(wrapped, [0, 1, 2])) == word.decode([0, 1, 2]) == "hello world"
 
 
 def test_flat_nonzero_finds_what_torch_finds():

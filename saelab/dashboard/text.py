@@ -5,11 +5,15 @@ shows each piece as U+FFFD. Instead we decode the whole sequence once and map to
 token k owns the characters of the full decoding that become settled once token k is added, i.e. the ones where
 `decode(ids[:k+1])` first agrees with `decode(ids)`. A character split over tokens k and k+1 therefore shows,
 whole, on token k+1 (the token that completes it), and token k shows an empty string.
+
+Byte-level BPE tokenizers (GPT-2 style) get their prefix decodings from the tokens' bytes in one pass, checked
+against the tokenizer's own decoding of the whole sequence; other tokenizers decode every prefix.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any
 
 
@@ -33,6 +37,33 @@ def _decode_all(tokenizer: Any, sequences: list[list[int]]) -> list[str]:
     return tokenizer.batch_decode(sequences, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
+def prefix_decodes(tokenizer: Any, ids: list[int], cuts: range) -> list[str]:
+    """`decode(ids[:k])` for each k in cuts, then `decode(ids)`."""
+    fast = _byte_level_decodes(tokenizer, ids, cuts)
+    return fast if fast is not None else _decode_all(tokenizer, [ids[:k] for k in cuts] + [ids])
+
+
+def _byte_level_decodes(tokenizer: Any, ids: list[int], cuts: range) -> list[str] | None:
+    """`prefix_decodes` for a byte-level BPE (GPT-2 style: each token stands for bytes, and the text is their UTF-8
+    decoding, invalid bytes replaced), from the tokens' bytes in one pass instead of one decode per prefix. None for
+    other tokenizers, or when the whole sequence does not come out exactly as the tokenizer decodes it."""
+    from tokenizers.decoders import ByteLevel
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not isinstance(backend.decoder, ByteLevel):
+        return None
+    decoder = _byte_decoder()
+    pieces = []
+    for token in map(backend.id_to_token, ids):  # added tokens (BOS, …) are not byte-encoded: their text as is
+        pieces.append(bytes(decoder[ch] for ch in token) if all(ch in decoder for ch in token) else token.encode())
+    data = b"".join(pieces)
+    full = data.decode("utf-8", errors="replace")
+    if full != backend.decode(ids, skip_special_tokens=False):
+        return None
+    ends = [0, *itertools.accumulate(map(len, pieces))]  # byte offset after k tokens
+    return [data[: ends[k]].decode("utf-8", errors="replace") for k in cuts] + [full]
+
+
 def token_strings(tokenizer: Any, ids: list[int], start: int = 0, end: int | None = None) -> list[str]:
     """The text each token of `ids[start:end]` contributes: `"".join(token_strings(tok, ids)) == tok.decode(ids)`
     always holds, and a slice equals the same slice of the whole sequence's strings.
@@ -46,7 +77,7 @@ def token_strings(tokenizer: Any, ids: list[int], start: int = 0, end: int | Non
         return []
     # bounds[i] = characters settled after the first start + i tokens.
     cuts = range(max(start, 1), min(end, len(ids) - 1) + 1)
-    *prefixes, full = _decode_all(tokenizer, [ids[:k] for k in cuts] + [ids])
+    *prefixes, full = prefix_decodes(tokenizer, ids, cuts)
     bounds = [0] if start == 0 else []
     for prefix in prefixes:
         bounds.append(max(bounds[-1] if bounds else 0, _settled(prefix, full)))
