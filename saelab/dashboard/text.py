@@ -52,16 +52,20 @@ def _byte_level_decodes(tokenizer: Any, ids: list[int], cuts: range) -> list[str
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not isinstance(backend.decoder, ByteLevel):
         return None
-    decoder = _byte_decoder()
-    pieces = []
-    for token in map(backend.id_to_token, ids):  # added tokens (BOS, …) are not byte-encoded: their text as is
-        pieces.append(bytes(decoder[ch] for ch in token) if all(ch in decoder for ch in token) else token.encode())
+    pieces = [_token_bytes(backend.id_to_token(i)) for i in ids]
     data = b"".join(pieces)
     full = data.decode("utf-8", errors="replace")
     if full != backend.decode(ids, skip_special_tokens=False):
         return None
     ends = [0, *itertools.accumulate(map(len, pieces))]  # byte offset after k tokens
     return [data[: ends[k]].decode("utf-8", errors="replace") for k in cuts] + [full]
+
+
+@functools.lru_cache(maxsize=2**16)
+def _token_bytes(token: str) -> bytes:
+    """The bytes a byte-level BPE token stands for; added tokens (BOS, …) are not byte-encoded: their text as is."""
+    decoder = _byte_decoder()
+    return bytes(decoder[ch] for ch in token) if all(ch in decoder for ch in token) else token.encode()
 
 
 def token_strings(tokenizer: Any, ids: list[int], start: int = 0, end: int | None = None) -> list[str]:
