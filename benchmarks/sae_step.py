@@ -4,13 +4,13 @@ For the ReLU-L1 step and the TopK step, each implementation runs the whole step 
 backward, gradient clipping, Adam, and its dead-latent bookkeeping — from the same initial weights on the same
 batch. The table gives milliseconds per step, tokens per second, and the fraction of this machine's measured fp32
 matmul peak that the tokens per second amount to, counting the dense step's 10·d_in·d_sae FLOP per token (five
-d_in × d_sae matrix products of 2 FLOP per multiply-add). TopK with a sparse decoder does less than that, so its
-"dense-equivalent" fraction can exceed 100 %.
+d_in × d_sae matrix products of 2 FLOP per multiply-add). Sparse steps (TopK's decoder, saelab's trained ReLU
+step) do less than that, so their "dense-equivalent" fraction can exceed 100 %.
 
-Each step runs in two regimes. At initialisation (b_enc = 0) half of a ReLU SAE's latents fire, so its step is
-dense. A trained ReLU SAE fires a few percent: the "trained" rows start both implementations from the same weights
-with b_enc lowered to TRAINED_B_ENC, where about 2 % of the latents fire on these N(0, I) activations (the L0 is
-printed). saelab's fused ReLU step then runs its decoder-side products sparse; SAELens's step is dense regardless.
+The ReLU step runs in two regimes. At initialisation (b_enc = 0) half of the latents fire, so the step is dense.
+A trained ReLU SAE fires a few percent: the "trained" rows start both implementations from the same weights with
+b_enc lowered to TRAINED_B_ENC, where about 2 % of the latents fire on these N(0, I) activations (the L0 is
+printed). saelab's fused step then runs all but the encoder product sparse; SAELens's step is dense regardless.
 
     python benchmarks/sae_step.py                  # d_in 256, d_sae 4096, batch 4096, 1 and 2 threads
     python benchmarks/sae_step.py --smoke          # tiny sizes: checks that everything runs

@@ -28,7 +28,9 @@ from saelab.sae.model import SAE, SAEOutput
 BLOCK_ELEMENTS = 1 << 21
 
 
-# A ReLU row block whose latents are at most this fraction non-zero runs its four latent-side products sparse.
+# A ReLU row block whose latents are at most this fraction non-zero runs sparse. Measured at d_in 256, d_sae 4096,
+# the sparse block costs as much as the dense one at ≈ 14 % active on one thread and ≈ 9 % on two (dense products
+# use both cores better); a trained SAE sits at 1–3 % and a fresh one at ~50 %, far on either side.
 SPARSE_BELOW = 0.1
 
 
