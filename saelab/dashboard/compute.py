@@ -196,6 +196,7 @@ def compute_dashboard(
     # Few sequences per batch: the latent activations [batch, T, d_sae] stay under ENCODE_FLOATS, so they are reused
     # from the heap and stay in cache, where larger blocks would be freshly mapped (and page-faulted) memory each time.
     batch_size = max(1, min(cfg.batch_size, ENCODE_FLOATS // (T * sae.cfg.d_sae)))
+    _recycle_large_blocks()
     for first in tqdm(range(0, n_seq, batch_size), desc="activations", disable=not progress, leave=False):
         batch = tokens[first : first + batch_size]
         names = [hook] if not keep or engine.hook_is_start else [hook, engine.start_name]
@@ -234,6 +235,13 @@ def compute_dashboard(
     pages = _assemble(stats, cfg, latents, windows, effects, strings, tokens, logits, neighbours)
     meta["seconds"]["total"] = round(time.perf_counter() - started, 2)
     return Dashboard(meta=meta, latents=pages)
+
+
+def _recycle_large_blocks() -> None:
+    """Have the C allocator recycle pass 1's blocks of up to 32 MB rather than map fresh, page-faulting memory for
+    each: glibc keeps blocks on its heap once one of that size has been freed (its mmap threshold adapts upwards).
+    Freeing one such block, never touched, costs nothing; other allocators ignore it."""
+    torch.empty(2**23 - 2**12)
 
 
 def _choose_windows(stats: LatentStats, cfg: DashboardConfig) -> dict[str, Tensor]:

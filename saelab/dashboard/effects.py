@@ -38,7 +38,7 @@ from saelab.errors import SaelabError
 _BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _NOT_PER_POSITION = ("hook_attn_scores", "hook_pattern")
 CLEAN_FLOATS = 2**21  # attention scores computed at once by a clean run (8 MB)
-POSITIONS_PER_RUN = 8  # nearby positions share a single-position run (fewer, larger runs)
+POSITIONS_PER_RUN = 16  # nearby positions share a single-position run (fewer, larger runs)
 RUN_FLOATS = 2**20  # cached keys gathered for one single-position run, per block (4 MB)
 
 
