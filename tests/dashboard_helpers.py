@@ -7,8 +7,10 @@ and characters split across tokens exercise the whole-sequence decoding.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from models_helpers import byte_bpe
 from torch import Tensor, nn
@@ -166,3 +168,15 @@ def brute_direct(lm, sae, row, pos, latent) -> float:
 
 def close(a, b, tol=2e-4) -> bool:
     return abs(a - b) <= tol * max(1.0, abs(b))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """The single-position re-runs are many tiny ops: one thread avoids OpenMP contention on a shared machine.
+    No gradients anywhere (the brute-force checks run models directly)."""
+    before, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    yield
+    torch.set_num_threads(before)
+    torch.set_grad_enabled(grad)

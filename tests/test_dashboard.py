@@ -28,6 +28,7 @@ from dashboard_helpers import (
     make_model,
     make_tokenizer,
     make_tokens,
+    one_thread,  # noqa: F401  (autouse)
 )
 from transformer_lens import HookedTransformer
 
@@ -47,18 +48,6 @@ from saelab.dashboard.site import read_data_script, safe_json, write_site
 from saelab.dashboard.stats import non_overlapping
 from saelab.dashboard.text import token_label, token_strings
 from saelab.errors import SaelabError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The single-position re-runs are many tiny ops: one thread avoids OpenMP contention on a shared machine.
-    No gradients anywhere (the brute-force checks run models directly)."""
-    before, grad = torch.get_num_threads(), torch.is_grad_enabled()
-    torch.set_num_threads(1)
-    torch.set_grad_enabled(False)
-    yield
-    torch.set_num_threads(before)
-    torch.set_grad_enabled(grad)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dashboard_helpers import ADVERSARIAL, HOOK, PLAIN, TinySAE, make_model, make_tokenizer, make_tokens
+from dashboard_helpers import (
+    ADVERSARIAL,
+    HOOK,
+    PLAIN,
+    TinySAE,
+    make_model,
+    make_tokenizer,
+    make_tokens,
+    one_thread,  # noqa: F401  (autouse)
+)
 from tokenizers import Tokenizer
 from tokenizers.decoders import WordPiece
 from tokenizers.models import WordLevel
@@ -16,16 +25,6 @@ from saelab.dashboard.compute import DashboardConfig, compute_dashboard
 from saelab.dashboard.effects import Downstream, _pads_safely, reference_loss_effects
 from saelab.dashboard.stats import flat_nonzero
 from saelab.dashboard.text import _byte_level_decodes, token_strings
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before, grad = torch.get_num_threads(), torch.is_grad_enabled()
-    torch.set_num_threads(1)
-    torch.set_grad_enabled(False)
-    yield
-    torch.set_num_threads(before)
-    torch.set_grad_enabled(grad)
 
 
 @pytest.fixture(scope="module")
