@@ -7,31 +7,16 @@ import math
 
 import pytest
 import torch
-from models_helpers import LinearSAE, make_tl_model, make_tokenizer, save_gpt2, write_corpus
+from models_helpers import LinearSAE, save_gpt2
 
 from saelab.errors import SaelabError
-from saelab.models.access import LanguageModel, load_model
+from saelab.models.access import load_model
 from saelab.models.data import ContextStream, iter_texts
 from saelab.models.evals import lm_eval
 
 HOOK = "blocks.0.hook_resid_post"
 LENGTH = 32
 TOKENS = 600
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def lm(tokenizer) -> LanguageModel:
-    return LanguageModel.from_transformer_lens(make_tl_model(tokenizer), "tiny")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    return str(write_corpus(tmp_path_factory.mktemp("data")))
 
 
 def evaluate(sae, lm, dataset, **kwargs):

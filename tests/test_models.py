@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models_helpers import LinearSAE, corpus, make_tl_model, make_tokenizer, save_gpt2, write_corpus
+from models_helpers import LinearSAE, corpus, make_tl_model, save_gpt2, write_corpus
 
 from saelab.errors import SaelabError
 from saelab.models.access import LanguageModel, load_model, sae_replacement, zero_ablation
@@ -23,11 +23,6 @@ HOOKS = [
     "blocks.0.mlp.hook_post",
     "blocks.1.attn.hook_z",
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from models_helpers import make_tl_model, make_tokenizer, save_gpt2, write_corpus
+from models_helpers import make_tl_model, save_gpt2
 from typer.testing import CliRunner
 
 from saelab.cli import app
@@ -21,21 +21,6 @@ from saelab.models.store import ActivationStore, build_lm_source
 
 LENGTH = 24
 HOOK = "blocks.0.hook_resid_post"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def lm(tokenizer) -> LanguageModel:
-    return LanguageModel.from_transformer_lens(make_tl_model(tokenizer), "tiny")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    return str(write_corpus(tmp_path_factory.mktemp("data")))
 
 
 def make_store(lm, dataset, hooks=(HOOK,), buffer_tokens=5 * LENGTH, seed=0) -> ActivationStore:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models_helpers import make_tl_model, make_tokenizer, write_corpus
 
-from saelab.models.access import LanguageModel
 from saelab.models.cache import CachedActivations, write_activation_cache
 from saelab.models.data import ContextStream, iter_texts
 from saelab.models.evals import lm_eval
@@ -20,16 +18,6 @@ HOOK = "blocks.0.hook_resid_post"
 LENGTH = 32
 SAE_CFG = SAEConfig(architecture="topk", d_in=32, d_sae=64, k=4)
 TRAIN = SAETrainConfig(steps=16, batch_size=64, init_tokens=128, lr=3e-3, log_every=100)
-
-
-@pytest.fixture(scope="module")
-def lm() -> LanguageModel:
-    return LanguageModel.from_transformer_lens(make_tl_model(make_tokenizer()), "tiny")
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    return str(write_corpus(tmp_path_factory.mktemp("data")))
 
 
 def make_store(lm, dataset) -> ActivationStore:
