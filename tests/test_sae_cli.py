@@ -78,6 +78,7 @@ def test_a_sweep_over_k_on_a_toy_model_instance(tmp_path: Path) -> None:
         (["--source", SYNTHETIC, "--hook", "blocks.0.hook_resid_post"], "toy and synthetic sources have none"),
         (["--source", SYNTHETIC, "--model", "gpt2"], "either --source or --model/--dataset"),
         (["--source", "cache:/nonexistent"], "is not an activation cache"),
+        (["--source", SYNTHETIC, "--bf16"], "--bf16 sets the language model's forward pass"),
         ([], "need --hook"),
         (["--source", "toy:/no/such/toy"], "/no/such/toy"),
     ],

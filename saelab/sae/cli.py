@@ -48,6 +48,8 @@ def _build_source(
     if spec is not None:
         if model is not None or dataset is not None:
             raise SaelabError("give either --source or --model/--dataset, not both")
+        if bf16:
+            raise SaelabError("--bf16 sets the language model's forward pass; --source activations are already made")
         if hooks and not spec.startswith("cache:"):
             raise SaelabError("--hook picks language-model or cached activations; toy and synthetic sources have none")
         source = parse_source(spec, seed, hooks or None)
