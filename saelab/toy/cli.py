@@ -68,6 +68,7 @@ def train(
     lr_schedule: str = typer.Option(ToyTrainConfig.lr_schedule, help="constant | linear | cosine."),
     method: str = typer.Option(ToyTrainConfig.method, help="fast | reference (plain batches and autograd)."),
     seed: int = typer.Option(0, help="Seed for initialisation and data."),
+    snapshots: int = typer.Option(0, help="Keep this many log-spaced weight snapshots (for `saelab toy llc`)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train a batch of toy models, analyse them, and write cfg.json, weights, analysis.json and figures."""
@@ -85,7 +86,8 @@ def train(
         importance=parse_floats(importance, "--importance") if importance is not None else None,
     )
     train_cfg = ToyTrainConfig(
-        steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, seed=seed, method=method
+        steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, seed=seed, method=method,
+        snapshots=snapshots,
     )
     _print_summary(train_to_folder(model_cfg, train_cfg, out, progress=progress))
 

@@ -27,6 +27,7 @@ from saelab.toy.plots import (
     plot_phase_diagram,
     plot_wtw,
 )
+from saelab.toy.snapshots import SNAPSHOTS_FILE, SnapshotRecorder, load_snapshots, save_snapshots, snapshot_steps
 from saelab.toy.train import train_toy_model
 
 SAVED_CFG_KEYS = ("format", "format_version", "model", "train")
@@ -74,10 +75,12 @@ def write_results(
     history: list[dict[str, float]] | None = None,
     extra: dict[str, Any] | None = None,
     n_samples: int = 4096,
+    snapshots: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Analyse `model` and write the whole results folder `out` atomically; return the analysis.
 
     `extra` goes into cfg.json; a `phase` entry there (a PhaseDiagramConfig) adds the phase diagram.
+    `snapshots` (see `saelab.toy.snapshots`) are written as `snapshots.safetensors`.
     """
     analysis = analyze_toy_model(model, n_samples=n_samples)
     if extra and "phase" in extra:
@@ -87,6 +90,8 @@ def write_results(
         write_toy_model_files(model, tmp, train_cfg, extra)
         if history is not None:
             atomic_write_json(tmp / "history.json", history)
+        if snapshots is not None:
+            save_snapshots(tmp / SNAPSHOTS_FILE, snapshots)
         analysis["figures"] = write_figures(model, analysis, tmp)
         atomic_write_json(tmp / "analysis.json", analysis)
     return analysis
@@ -99,10 +104,13 @@ def train_to_folder(
     model_cfg.validate()
     train_cfg.validate()
     model = ToyModel(model_cfg)
+    recorder = SnapshotRecorder(snapshot_steps(train_cfg.steps, train_cfg.snapshots)) if train_cfg.snapshots else None
     start = time.perf_counter()
-    history = train_toy_model(model, train_cfg, progress=progress)
+    history = train_toy_model(model, train_cfg, progress=progress, after_step=recorder)
     seconds = time.perf_counter() - start
-    analysis = write_results(out, model, train_cfg, history, extra={"train_seconds": round(seconds, 2)})
+    snapshots = recorder.tensors() if recorder is not None else None
+    extra = {"train_seconds": round(seconds, 2)}
+    analysis = write_results(out, model, train_cfg, history, extra, snapshots=snapshots)
     return summarize(model, analysis, out, seconds)
 
 
@@ -114,8 +122,9 @@ def analyze_folder(directory: Path, out: Path | None = None) -> dict[str, Any]:
     extra = {key: value for key, value in raw.items() if key not in SAVED_CFG_KEYS}
     history_path = directory / "history.json"
     history = load_json_list(history_path) if history_path.is_file() else None
+    snapshots = load_snapshots(directory, model) if (directory / SNAPSHOTS_FILE).is_file() else None
     out = directory if out is None else Path(out)
-    analysis = write_results(out, model, train_cfg, history, extra)
+    analysis = write_results(out, model, train_cfg, history, extra, snapshots=snapshots)
     return summarize(model, analysis, out)
 
 

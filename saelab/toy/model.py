@@ -118,9 +118,12 @@ class ToyTrainConfig:
     seed: int = 0
     log_every: int = 100
     method: str = "fast"
+    snapshots: int = 0  # keep this many log-spaced snapshots of the weights (saelab.toy.snapshots)
 
     def validate(self) -> None:
         require_positive_ints(self, ("steps", "batch_size", "log_every"))
+        if not isinstance(self.snapshots, int) or not 0 <= self.snapshots <= self.steps:
+            raise SaelabError(f"snapshots must be an integer from 0 to steps ({self.steps}), got {self.snapshots!r}")
         if not self.lr > 0:
             raise SaelabError(f"lr must be positive, got {self.lr!r}")
         if self.lr_schedule not in LR_SCHEDULES:

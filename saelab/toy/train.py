@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -24,13 +25,14 @@ def train_toy_model(
     model: ToyModel,
     cfg: ToyTrainConfig | None = None,
     progress: bool = True,
+    after_step: Callable[[int, ToyModel], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train every instance of `model` in place; return the logged history (step, lr, mean loss per instance).
 
     Reproducible: parameters are re-initialised from `cfg.seed` and batches come from a generator seeded with
     it, so the same config gives the same weights. Both methods minimise the same expected loss; `fast`
     estimates it from non-empty rows with hand-written gradients and fused Adam, `reference` from plain
-    batches with autograd.
+    batches with autograd. `after_step(steps_done, model)` runs after every optimiser step (snapshots).
     """
     cfg = cfg or ToyTrainConfig()
     cfg.validate()
@@ -55,6 +57,8 @@ def train_toy_model(
             optimizer.zero_grad(set_to_none=True)
             loss_per_instance.sum().backward()
         optimizer.step()
+        if after_step is not None:
+            after_step(step + 1, model)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             mean_loss = loss_per_instance.detach().mean().item()
             history.append({"step": step, "lr": optimizer.param_groups[0]["lr"], "loss": mean_loss})
