@@ -8,6 +8,7 @@ model's batched chains against one instance at a time.
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -35,8 +36,8 @@ def _single_thread():
 def test_snapshot_steps_are_distinct_log_spaced_and_end_at_the_last_step(steps: int, count: int) -> None:
     chosen = snapshot_steps(steps, count)
     assert len(chosen) == count and chosen[-1] == steps and chosen[0] >= 1
-    assert all(b > a for a, b in zip(chosen, chosen[1:], strict=False))
-    ratios = [b / a for a, b in zip(chosen, chosen[1:], strict=False) if a >= 20]  # past the integer-crowded start
+    assert all(b > a for a, b in itertools.pairwise(chosen))
+    ratios = [b / a for a, b in itertools.pairwise(chosen) if a >= 20]  # past the integer-crowded start
     if len(ratios) > 1:
         assert max(ratios) / min(ratios) < 1.2
 
@@ -174,7 +175,9 @@ def test_llc_of_linear_regression_is_half_the_parameter_count() -> None:
     X = torch.randn(n, d, generator=generator, dtype=torch.float64)
     w_true = torch.randn(d, generator=generator, dtype=torch.float64)
     y = X @ w_true
-    cfg = LLCConfig(n_samples=n, batch_size=100, chains=chains, draws=3000, burnin=300, step_size=3e-4, localization=1.0)
+    cfg = LLCConfig(
+        n_samples=n, batch_size=100, chains=chains, draws=3000, burnin=300, step_size=3e-4, localization=1.0
+    )
     w = w_true.repeat(chains, 1)
 
     def loss_and_grads(rows: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -86,7 +86,12 @@ def train(
         importance=parse_floats(importance, "--importance") if importance is not None else None,
     )
     train_cfg = ToyTrainConfig(
-        steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, seed=seed, method=method,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        lr_schedule=lr_schedule,
+        seed=seed,
+        method=method,
         snapshots=snapshots,
     )
     _print_summary(train_to_folder(model_cfg, train_cfg, out, progress=progress))

@@ -69,11 +69,16 @@ class LLCConfig:
             raise SaelabError("draws must be at least 2 (the stationarity check compares two halves)")
         for name in ("step_size", "localization"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
-                name == "step_size" and value == 0
+            if (
+                not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+                or (name == "step_size" and value == 0)
             ):
-                raise SaelabError(f"{name} must be a finite {'positive' if name == 'step_size' else 'non-negative'} "
-                                  f"number, got {value!r}")
+                raise SaelabError(
+                    f"{name} must be a finite {'positive' if name == 'step_size' else 'non-negative'} "
+                    f"number, got {value!r}"
+                )
 
     @property
     def nbeta(self) -> float:
@@ -116,7 +121,9 @@ def sgld_llc(
     walkers = instances * cfg.chains
     for name, tensor in params.items():
         if tensor.shape[0] != walkers:
-            raise SaelabError(f"parameter '{name}' has {tensor.shape[0]} walkers; expected instances × chains = {walkers}")
+            raise SaelabError(
+                f"parameter '{name}' has {tensor.shape[0]} walkers; expected instances × chains = {walkers}"
+            )
     device = next(iter(params.values())).device
     start = {name: tensor.detach().clone() for name, tensor in params.items()}
     with torch.no_grad():
@@ -158,9 +165,7 @@ def toy_walkers(model: ToyModel, chains: int) -> ToyModel:
     probability = model.cfg.feature_probability
     if isinstance(probability, list):
         probability = [p for p in probability for _ in range(chains)]
-    cfg = dataclasses.replace(
-        model.cfg, n_instances=model.cfg.n_instances * chains, feature_probability=probability
-    )
+    cfg = dataclasses.replace(model.cfg, n_instances=model.cfg.n_instances * chains, feature_probability=probability)
     walkers = ToyModel(
         cfg,
         importance=model.importance.repeat_interleave(chains, 0),
