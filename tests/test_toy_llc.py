@@ -9,14 +9,20 @@ model's batched chains against one instance at a time.
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from toy_helpers import one_torch_thread
+from typer.testing import CliRunner
 
+from saelab.cli import app
 from saelab.errors import SaelabError
+from saelab.io import load_tensors
 from saelab.toy import ToyModel, ToyModelConfig, ToyTrainConfig, load_toy_model
 from saelab.toy.lab import analyze_folder, train_to_folder
 from saelab.toy.llc import LLCConfig, sgld_llc, toy_dataset, toy_llc, toy_walkers
@@ -241,3 +247,80 @@ def test_llc_config_refuses_bad_settings() -> None:
                 {"burnin": -1}, {"step_size": math.nan}):  # fmt: skip
         with pytest.raises(SaelabError):
             LLCConfig(**bad).validate()
+
+
+# --- `saelab toy llc` --------------------------------------------------------------------------------------------
+
+
+def _invoke(*args: object) -> str:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None:
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def snapshot_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("llc") / "run"
+    with one_torch_thread():
+        _invoke("toy", "train", "--out", out, "--n-features", 6, "--n-instances", 2, "--steps", 200,
+                "--batch-size", 128, "--snapshots", 5, "--no-progress")  # fmt: skip
+    return out
+
+
+def test_llc_command_writes_the_estimate_at_every_snapshot(snapshot_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "llc"
+    printed = _invoke("toy", "llc", snapshot_run, "--out", out, "--chains", 2, "--draws", 100, "--burnin", 20,
+                      "--no-progress")  # fmt: skip
+    assert f"wrote {out}" in printed and printed.count("loss=") == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["llc.json", "llc_traces.safetensors", "development.png", "sgld_traces.png", "plateaus.png"]
+    )
+    report = json.loads((out / "llc.json").read_text())
+    assert [row["step"] for row in report["snapshots"]] == snapshot_steps(200, 5)
+    # The folder's numbers are the estimator's: recompute snapshot 2 directly.
+    model, _ = load_toy_model(snapshot_run)
+    load_snapshot_into(model, load_snapshots(snapshot_run, model), 2)
+    cfg = LLCConfig(chains=2, draws=100, burnin=20)
+    direct = toy_llc(model, cfg)
+    for i, cell in enumerate(report["snapshots"][2]["instances"]):
+        assert cell["llc"] == pytest.approx(direct.llc_mean[i].item(), rel=1e-5)
+        assert cell["llc_std"] == pytest.approx(direct.llc_std[i].item(), rel=1e-4)
+        assert cell["loss"] == pytest.approx(direct.init_loss[i].item(), rel=1e-5)
+    traces = load_tensors(out / "llc_traces.safetensors")
+    assert traces["loss_trace"].shape == (5, 2, 2, 120)
+    assert (out / "development.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--step-size", "0"], "step_size must be a finite positive number"),
+        (["--chains", "0"], "chains"),
+        (["--draws", "1"], "draws must be at least 2"),
+    ],
+)
+def test_llc_bad_settings_are_one_line_errors_and_write_nothing(
+    snapshot_run: Path, tmp_path: Path, args: list[str], expected: str
+) -> None:
+    out = tmp_path / "llc"
+    with pytest.raises(SaelabError) as err:
+        _invoke("toy", "llc", snapshot_run, "--out", out, *args, "--no-progress")
+    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert not out.exists()
+
+
+def test_llc_refuses_to_write_into_its_input(snapshot_run: Path) -> None:
+    before = sorted(p.name for p in snapshot_run.iterdir())
+    with pytest.raises(SaelabError, match="inside the toy run"):
+        _invoke("toy", "llc", snapshot_run, "--out", snapshot_run / "llc", "--no-progress")
+    assert sorted(p.name for p in snapshot_run.iterdir()) == before
+
+
+def test_the_installed_llc_command_prints_one_line_and_exits_2(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "saelab.cli", "toy", "llc", str(tmp_path / "missing")],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("saelab: error: ") and result.stderr.count("\n") == 1
+    assert "missing is not a directory" in result.stderr

@@ -223,3 +223,22 @@ def analyze_toy_model(model: ToyModel, n_samples: int = 4096, seed: int = 0) -> 
         "n_samples": n_samples,
         "instances": instances,
     }
+
+
+def kgon_name(W: Tensor, tolerance_degrees: float = 10.0) -> list[str]:
+    """The k-gon each instance of a 2-D embedding forms (Chen et al. 2023): '5-gon' when its k represented
+    features (norm ≥ REPRESENTED_NORM) sit 360°/k apart within `tolerance_degrees`, '5-gon, irregular' when
+    they do not; '0-gon' when nothing is represented. `W [instances, 2, n_features]` → one name per instance."""
+    if W.shape[-2] != 2:
+        raise ValueError(f"k-gons need a 2-dimensional hidden space, got d_hidden = {W.shape[-2]}")
+    names = []
+    for inst in W.detach().cpu():
+        kept = inst[:, inst.norm(dim=0) >= REPRESENTED_NORM]
+        k = kept.shape[1]
+        if k < 2:
+            names.append(f"{k}-gon")
+            continue
+        gaps = polygon_gaps(kept[None])[0]
+        regular = bool((gaps - 360 / k).abs().max() <= tolerance_degrees)
+        names.append(f"{k}-gon" if regular else f"{k}-gon, irregular")
+    return names

@@ -11,10 +11,11 @@ from typing import Any
 import typer
 
 from saelab.errors import SaelabError
+from saelab.toy.llc import LLCConfig
 from saelab.toy.model import ToyModelConfig, ToyTrainConfig
 from saelab.toy.phase import PhaseDiagramConfig, phase_train_config
 
-app = typer.Typer(help="Toy models of superposition: train, analyze, phase-diagram.", no_args_is_help=True)
+app = typer.Typer(help="Toy models of superposition: train, analyze, phase-diagram, llc.", no_args_is_help=True)
 
 
 def parse_floats(text: str, option: str) -> list[float]:
@@ -141,3 +142,45 @@ def phase_diagram(
     train_cfg = phase_train_config(seed)
     train_cfg.steps, train_cfg.batch_size, train_cfg.lr = steps, batch_size, lr
     _print_summary(phase_diagram_to_folder(cfg, train_cfg, out, progress=progress))
+
+
+@app.command()
+def llc(
+    directory: Path = typer.Argument(
+        ..., help="A folder written by `saelab toy train` (with --snapshots N to follow training)."
+    ),
+    out: Path | None = typer.Option(None, help="Results folder [default: DIRECTORY_llc beside it]."),
+    samples: int = typer.Option(LLCConfig.n_samples, help="n: rows in the dataset D_n (nβ = n / log n)."),
+    batch_size: int = typer.Option(LLCConfig.batch_size, help="m: rows per SGLD step."),
+    chains: int = typer.Option(LLCConfig.chains, help="SGLD chains per instance."),
+    draws: int = typer.Option(LLCConfig.draws, help="SGLD steps averaged per chain, after the burn-in."),
+    burnin: int = typer.Option(LLCConfig.burnin, help="SGLD steps discarded first."),
+    step_size: float = typer.Option(LLCConfig.step_size, help="SGLD step size ε."),
+    localization: float = typer.Option(LLCConfig.localization, help="Pull γ towards the snapshot's weights."),
+    seed: int = typer.Option(0, help="Seed for D_n and the chains."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Estimate the local learning coefficient of every instance at every snapshot (SGLD, Lau et al. 2023)."""
+    from saelab.toy.development import llc_folder  # plotting libraries load only for commands that plot
+
+    cfg = LLCConfig(
+        n_samples=samples,
+        batch_size=batch_size,
+        chains=chains,
+        draws=draws,
+        burnin=burnin,
+        step_size=step_size,
+        localization=localization,
+        seed=seed,
+    )
+    report = llc_folder(directory, cfg, out, progress=progress)
+    typer.echo(f"wrote {report['out']}  ({', '.join(report['files'])})")
+    last = report["snapshots"][-1]
+    flagged = sum(not cell["stationary"] for row in report["snapshots"] for cell in row["instances"])
+    typer.echo(f"nβ = {report['nbeta']}; at step {last['step']}:")
+    for cell, changes in list(zip(last["instances"], report["transitions"], strict=True))[:16]:
+        path = " → ".join([changes[0]["from"], *(c["to"] for c in changes)]) if changes else cell["kgon"]
+        llc_text = "diverged" if cell["diverged"] else f"{cell['llc']:.3g} ± {cell['llc_std']:.2g}"
+        typer.echo(f"  #{cell['instance']:<3} loss={cell['loss']:<10.4g} llc={llc_text:<16} {path}")
+    if flagged:
+        typer.echo(f"{flagged} estimate(s) drifted (see llc.json 'stationary'); try more draws or a smaller step size")

@@ -1,0 +1,233 @@
+"""Development of a toy model over training: loss, local learning coefficient and k-gon at every snapshot.
+
+`llc_over_training` estimates λ̂ (saelab.toy.llc) for every instance at every snapshot of a saved run, all on the
+same dataset D_n so that changes along training are not changes of data; `write_llc_folder` writes
+
+    llc.json              settings, and per snapshot and instance: step, loss L_n(w*), λ̂ (mean, chain spread,
+                          per chain), drift between the halves of the draws, stationarity flag, k-gon
+    llc_traces.safetensors  `step [snapshot]`, `loss_trace [snapshot, instance, chain, sgld_step]`
+    development.png       per instance: loss and λ̂ against step (log axes), the k-gon marked where it changes
+    plateaus.png          per instance: the features in 2D at the end of each k-gon stretch
+    sgld_traces.png       per instance: every chain's minibatch loss at the last snapshot (the SGLD diagnostic)
+
+Chen et al. 2023 report that a TMS model's loss falls in steps as it moves between k-gon critical points and that
+λ̂ rises at each step: the loss drops, the model becomes more complex. `transitions` lists those steps per instance.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from saelab.config import config_to_dict
+from saelab.errors import SaelabError
+from saelab.io import atomic_directory, atomic_write_bytes, atomic_write_json, save_tensors
+from saelab.toy.analysis import kgon_name
+from saelab.toy.llc import LLCConfig, toy_dataset, toy_llc
+from saelab.toy.model import ToyModel, load_toy_model
+from saelab.toy.plots import plot_features_2d
+from saelab.toy.snapshots import SNAPSHOTS_FILE, load_snapshot_into, load_snapshots
+
+FORMAT_NAME = "saelab.toy_llc"
+
+
+def stationary(llc_mean: float, llc_std: float, drift: float) -> bool:
+    """Whether a chain's loss stopped moving: the drift between the halves of the draws is within twice the
+    chain-to-chain spread or 10 % of λ̂, whichever is larger (a heuristic; look at the trace when it fails)."""
+    return math.isfinite(drift) and abs(drift) <= max(2 * llc_std, 0.1 * abs(llc_mean))
+
+
+def llc_over_training(directory: Path, cfg: LLCConfig, progress: bool = True) -> dict[str, Any]:
+    """λ̂ with its diagnostics at every snapshot of the toy run in `directory` (its final weights when it kept
+    no snapshots). Returns the JSON-ready report plus `loss_trace`, `steps` and `W` tensors for the figures."""
+    cfg.validate()
+    model, train_cfg = load_toy_model(directory)
+    if (Path(directory) / SNAPSHOTS_FILE).is_file():
+        snapshots = load_snapshots(directory, model)
+    else:
+        final_step = train_cfg.steps if train_cfg is not None else 0
+        snapshots = {"step": torch.tensor([final_step])}
+        snapshots.update({name: param.detach()[None].clone() for name, param in model.named_parameters()})
+    data = toy_dataset(model, cfg.n_samples, cfg.seed)
+    steps = snapshots["step"].tolist()
+    rows: list[dict[str, Any]] = []
+    traces = []
+    for index in tqdm(range(len(steps)), disable=not progress, desc="LLC per snapshot", dynamic_ncols=True):
+        load_snapshot_into(model, snapshots, index)
+        estimate = toy_llc(model, cfg, data)
+        traces.append(estimate.loss_trace.float())
+        names = kgon_name(model.W) if model.cfg.d_hidden == 2 else [""] * model.cfg.n_instances
+        instances = []
+        for i in range(model.cfg.n_instances):
+            mean, std, drift = (float(t[i]) for t in (estimate.llc_mean, estimate.llc_std, estimate.drift))
+            diverged = bool(estimate.diverged[i])
+            instances.append(
+                {
+                    "instance": i,
+                    "loss": _round(float(estimate.init_loss[i])),
+                    "llc": None if diverged else _round(mean),
+                    "llc_std": None if diverged else _round(std),
+                    "llc_per_chain": [None if diverged else _round(float(v)) for v in estimate.llc_per_chain[i]],
+                    "drift": None if diverged else _round(drift),
+                    "stationary": not diverged and stationary(mean, std, drift),
+                    "diverged": diverged,
+                    "distance": _round(float(estimate.distance[i].mean())),
+                    "kgon": names[i],
+                }
+            )
+        rows.append({"step": steps[index], "instances": instances})
+    return {
+        "format": FORMAT_NAME,
+        "source": str(directory),
+        "estimator": "llc = nbeta * (mean SGLD minibatch loss after burn-in - L_n(w*)), nbeta = n / log n",
+        "llc": config_to_dict(cfg),
+        "nbeta": _round(cfg.nbeta),
+        "n_instances": model.cfg.n_instances,
+        "snapshots": rows,
+        "transitions": transitions(rows),
+        "_tensors": {"step": snapshots["step"], "loss_trace": torch.stack(traces), "W": snapshots["W"]},
+        "_model": model,
+    }
+
+
+def transitions(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Per instance, every change of k-gon between consecutive snapshots, with loss and λ̂ on both sides."""
+    per_instance: list[list[dict[str, Any]]] = []
+    for i in range(len(rows[0]["instances"])):
+        changes = []
+        for before, after in itertools.pairwise(rows):
+            a, b = before["instances"][i], after["instances"][i]
+            if a["kgon"] != b["kgon"]:
+                changes.append(
+                    {
+                        "step": after["step"],
+                        "from": a["kgon"],
+                        "to": b["kgon"],
+                        "loss_before": a["loss"],
+                        "loss_after": b["loss"],
+                        "llc_before": a["llc"],
+                        "llc_after": b["llc"],
+                    }
+                )
+        per_instance.append(changes)
+    return per_instance
+
+
+def _round(value: float) -> float | None:
+    return float(f"{value:.6g}") if math.isfinite(value) else None
+
+
+def write_llc_folder(report: dict[str, Any], out: Path, max_instances: int = 16) -> list[str]:
+    """Write llc.json, llc_traces.safetensors and the figures into `out`, atomically; return the file names."""
+    tensors, model = report["_tensors"], report["_model"]
+    json_ready = {key: value for key, value in report.items() if not key.startswith("_")}
+    with atomic_directory(Path(out)) as tmp:
+        atomic_write_json(tmp / "llc.json", json_ready)
+        save_tensors(tmp / "llc_traces.safetensors", {"step": tensors["step"], "loss_trace": tensors["loss_trace"]})
+        names = ["llc.json", "llc_traces.safetensors"]
+        shown = list(range(min(model.cfg.n_instances, max_instances)))
+        _save(plot_development(json_ready, shown), tmp / "development.png")
+        _save(plot_sgld_traces(tensors["loss_trace"][-1], report, shown), tmp / "sgld_traces.png")
+        names += ["development.png", "sgld_traces.png"]
+        if model.cfg.d_hidden == 2:
+            plot_plateaus(json_ready, tensors["W"], model, shown[:8], tmp / "plateaus.png")
+            names.append("plateaus.png")
+    return names
+
+
+def _save(fig: Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _grid(n_panels: int, width: float, height: float, cols: int = 4) -> tuple[Figure, list]:
+    cols = min(cols, n_panels)
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(width * cols, height * rows + 0.5), layout="constrained")
+    return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
+
+
+def plot_development(report: dict[str, Any], instances: list[int]) -> Figure:
+    """Loss (log) and λ̂ (± chain spread) against step (log), a dotted line and the new k-gon at each change."""
+    fig, axes = _grid(len(instances), 3.6, 2.6)
+    steps = [row["step"] for row in report["snapshots"]]
+    for ax, i in zip(axes, instances, strict=True):
+        cells = [row["instances"][i] for row in report["snapshots"]]
+        loss = [c["loss"] if c["loss"] and c["loss"] > 0 else math.nan for c in cells]
+        llc = [c["llc"] if c["llc"] is not None else math.nan for c in cells]
+        spread = [c["llc_std"] if c["llc_std"] is not None else math.nan for c in cells]
+        ax.plot(steps, loss, color="#3b6fb6", marker="o", ms=2.5, lw=1.2)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("loss L_n(w)", color="#3b6fb6", fontsize=8)
+        twin = ax.twinx()
+        twin.errorbar(steps, llc, yerr=spread, color="#c8413b", marker="s", ms=2.5, lw=1.2, capsize=1.5)
+        twin.set_ylabel("LLC λ̂", color="#c8413b", fontsize=8)
+        unsettled = [s for s, c in zip(steps, cells, strict=True) if not c["stationary"]]
+        twin.scatter(unsettled, [llc[steps.index(s)] for s in unsettled], s=30, facecolors="none", edgecolors="k")
+        previous = None
+        for step, cell in zip(steps, cells, strict=True):
+            if cell["kgon"] != previous:
+                ax.axvline(step, color="#999999", ls=":", lw=0.8)
+                ax.text(step, 1.0, f" {cell['kgon']}", transform=ax.get_xaxis_transform(), rotation=90,
+                        va="top", ha="left", fontsize=6)  # fmt: skip
+                previous = cell["kgon"]
+        ax.tick_params(labelsize=7)
+        twin.tick_params(labelsize=7)
+        ax.set_title(f"instance {i}", fontsize=9)
+    fig.suptitle("Loss (blue) and local learning coefficient (red, ± chain spread; ringed: drifting chain) "
+                 "against training step; dotted: k-gon changes", fontsize=9)  # fmt: skip
+    return fig
+
+
+def plot_sgld_traces(trace: torch.Tensor, report: dict[str, Any], instances: list[int]) -> Figure:
+    """Every chain's minibatch loss along SGLD at the last snapshot, with L_n(w*) and the burn-in marked."""
+    fig, axes = _grid(len(instances), 3.2, 2.2)
+    burnin = report["llc"]["burnin"]
+    last = report["snapshots"][-1]
+    for ax, i in zip(axes, instances, strict=True):
+        for chain in trace[i]:
+            ax.plot(chain.numpy(), lw=0.6, alpha=0.8)
+        ax.axhline(last["instances"][i]["loss"], color="k", lw=0.8, ls="--")
+        ax.axvline(burnin, color="#999999", lw=0.8, ls=":")
+        ax.set_title(f"instance {i}: λ̂ = {last['instances'][i]['llc']}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"SGLD minibatch loss per chain at step {last['step']} (dashed: L_n(w*); dotted: end of burn-in; "
+                 f"ε = {report['llc']['step_size']}, γ = {report['llc']['localization']}, nβ = {report['nbeta']})",
+                 fontsize=9)  # fmt: skip
+    return fig
+
+
+def plot_plateaus(report: dict[str, Any], W: torch.Tensor, model: ToyModel, instances: list[int], path: Path) -> None:
+    """The features in 2D at the last snapshot of every stretch with one k-gon (a plateau), per instance."""
+    panels, titles, importance = [], [], []
+    for i in instances:
+        cells = [row["instances"][i] for row in report["snapshots"]]
+        for index, cell in enumerate(cells):
+            if index == len(cells) - 1 or cells[index + 1]["kgon"] != cell["kgon"]:
+                panels.append(W[index, i])
+                step = report["snapshots"][index]["step"]
+                titles.append(f"#{i} step {step}: {cell['kgon']}, λ̂ {cell['llc']}")
+                importance.append(model.importance[i].detach().cpu())
+    plot_features_2d(torch.stack(panels), path, torch.stack(importance), titles, max_panels=len(panels))
+
+
+def llc_folder(directory: Path, cfg: LLCConfig, out: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """`saelab toy llc DIR`: estimate along training and write the results to `out` (default `DIR_llc`)."""
+    directory = Path(directory)
+    out = Path(out) if out is not None else directory.with_name(directory.name + "_llc")
+    if out.resolve() == directory.resolve() or directory.resolve() in out.resolve().parents:
+        raise SaelabError(f"--out {out} is inside the toy run {directory}; choose a folder outside it")
+    report = llc_over_training(directory, cfg, progress)
+    files = write_llc_folder(report, out)
+    summary = {key: value for key, value in report.items() if not key.startswith("_")}
+    return {**summary, "out": str(out), "files": files}
