@@ -1,4 +1,4 @@
-"""saelab.sae.metrics on inputs whose answers are known in closed form."""
+"""saelab.sae.metrics and saelab.stats on inputs whose answers are known in closed form."""
 
 from __future__ import annotations
 
@@ -9,14 +9,8 @@ import torch
 from sae_helpers import one_thread  # noqa: F401  (autouse)
 
 from saelab.errors import SaelabError
-from saelab.sae.metrics import (
-    ReconstructionStats,
-    density_metrics,
-    explained_variance,
-    ground_truth_metrics,
-    mcc,
-    mmcs,
-)
+from saelab.sae.metrics import ground_truth_metrics, mcc, mmcs
+from saelab.stats import ReconstructionStats, density_metrics, explained_variance
 
 
 def _stats(x: torch.Tensor, x_hat: torch.Tensor, latents: torch.Tensor, batch: int) -> dict:

@@ -7,7 +7,7 @@ import torch
 from sae_helpers import one_thread  # noqa: F401  (autouse)
 
 from saelab.errors import SaelabError
-from saelab.sae.fast import block_rows, relu_l1_loss_and_grads, scatter_rows, topk_sparse_latents
+from saelab.sae.fast import block_rows, relu_l1_loss_and_grads, scatter_rows
 from saelab.sae.model import ARCHITECTURES, SAEConfig, build_sae
 
 
@@ -153,7 +153,7 @@ def test_sparse_helpers_match_dense_computations() -> None:
 
     sae = _perturbed_sae("topk", k=4)
     x = torch.randn(50, 12)
-    values, indices = topk_sparse_latents(sae, x)
+    values, indices = sae.sparse_encode(x)
     torch.testing.assert_close(torch.zeros(50, 48).scatter(1, indices, values), sae.encode(x))
 
 

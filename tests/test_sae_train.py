@@ -100,13 +100,13 @@ class _CrashingSource:
 
     def __init__(self, source, batches: int) -> None:
         self.source, self.left = source, batches
-        self.d_in, self.metadata = source.d_in, source.metadata
+        self.hooks, self.d_ins, self.metadata_for = source.hooks, source.d_ins, source.metadata_for
 
-    def next_batch(self, batch_size: int) -> torch.Tensor:
+    def next_batches(self, batch_size: int) -> dict[str, torch.Tensor]:
         self.left -= 1
         if self.left < 0:
             raise RuntimeError("killed")
-        return self.source.next_batch(batch_size)
+        return self.source.next_batches(batch_size)
 
     def state_dict(self) -> dict:
         return self.source.state_dict()

@@ -35,13 +35,13 @@ class DiesAfter:
 
     def __init__(self, source, n: int) -> None:
         self.source, self.n = source, n
-        self.d_in, self.metadata = source.d_in, source.metadata
+        self.hooks, self.d_ins, self.metadata_for = source.hooks, source.d_ins, source.metadata_for
 
-    def next_batch(self, batch_size: int) -> torch.Tensor:
+    def next_batches(self, batch_size: int) -> dict[str, torch.Tensor]:
         self.n -= 1
         if self.n < 0:
             raise KeyboardInterrupt
-        return self.source.next_batch(batch_size)
+        return self.source.next_batches(batch_size)
 
     def state_dict(self):
         return self.source.state_dict()

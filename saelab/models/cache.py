@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from saelab.activations import OneHookView
 from saelab.config import load_json
 from saelab.errors import SaelabError
 from saelab.io import atomic_directory, atomic_write_json
@@ -94,12 +95,12 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-class CachedActivations:
-    """The activation-source protocol over a cache: rows in written order, as `[batch, d_in]` batches.
+class CachedActivations(OneHookView):
+    """An activation source over a cache: rows in written order, as `{hook: [batch, d_in]}` batches.
 
-    Reads one hook (`hook="blocks.0.hook_resid_post"`; then `d_in`, `metadata` and `next_batch` apply) or several
-    (`hook` a list, or None for all of the cache's hooks; then `d_ins`, `metadata_for` and `next_batches`, whose
-    row j is the same token at every hook, as the live store serves them).
+    Reads one hook (`hook="blocks.0.hook_resid_post"`; then the shorthands `d_in`, `metadata` and `next_batch`
+    apply too) or several (`hook` a list, or None for all of the cache's hooks), row j being the same token at
+    every hook, as the live store serves them.
     """
 
     def __init__(self, folder: str | Path, hook: str | Sequence[str] | None = None, device: str = "cpu") -> None:
@@ -122,20 +123,6 @@ class CachedActivations:
         self._ends = np.cumsum(manifest["shards"])  # row index one past each shard
         self._row = 0
 
-    @property
-    def hook(self) -> str:
-        if len(self.hooks) != 1:
-            raise SaelabError(f"this reader holds {len(self.hooks)} hooks; use next_batches / metadata_for(hook)")
-        return self.hooks[0]
-
-    @property
-    def d_in(self) -> int:
-        return self.d_ins[self.hook]
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        return self.metadata_for(self.hook)
-
     def metadata_for(self, hook: str) -> dict[str, Any]:
         """The live store's metadata (model, hook, dataset): an SAE trained from the cache is evaluated on the model."""
         return dict(self._metadata[hook])
@@ -153,12 +140,8 @@ class CachedActivations:
             )
         return shard
 
-    def next_batch(self, batch_size: int) -> Tensor:
-        """The next `batch_size` rows of the one hook; only they are read from disk."""
-        return self.next_batches(batch_size)[self.hook]
-
     def next_batches(self, batch_size: int) -> dict[str, Tensor]:
-        """The next `batch_size` rows of every hook read."""
+        """The next `batch_size` rows of every hook read; only they are read from disk."""
         end = self._row + batch_size
         if end > self.tokens:
             raise SaelabError(

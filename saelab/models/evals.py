@@ -10,7 +10,7 @@ are both regular tokens (not BOS/padding; those positions also keep their clean 
     KL_sae    = mean KL(p_clean ‖ p_sae) = mean Σ_v p_clean(v) (log p_clean(v) − log p_sae(v)), KL_abl likewise
     KL score  = (KL_abl − KL_sae) / KL_abl
 
-plus the SAE's reconstruction metrics (explained variance, MSE, L0, …, see `saelab.sae.metrics`) on the
+plus the SAE's reconstruction metrics (explained variance, MSE, L0, …, see `saelab.stats`) on the
 activations of the same regular tokens.
 """
 
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from saelab.errors import SaelabError
 from saelab.models.access import BUILTIN, LanguageModel, load_model, sae_replacement, zero_ablation
 from saelab.models.data import ContextStream, iter_texts
+from saelab.stats import ReconstructionStats
 
 DEFAULT_EVAL_TOKENS = 2**15
 
@@ -47,8 +48,6 @@ def lm_eval(
     read from its held-out files; a local dataset has no split, so pass held-out text as `dataset`. About
     `n_tokens` tokens are evaluated, `model_batch_size` contexts per forward pass; the SAE moves to the model's device.
     """
-    from saelab.sae.metrics import ReconstructionStats
-
     metadata = getattr(sae, "metadata", None) or getattr(sae.cfg, "metadata", None) or {}
     hook = metadata.get("hook_name")
     if not hook:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from saelab.activations import OneHookView
 from saelab.errors import SaelabError
 from saelab.models.access import BUILTIN, LanguageModel, load_model
 from saelab.models.data import ContextStream, iter_texts
@@ -29,11 +30,10 @@ DEFAULT_BUFFER_TOKENS = 2**17
 BUFFER_BATCHES = 16  # the buffer mixes at least this many training batches
 
 
-class ActivationStore:
+class ActivationStore(OneHookView):
     """Shuffled activations from `model` at `hooks` over the token contexts of `contexts`.
 
-    The activation-source protocol of the SAE trainer: `d_in`, `metadata`, `next_batch(batch_size)`,
-    `state_dict()`, `load_state_dict(state)`. With several hooks, `next_batches` gives every hook's batch at once.
+    An activation source (`saelab.activations.ActivationSource`): `next_batches` gives every hook's batch at once.
     """
 
     def __init__(
@@ -66,14 +66,6 @@ class ActivationStore:
         self._served = 0
         self._start = contexts.state_dict()  # the token position where buffer _index starts
 
-    @property
-    def d_in(self) -> int:
-        return self.d_ins[self._only_hook()]
-
-    @property
-    def metadata(self) -> dict[str, Any]:
-        return self.metadata_for(self._only_hook())
-
     def metadata_for(self, hook: str) -> dict[str, Any]:
         """What an SAE trained on `hook` records about its data (SAELens's field names where they exist)."""
         length = self.contexts.context_length
@@ -89,16 +81,6 @@ class ActivationStore:
             "exclude_special_tokens": self.model.special_token_ids,
             "d_in": self.d_ins[hook],
         }
-
-    def _only_hook(self) -> str:
-        if len(self.hooks) != 1:
-            raise SaelabError(f"this store reads {len(self.hooks)} hooks; use next_batches / metadata_for(hook)")
-        return self.hooks[0]
-
-    def next_batch(self, batch_size: int) -> Tensor:
-        """The next [batch_size, d_in] activations of the store's one hook."""
-        hook = self._only_hook()
-        return self.next_batches(batch_size)[hook]
 
     def next_batches(self, batch_size: int) -> dict[str, Tensor]:
         """The next {hook: [batch_size, d_in]} activations; row j is the same token at every hook."""

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from saelab.errors import SaelabError
+
+if TYPE_CHECKING:
+    from saelab.activations import ActivationSource
 
 app = typer.Typer(help="Sparse autoencoders: train, eval, info.", no_args_is_help=True)
 
@@ -36,7 +39,7 @@ def _build_source(
     seed: int,
     device: str,
     bf16: bool,
-) -> Any:
+) -> ActivationSource:
     """A toy, synthetic or cached source from its spec, else the language-model activation store.
 
     Under torchrun, the store reads only this rank's contexts and any other source is wrapped in a RankSlice.
@@ -80,7 +83,7 @@ def train(
     ),
     context_length: int = typer.Option(128, help="Tokens per context for language-model activations."),
     bf16: bool = typer.Option(False, help="Run the language model's forward pass under bfloat16 autocast."),
-    architecture: str = typer.Option("topk", help="relu | topk | batchtopk | jumprelu | gated."),
+    architecture: str = typer.Option("topk", help="SAE architecture: topk, relu, … (an unknown name lists them all)."),
     d_sae: int = typer.Option(None, help="Number of latents (default 8 × d_in)."),
     k: str = typer.Option(None, help="Active latents per token for topk/batchtopk; a comma list sweeps."),
     sparsity_coefficient: str = typer.Option(
@@ -105,27 +108,28 @@ def train(
     Under `torchrun --nproc_per_node N`, N processes train data-parallel (gloo on CPU, NCCL on GPU).
     """
     from saelab import distributed
-    from saelab.sae.model import ARCHITECTURES, SAEConfig
+    from saelab.sae.model import SAE_CLASSES, SAEConfig
     from saelab.sae.train import SAETrainConfig, sae_labels, train_saes
 
-    if architecture not in ARCHITECTURES:
-        raise SaelabError(f"unknown --architecture '{architecture}'; choose one of {', '.join(ARCHITECTURES)}")
+    if architecture not in SAE_CLASSES:
+        raise SaelabError(f"unknown --architecture '{architecture}'; choose one of {', '.join(SAE_CLASSES)}")
+    by_k = SAE_CLASSES[architecture].sparsity_by_k
     ks, coefficients = _numbers(k, "--k"), _numbers(sparsity_coefficient, "--sparsity-coefficient")
     if ks and coefficients:
         raise SaelabError("sweep over --k or over --sparsity-coefficient, not both at once")
-    if ks and architecture not in ("topk", "batchtopk"):
-        raise SaelabError(f"--k applies to topk and batchtopk, not {architecture}; use --sparsity-coefficient")
-    if coefficients and architecture in ("topk", "batchtopk"):
+    if ks and not by_k:
+        k_architectures = " and ".join(name for name, cls in SAE_CLASSES.items() if cls.sparsity_by_k)
+        raise SaelabError(f"--k applies to {k_architectures}, not {architecture}; use --sparsity-coefficient")
+    if coefficients and by_k:
         raise SaelabError(f"{architecture} sets sparsity with --k, not --sparsity-coefficient")
     hooks = list(dict.fromkeys(hook or []))
     if distributed.launched_by_torchrun():
         device = distributed.init_from_env(device)
     try:
         activations = _build_source(source, model, dataset, hooks, context_length, batch_size, seed, device, bf16)
-        source_hooks = getattr(activations, "hooks", None)
         configs, sae_hooks = [], []
-        for stream in source_hooks or [None]:
-            d_in = activations.d_ins[stream] if stream else activations.d_in
+        for stream in activations.hooks:
+            d_in = activations.d_ins[stream]
             base: dict[str, Any] = {"architecture": architecture, "d_in": d_in, "d_sae": d_sae or 8 * d_in}
             if ks:
                 configs += [SAEConfig(**base, k=int(v) if v.is_integer() else v) for v in ks]
@@ -147,11 +151,9 @@ def train(
             seed=seed,
             device=device,
         )
-        saes = train_saes(
-            activations, configs, train_cfg, out, resume, progress=not quiet, hooks=sae_hooks if source_hooks else None
-        )
+        saes = train_saes(activations, configs, train_cfg, out, resume, progress=not quiet, hooks=sae_hooks)
         if distributed.is_main():
-            labels = sae_labels(configs, sae_hooks if source_hooks else None)
+            labels = sae_labels(configs, sae_hooks)
             where = out if len(saes) == 1 else ", ".join(str(out / label) for label in labels)
             typer.echo(f"saved {len(saes)} SAE{'s' if len(saes) > 1 else ''}: {where}")
     finally:
@@ -208,9 +210,9 @@ def info(
         "decoder_norm_min": float(norms.min()),
         "decoder_norm_max": float(norms.max()),
     }
-    if sae.cfg.architecture in ("topk", "batchtopk"):
+    if sae.sparsity_by_k:
         summary["k"] = sae.cfg.k
-    elif sae.cfg.architecture in ("relu", "gated", "jumprelu") and sae.saved_info:
+    elif sae.saved_info:  # a coefficient SAELens does not record is not known
         summary["sparsity_coefficient"] = sae.cfg.sparsity_coefficient
     for key in ("model_name", "hook_name", "source"):
         if sae.metadata.get(key):

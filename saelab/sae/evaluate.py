@@ -13,21 +13,30 @@ from typing import Any
 
 import torch
 
+from saelab.activations import KnownFeatures
 from saelab.errors import SaelabError
 from saelab.sae.io import load_sae
-from saelab.sae.metrics import ReconstructionStats, ground_truth_metrics
+from saelab.sae.metrics import ground_truth_metrics
 from saelab.sae.model import SAE
 from saelab.sae.sources import ActivationSource, parse_source
+from saelab.stats import ReconstructionStats
 
 # The data-stream seed of evaluation sources, kept apart from the small seeds training runs use.
 EVAL_SEED = 1_000_003
 
 
 @torch.no_grad()
-def evaluate_sae(sae: SAE, source: ActivationSource, tokens: int = 65536, batch_size: int = 4096) -> dict[str, Any]:
-    """Metrics of `sae` on `tokens` fresh activations from `source` (see `saelab.sae.metrics`)."""
-    if source.d_in != sae.cfg.d_in:
-        raise SaelabError(f"the SAE reads d_in = {sae.cfg.d_in}, but the source gives d_in = {source.d_in}")
+def evaluate_sae(
+    sae: SAE, source: ActivationSource, tokens: int = 65536, batch_size: int = 4096, hook: str | None = None
+) -> dict[str, Any]:
+    """Metrics of `sae` on `tokens` fresh activations from `source` at `hook` (default: its only hook)."""
+    if hook is None:
+        if len(source.hooks) != 1:
+            raise SaelabError(f"the source reads {len(source.hooks)} hooks; name the one to evaluate on")
+        hook = source.hooks[0]
+    d_in = source.d_ins[hook]
+    if d_in != sae.cfg.d_in:
+        raise SaelabError(f"the SAE reads d_in = {sae.cfg.d_in}, but the source gives d_in = {d_in}")
     if tokens <= 0 or batch_size <= 0:
         raise SaelabError(f"tokens and batch size must be positive, got {tokens} and {batch_size}")
     was_training = sae.training
@@ -35,14 +44,13 @@ def evaluate_sae(sae: SAE, source: ActivationSource, tokens: int = 65536, batch_
     device = sae.W_dec.device
     stats = ReconstructionStats(sae.cfg.d_sae)
     for start in range(0, tokens, batch_size):
-        x = source.next_batch(min(batch_size, tokens - start)).to(device)
+        x = source.next_batches(min(batch_size, tokens - start))[hook].to(device)
         latents = sae.encode(x)
         stats.update(x, sae.decode(latents), latents)
     sae.train(was_training)
     report = stats.compute()
-    true = getattr(source, "true_directions", None)
-    if true is not None:
-        report["ground_truth"] = ground_truth_metrics(true, sae.W_dec.detach().cpu())
+    if isinstance(source, KnownFeatures):
+        report["ground_truth"] = ground_truth_metrics(source.true_directions, sae.W_dec.detach().cpu())
     return report
 
 
@@ -61,7 +69,9 @@ def evaluate_saved(
         return _lm_eval(sae, Path(sae_dir), n_tokens=tokens, device=device)
     if spec is None:
         raise SaelabError(f"{sae_dir} records no activation source; pass --source (e.g. synthetic or toy:DIR)")
-    report = evaluate_sae(sae, parse_source(spec, seed=EVAL_SEED), tokens, batch_size)
+    activations = parse_source(spec, seed=EVAL_SEED)
+    hook = metadata.get("hook_name")
+    report = evaluate_sae(sae, activations, tokens, batch_size, hook if hook in activations.hooks else None)
     return {"sae": str(sae_dir), "architecture": sae.cfg.architecture, "source": spec, **report}
 
 

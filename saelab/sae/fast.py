@@ -1,4 +1,5 @@
-"""Fused training paths for the ReLU and TopK SAEs; `tests/test_sae_model.py` holds them to the reference.
+"""Fused training kernels for the ReLU and TopK SAEs, on plain tensors; `tests/test_sae_model.py` holds the
+architectures' fused paths built from them (`saelab.sae.model`) to the reference.
 
 ReLU + L1: the loss and all four gradients are computed in one sweep over row blocks of the batch, so the
 `[tokens, d_sae]` latents never exist as a whole (each block stays in cache) and the work is the five dense
@@ -22,8 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saelab.sae.model import SAE, SAEOutput
-
 # Rows per block: a [rows, d_sae] float32 block of 8 MiB stays in L3 cache (measured: 2 to 8 MiB all do well).
 BLOCK_ELEMENTS = 1 << 21
 
@@ -38,17 +37,11 @@ def block_rows(d_sae: int) -> int:
     return max(16, BLOCK_ELEMENTS // d_sae)
 
 
-def fused_forward(sae: SAE, x: Tensor, dead: Tensor | None, sparsity_scale: float) -> SAEOutput | None:
-    """The fused training forward for `sae` on `x [tokens, d_in]`, or None where there is none (use the reference)."""
+def fused_paths_apply(x: Tensor) -> bool:
+    """Whether the fused paths suit a batch `x`; elsewhere the plain reference runs."""
     if x.device.type != "cpu":
-        return None  # CPU paths: on an H100 the plain whole-batch products ran 2-3x faster than these
-    if x.dtype not in (torch.float32, torch.float64):
-        return None  # block-wise accumulation in half precision would drift from the reference
-    if sae.architecture == "relu":
-        return relu_l1_forward(sae, x, sparsity_scale)
-    if sae.architecture == "topk":
-        return topk_forward(sae, x, dead)
-    return None
+        return False  # CPU paths: on an H100 the plain whole-batch products ran 2-3x faster than these
+    return x.dtype in (torch.float32, torch.float64)  # block-wise sums in half precision would drift
 
 
 class _AttachGradients(torch.autograd.Function):
@@ -62,6 +55,11 @@ class _AttachGradients(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor) -> tuple[Any, ...]:
         return (None, None, *(grad * grad_loss for grad in ctx.grads))
+
+
+def attach_gradients(loss: Tensor, grads: tuple[Tensor, ...], params: tuple[Tensor, ...]) -> Tensor:
+    """`loss`, whose backward gives each of `params` its precomputed gradient from `grads`."""
+    return _AttachGradients.apply(loss, grads, *params)
 
 
 # --- ReLU + L1 -------------------------------------------------------------------------------------------------
@@ -204,15 +202,6 @@ def csr_tensor(row_offsets: Tensor, columns: Tensor, values: Tensor, size: tuple
         return torch.sparse_csr_tensor(row_offsets, columns, values, size, check_invariants=False)
 
 
-def relu_l1_forward(sae: SAE, x: Tensor, sparsity_scale: float) -> SAEOutput:
-    params = (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
-    coefficient = sae.cfg.sparsity_coefficient * sparsity_scale
-    terms, grads = relu_l1_loss_and_grads(x, *params, coefficient, sae.cfg.apply_b_dec_to_input)
-    loss = _AttachGradients.apply(terms["mse"] + terms["sparsity"], tuple(grads.values()), *params)
-    zero = x.new_zeros(())
-    return SAEOutput(terms["x_hat"], None, loss, terms["mse"], terms["sparsity"], zero, terms["fired"])
-
-
 # --- TopK ------------------------------------------------------------------------------------------------------
 
 
@@ -275,30 +264,28 @@ class _SparseEncoderGrad(torch.autograd.Function):
         return None, grad_x_in, grad_W_enc, grad_b_enc, None
 
 
-def topk_forward(sae: SAE, x: Tensor, dead: Tensor | None) -> SAEOutput:
-    cfg = sae.cfg
-    n_dead = 0 if dead is None or cfg.aux_k_coefficient == 0 else int(dead.sum())
-    aux_k = min(cfg.aux_k_latents, n_dead)
-    x_in = x - sae.b_dec if cfg.apply_b_dec_to_input else x
-    pre, indices, aux_pre, aux_indices = topk_encode(x_in.detach(), sae.W_enc, sae.b_enc, int(cfg.k), dead, aux_k)
-    values = _SparseEncoderGrad.apply(pre, x_in, sae.W_enc, sae.b_enc, indices).relu()
-    x_hat = F.embedding_bag(indices, sae.W_dec, per_sample_weights=values, mode="sum") + sae.b_dec
-    mse = (x_hat - x).pow(2).sum(dim=-1).mean()
-    aux = x.new_zeros(())
-    if aux_k > 0:
-        aux_values = _SparseEncoderGrad.apply(aux_pre, x_in, sae.W_enc, sae.b_enc, aux_indices).relu()
-        aux_x_hat = F.embedding_bag(aux_indices, sae.W_dec, per_sample_weights=aux_values, mode="sum")
-        residual = (x - x_hat).detach()
-        scale = min(n_dead / cfg.aux_k_latents, 1.0)
-        aux = cfg.aux_k_coefficient * scale * (aux_x_hat - residual).pow(2).sum(dim=-1).mean()
-    fired = torch.bincount(indices[values > 0], minlength=cfg.d_sae)
-    zero = x.new_zeros(())
-    return SAEOutput(x_hat, None, mse + aux, mse.detach(), zero, aux.detach(), fired)
+def topk_train_forward(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    k: int,
+    apply_b_dec: bool,
+    dead: Tensor | None = None,
+    aux_k: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """A TopK SAE's training forward on `x [tokens, d_in]`, with gradients reaching only the selected latents.
 
-
-@torch.no_grad()
-def topk_sparse_latents(sae: SAE, x: Tensor) -> tuple[Tensor, Tensor]:
-    """A TopK SAE's latents of `x [tokens, d_in]` as (values, indices) `[tokens, k]`, never densified."""
-    x_in = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
-    values, indices, _, _ = topk_encode(x_in, sae.W_enc, sae.b_enc, int(sae.cfg.k))
-    return values.relu_(), indices
+    Returns x̂ `[tokens, d_in]`, the kept latents as values and indices `[tokens, k]`, and, with `aux_k` > 0 and a
+    `dead [d_sae]` mask, the decoded top-`aux_k` dead latents `[tokens, d_in]` (no b_dec) for the AuxK loss.
+    """
+    x_in = x - b_dec if apply_b_dec else x
+    pre, indices, aux_pre, aux_indices = topk_encode(x_in.detach(), W_enc, b_enc, k, dead, aux_k)
+    values = _SparseEncoderGrad.apply(pre, x_in, W_enc, b_enc, indices).relu()
+    x_hat = F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum") + b_dec
+    aux_x_hat = None
+    if aux_pre is not None and aux_k > 0:
+        aux_values = _SparseEncoderGrad.apply(aux_pre, x_in, W_enc, b_enc, aux_indices).relu()
+        aux_x_hat = F.embedding_bag(aux_indices, W_dec, per_sample_weights=aux_values, mode="sum")
+    return x_hat, values, indices, aux_x_hat

@@ -4,8 +4,9 @@ cfg.json holds the SAELens fields (`architecture`, `d_in`, `d_sae`, `dtype`, `de
 `normalize_activations`, `reshape_activations`, `metadata` with `hook_name`, `model_name`, …, and `k` for TopK)
 plus a `saelab` block with saelab's own config and training record, which SAELens ignores. The weight file holds
 `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`, `b_enc [d_sae]`, `b_dec [d_in]`, and `threshold [d_sae]` for
-JumpReLU (or `b_gate`, `b_mag`, `r_mag` for Gated). SAELens has no "relu" or "batchtopk" at inference: a ReLU SAE
-is saved as `standard` and a BatchTopK SAE as the `jumprelu` it behaves as in eval mode.
+JumpReLU (or `b_gate`, `b_mag`, `r_mag` for Gated). Each architecture declares the SAELens architecture it is
+saved as (`SAE.saelens_architecture`): SAELens has no "relu" or "batchtopk" at inference, so a ReLU SAE is saved
+as `standard` and a BatchTopK SAE as the `jumprelu` it behaves as in eval mode.
 """
 
 from __future__ import annotations
@@ -26,18 +27,18 @@ FORMAT_NAME = "saelab.sae"
 FORMAT_VERSION = 1
 # The SAELens cfg.json format this file follows; SAELens reads configs without it as pre-6.0 and rewrites them.
 SAELENS_FORMAT_VERSION = "6.0.0"
-TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}
-FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+# SAELens architecture name → saelab's, for SAEs that SAELens saved
+FROM_SAELENS = {cls.saelens_architecture: name for name, cls in SAE_CLASSES.items() if cls.loads_from_saelens}
 
 
 def sae_cfg_dict(sae: SAE, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The cfg.json contents for `sae`; `extra` goes into the `saelab` block (training config, final metrics)."""
     cfg = sae.cfg
     metadata = {"sae_lens_version": SAELENS_FORMAT_VERSION, **sae.metadata}
-    if cfg.architecture != TO_SAELENS[cfg.architecture]:
+    if cfg.architecture != sae.saelens_architecture:
         metadata["training_architecture"] = cfg.architecture
     data: dict[str, Any] = {
-        "architecture": TO_SAELENS[cfg.architecture],
+        "architecture": sae.saelens_architecture,
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": cfg.dtype,
@@ -46,9 +47,8 @@ def sae_cfg_dict(sae: SAE, extra: dict[str, Any] | None = None) -> dict[str, Any
         "normalize_activations": "none",  # any training-time scale is folded into the weights before saving
         "reshape_activations": "none",
         "metadata": metadata,
+        **sae.saelens_fields(),
     }
-    if cfg.architecture == "topk":
-        data |= {"k": int(cfg.k), "rescale_acts_by_decoder_norm": False}
     own = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "sae": config_to_dict(cfg)}
     data["saelab"] = own | (extra or {})
     return data
@@ -93,7 +93,7 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> SAE:
     tensors = load_tensors(weights_path)
     if "threshold" not in tensors and "log_threshold" in tensors:  # JumpReLU files from SAELens before 6.x
         tensors["threshold"] = tensors.pop("log_threshold").exp()
-    sae = SAE_CLASSES[cfg.architecture](cfg)
+    sae = cfg.sae_class(cfg)
     with torch.no_grad():
         for name in sae.tensor_names:
             if name not in tensors:

@@ -8,8 +8,13 @@ Every SAE maps activations `x [..., d_in]` to latents `[..., d_sae]` and back, w
 
 `forward` returns an `SAEOutput`: the reconstruction, the latents, and the training loss split into its parts
 (reconstruction error summed over d_in and averaged over tokens, the sparsity penalty, an auxiliary term). The
-code here is the plain-PyTorch reference; `saelab.sae.fast` holds the fused training paths for ReLU and TopK,
-which `forward` uses while training and which the tests hold to this reference.
+code here is the plain-PyTorch reference; an architecture with a fused training path (ReLU, TopK) builds it from
+the tensor kernels of `saelab.sae.fast`, and the tests hold it to this reference.
+
+Each architecture is one subclass of `SAE` that declares what it is on itself — its name, the SAELens architecture
+it is saved as, whether k or a sparsity coefficient sets its sparsity (and the coefficient's default), its fused
+path — and registers itself by being defined; `ARCHITECTURES`, the defaults, the saved-format names and the CLI's
+checks are read from those declarations.
 """
 
 from __future__ import annotations
@@ -23,13 +28,12 @@ from torch import Tensor, nn
 
 from saelab.config import require_positive_ints
 from saelab.errors import SaelabError
+from saelab.sae import fast as kernels
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "gated")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Sparsity coefficients that suit activations normalised to E‖x‖ = √d_in: an L1 weight for relu and gated,
-# an L0 weight for jumprelu. TopK and BatchTopK set sparsity through k instead.
-DEFAULT_SPARSITY_COEFFICIENT = {"relu": 5.0, "gated": 5.0, "jumprelu": 1.0, "topk": 0.0, "batchtopk": 0.0}
+# Every architecture by name, in the order they are defined below; filled in by `SAE.__init_subclass__`.
+SAE_CLASSES: dict[str, type[SAE]] = {}
 
 
 @dataclass
@@ -38,8 +42,9 @@ class SAEConfig:
 
     `sparsity_coefficient` is the L1 weight (relu, gated) or L0 weight (jumprelu); None picks the architecture's
     default. `k` is the number of active latents per token (topk, an integer) or per token on average over a
-    batch (batchtopk, may be fractional). `aux_k_coefficient` weighs the AuxK loss that revives dead TopK and
-    BatchTopK latents, using the `aux_k` (default d_in // 2) highest dead pre-activations.
+    batch (batchtopk, may be fractional); an architecture declares which of the two it uses.
+    `aux_k_coefficient` weighs the AuxK loss that revives dead TopK and BatchTopK latents, using the `aux_k`
+    (default d_in // 2) highest dead pre-activations.
     """
 
     architecture: str = "relu"
@@ -56,18 +61,26 @@ class SAEConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.sparsity_coefficient is None and self.architecture in DEFAULT_SPARSITY_COEFFICIENT:
-            self.sparsity_coefficient = DEFAULT_SPARSITY_COEFFICIENT[self.architecture]
+        if self.sparsity_coefficient is None and self.architecture in SAE_CLASSES:
+            self.sparsity_coefficient = SAE_CLASSES[self.architecture].default_sparsity_coefficient
+
+    @property
+    def sae_class(self) -> type[SAE]:
+        """The architecture's class (a one-line error for an unknown name)."""
+        if self.architecture not in SAE_CLASSES:
+            raise SaelabError(f"unknown architecture '{self.architecture}'; choose one of {', '.join(SAE_CLASSES)}")
+        return SAE_CLASSES[self.architecture]
 
     def validate(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise SaelabError(f"unknown architecture '{self.architecture}'; choose one of {', '.join(ARCHITECTURES)}")
+        sae_class = self.sae_class
         require_positive_ints(self, ("d_in", "d_sae"))
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not self.k > 0:
             raise SaelabError(f"k must be a positive number, got {self.k!r}")
-        if self.architecture == "topk" and self.k != int(self.k):
-            raise SaelabError(f"a TopK SAE keeps a whole number of latents per token; k = {self.k} is fractional")
-        if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:
+        if sae_class.whole_k and self.k != int(self.k):
+            raise SaelabError(
+                f"a {self.architecture} SAE keeps a whole number of latents per token; k = {self.k} is fractional"
+            )
+        if sae_class.sparsity_by_k and self.k > self.d_sae:
             raise SaelabError(f"k = {self.k} exceeds d_sae = {self.d_sae}; choose k <= d_sae")
         if self.aux_k is not None and not 0 < self.aux_k <= self.d_sae:
             raise SaelabError(f"aux_k must be in 1..d_sae ({self.d_sae}), got {self.aux_k!r}")
@@ -94,7 +107,7 @@ class SAEConfig:
     @property
     def name(self) -> str:
         """A short label for logs and sweep folders, e.g. `topk_k16` or `relu_c5`."""
-        if self.architecture in ("topk", "batchtopk"):
+        if self.sae_class.sparsity_by_k:
             return f"{self.architecture}_k{self.k:g}"
         return f"{self.architecture}_c{self.sparsity_coefficient:g}"
 
@@ -123,7 +136,18 @@ class SAE(nn.Module):
     the fused fast paths, decoder-norm constraints and folding an input scale into the weights.
     """
 
-    architecture: ClassVar[str]
+    # --- what an architecture declares ------------------------------------------------------------------------
+    architecture: ClassVar[str]  # its name: `--architecture`, cfg.json's saelab block, sweep labels
+    saelens_architecture: ClassVar[str]  # the `architecture` SAELens 6 loads the saved SAE as
+    # Whether a SAELens SAE of `saelens_architecture` loads as this class; False where the saved form is another
+    # architecture's inference form (a BatchTopK SAE is saved as the JumpReLU it is at inference).
+    loads_from_saelens: ClassVar[bool] = True
+    sparsity_by_k: ClassVar[bool] = False  # sparsity set by k active latents, else by `sparsity_coefficient`
+    whole_k: ClassVar[bool] = False  # k must be a whole number (a per-token top-k)
+    # The sparsity coefficient that suits activations normalised to E‖x‖ = √d_in (unused where k sets sparsity).
+    default_sparsity_coefficient: ClassVar[float] = 0.0
+    # SAEConfig settings that differ from the defaults on a toy model's few hidden dimensions (`saelab.sae.recovery`).
+    toy_settings: ClassVar[dict[str, float]] = {}
     # Whether W_dec rows are kept at unit norm (gradient projected, rows renormalised after each step). Only the
     # ReLU SAE trains a free decoder, because its L1 penalty is weighted by the row norms instead.
     unit_norm_decoder: ClassVar[bool] = True
@@ -138,6 +162,11 @@ class SAE(nn.Module):
     W_dec: nn.Parameter  # [d_sae, d_in]
     b_enc: nn.Parameter  # [d_sae]
     b_dec: nn.Parameter  # [d_in]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "architecture" in cls.__dict__:  # a concrete architecture, not a shared base
+            SAE_CLASSES[cls.architecture] = cls
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
@@ -201,10 +230,8 @@ class SAE(nn.Module):
         """
         flat = self._flatten_input(x)
         out = None
-        if fast and self.training and torch.is_grad_enabled():
-            from saelab.sae.fast import fused_forward  # fast.py builds on this module
-
-            out = fused_forward(self, flat, dead, sparsity_scale)
+        if fast and self.training and torch.is_grad_enabled() and kernels.fused_paths_apply(flat):
+            out = self.fused_forward(flat, dead, sparsity_scale)
         if out is None:
             out = self.reference_forward(flat, dead, sparsity_scale)
         out.x_hat = out.x_hat.reshape(x.shape)
@@ -223,6 +250,14 @@ class SAE(nn.Module):
     def training_terms(self, x: Tensor, dead: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """x [tokens, d_in] → (latents, x_hat, sparsity penalty × coefficient, auxiliary loss)"""
         raise NotImplementedError
+
+    def fused_forward(self, x: Tensor, dead: Tensor | None, sparsity_scale: float) -> SAEOutput | None:
+        """The fused training forward on `x [tokens, d_in]`, or None where the architecture has none."""
+        return None
+
+    def saelens_fields(self) -> dict[str, Any]:
+        """Fields of SAELens's cfg.json beyond the common ones that this architecture's saved form needs."""
+        return {}
 
     def _flatten_input(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[-1] != self.cfg.d_in:
@@ -269,6 +304,8 @@ class ReluSAE(SAE):
     """
 
     architecture = "relu"
+    saelens_architecture = "standard"
+    default_sparsity_coefficient = 5.0  # L1 weight
     unit_norm_decoder = False
     decoder_init_norm = 0.1
 
@@ -281,6 +318,15 @@ class ReluSAE(SAE):
         l1 = (latents * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
         return latents, x_hat, self.cfg.sparsity_coefficient * l1, x.new_zeros(())
 
+    def fused_forward(self, x: Tensor, dead: Tensor | None, sparsity_scale: float) -> SAEOutput:
+        """Loss and all four gradients in one blocked sweep (`kernels.relu_l1_loss_and_grads`)."""
+        params = (self.W_enc, self.b_enc, self.W_dec, self.b_dec)
+        coefficient = self.cfg.sparsity_coefficient * sparsity_scale
+        terms, grads = kernels.relu_l1_loss_and_grads(x, *params, coefficient, self.cfg.apply_b_dec_to_input)
+        loss = kernels.attach_gradients(terms["mse"] + terms["sparsity"], tuple(grads.values()), params)
+        zero = x.new_zeros(())
+        return SAEOutput(terms["x_hat"], None, loss, terms["mse"], terms["sparsity"], zero, terms["fired"])
+
 
 class TopKSAE(SAE):
     """TopK SAE: keep the k largest pre-activations of each token, ReLU them, zero the rest.
@@ -291,6 +337,9 @@ class TopKSAE(SAE):
     """
 
     architecture = "topk"
+    saelens_architecture = "topk"
+    sparsity_by_k = True
+    whole_k = True
 
     def activation(self, pre: Tensor) -> Tensor:
         values, indices = pre.topk(int(self.cfg.k), dim=-1, sorted=False)
@@ -300,22 +349,61 @@ class TopKSAE(SAE):
         pre = self.pre_activations(x)
         latents = self.activation(pre)
         x_hat = self.decode(latents)
-        return latents, x_hat, x.new_zeros(()), self.aux_k_loss(x, x_hat, pre, dead)
+        return latents, x_hat, x.new_zeros(()), self.dense_aux_k_loss(x, x_hat, pre, dead)
 
-    def aux_k_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead: Tensor | None) -> Tensor:
-        """‖(x − x̂) − TopK_aux(dead pre-activations) W_dec‖², scaled down while few latents are dead."""
-        n_dead = 0 if dead is None else int(dead.sum())
-        if n_dead == 0 or self.cfg.aux_k_coefficient == 0:
+    def fused_forward(self, x: Tensor, dead: Tensor | None, sparsity_scale: float) -> SAEOutput:
+        """Block-wise top-k encoder, sparse decoder and sparse encoder backward (`kernels.topk_train_forward`)."""
+        n_dead = self.dead_count(dead)
+        x_hat, values, indices, aux_x_hat = kernels.topk_train_forward(
+            x,
+            self.W_enc,
+            self.b_enc,
+            self.W_dec,
+            self.b_dec,
+            int(self.cfg.k),
+            self.cfg.apply_b_dec_to_input,
+            dead,
+            min(self.cfg.aux_k_latents, n_dead),
+        )
+        mse = (x_hat - x).pow(2).sum(dim=-1).mean()
+        aux = x.new_zeros(()) if aux_x_hat is None else self.aux_k_loss(aux_x_hat, (x - x_hat).detach(), n_dead)
+        fired = torch.bincount(indices[values > 0], minlength=self.cfg.d_sae)
+        zero = x.new_zeros(())
+        return SAEOutput(x_hat, None, mse + aux, mse.detach(), zero, aux.detach(), fired)
+
+    def saelens_fields(self) -> dict[str, Any]:
+        return {"k": int(self.cfg.k), "rescale_acts_by_decoder_norm": False}
+
+    @torch.no_grad()
+    def sparse_encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Latents of `x [tokens, d_in]` as (values, indices) `[tokens, k]`, never densified."""
+        x_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        values, indices, _, _ = kernels.topk_encode(x_in, self.W_enc, self.b_enc, int(self.cfg.k))
+        return values.relu_(), indices
+
+    # --- AuxK (Gao et al. 2024), shared by every architecture that keeps the top activations ---------------------
+
+    def dead_count(self, dead: Tensor | None) -> int:
+        """How many latents the AuxK loss may revive (0 when it is off)."""
+        return 0 if dead is None or self.cfg.aux_k_coefficient == 0 else int(dead.sum())
+
+    def aux_k_loss(self, aux_x_hat: Tensor, residual: Tensor, n_dead: int) -> Tensor:
+        """‖(x − x̂) − TopK_aux(dead pre-activations) W_dec‖², scaled down while fewer than `aux_k` latents are dead.
+
+        `aux_x_hat [tokens, d_in]` is the decoded top-`aux_k` dead latents (no b_dec), `residual` the detached x − x̂.
+        """
+        scale = min(n_dead / self.cfg.aux_k_latents, 1.0)
+        return self.cfg.aux_k_coefficient * scale * (aux_x_hat - residual).pow(2).sum(dim=-1).mean()
+
+    def dense_aux_k_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead: Tensor | None) -> Tensor:
+        """The AuxK loss from dense pre-activations `[tokens, d_sae]` (the reference path)."""
+        n_dead = self.dead_count(dead)
+        if n_dead == 0:
             return x.new_zeros(())
-        aux_k = self.cfg.aux_k_latents
-        scale = min(n_dead / aux_k, 1.0)
-        aux_k = min(aux_k, n_dead)
         dead_pre = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
-        values, indices = dead_pre.topk(aux_k, dim=-1, sorted=False)
+        values, indices = dead_pre.topk(min(self.cfg.aux_k_latents, n_dead), dim=-1, sorted=False)
         aux_latents = torch.zeros_like(pre).scatter(-1, indices, values.relu())
-        residual = (x - x_hat).detach()
-        error = (aux_latents @ self.W_dec - residual).pow(2).sum(dim=-1).mean()
-        return self.cfg.aux_k_coefficient * scale * error
+        return self.aux_k_loss(aux_latents @ self.W_dec, (x - x_hat).detach(), n_dead)
 
 
 class BatchTopKSAE(TopKSAE):
@@ -327,6 +415,9 @@ class BatchTopKSAE(TopKSAE):
     """
 
     architecture = "batchtopk"
+    saelens_architecture = "jumprelu"
+    loads_from_saelens = False
+    whole_k = False
     tensor_names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
     buffer_names = ("threshold",)
     threshold: Tensor  # [d_sae], every entry θ
@@ -344,7 +435,13 @@ class BatchTopKSAE(TopKSAE):
         else:
             latents = self.activation(pre)
         x_hat = self.decode(latents)
-        return latents, x_hat, x.new_zeros(()), self.aux_k_loss(x, x_hat, pre, dead)
+        return latents, x_hat, x.new_zeros(()), self.dense_aux_k_loss(x, x_hat, pre, dead)
+
+    def fused_forward(self, x: Tensor, dead: Tensor | None, sparsity_scale: float) -> None:
+        return None  # the batch-wide top-k has no fused path (TopK's is per token)
+
+    def saelens_fields(self) -> dict[str, Any]:
+        return {}
 
     @torch.no_grad()
     def update_threshold(self, latents: Tensor) -> None:
@@ -405,6 +502,11 @@ class JumpReLUSAE(SAE):
     """
 
     architecture = "jumprelu"
+    saelens_architecture = "jumprelu"
+    default_sparsity_coefficient = 1.0  # L0 weight
+    # On a toy model the threshold starts at 2 (in units where E‖x‖ = √d_in): started near zero, its latents first
+    # fire on pairs of neighbouring features and settle there, since the L0 penalty gives the encoder no gradient.
+    toy_settings: ClassVar[dict[str, float]] = {"sparsity_coefficient": 2.0, "jumprelu_init_threshold": 2.0}
     tensor_names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
     threshold: nn.Parameter  # [d_sae]
 
@@ -440,6 +542,8 @@ class GatedSAE(SAE):
     """
 
     architecture = "gated"
+    saelens_architecture = "gated"
+    default_sparsity_coefficient = 5.0  # L1 weight
     tensor_names = ("W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag")
     b_gate: nn.Parameter  # [d_sae]
     b_mag: nn.Parameter  # [d_sae]
@@ -471,12 +575,10 @@ class GatedSAE(SAE):
         return latents, x_hat, self.cfg.sparsity_coefficient * l1, aux
 
 
-SAE_CLASSES: dict[str, type[SAE]] = {
-    cls.architecture: cls for cls in (ReluSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, GatedSAE)
-}
+ARCHITECTURES = tuple(SAE_CLASSES)
 
 
 def build_sae(cfg: SAEConfig, generator: torch.Generator | None = None) -> SAE:
     """The SAE of `cfg.architecture`, initialised from `generator`."""
     cfg.validate()
-    return SAE_CLASSES[cfg.architecture](cfg, generator)
+    return cfg.sae_class(cfg, generator)

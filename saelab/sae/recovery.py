@@ -13,7 +13,7 @@ from typing import Any
 
 from saelab.io import atomic_write_json
 from saelab.sae.evaluate import EVAL_SEED, evaluate_sae
-from saelab.sae.model import SAEConfig
+from saelab.sae.model import SAE_CLASSES, SAEConfig
 from saelab.sae.sources import ToySource
 from saelab.sae.train import SAETrainConfig, train_saes
 
@@ -23,19 +23,17 @@ REPORT_FILE = "recovery.json"
 def toy_recovery_configs(source: ToySource) -> list[SAEConfig]:
     """One SAE per architecture, sized for the toy model: d_sae ≥ 3 × n_features, k from the true mean L0.
 
-    The JumpReLU threshold starts at 2 (in units where E‖x‖ = √d_in): started near zero, its latents first fire
-    on pairs of neighbouring features and settle there, since the L0 penalty gives the encoder no gradient.
+    k is the true mean L0 (rounded up where k must be whole); other settings are each architecture's defaults and
+    its declared `toy_settings`.
     """
     n_features = source.model.cfg.n_features
     mean_l0 = float(source.model.feature_probability[source.instance].sum())
     d_in, d_sae = source.d_in, max(16, 3 * n_features)
-    return [
-        SAEConfig("relu", d_in, d_sae, sparsity_coefficient=5.0),
-        SAEConfig("topk", d_in, d_sae, k=max(1, math.ceil(mean_l0))),
-        SAEConfig("batchtopk", d_in, d_sae, k=round(mean_l0, 4)),
-        SAEConfig("jumprelu", d_in, d_sae, sparsity_coefficient=2.0, jumprelu_init_threshold=2.0),
-        SAEConfig("gated", d_in, d_sae, sparsity_coefficient=5.0),
-    ]
+    configs = []
+    for name, cls in SAE_CLASSES.items():
+        k = max(1, math.ceil(mean_l0)) if cls.whole_k else round(mean_l0, 4)
+        configs.append(SAEConfig(name, d_in, d_sae, **({"k": k} if cls.sparsity_by_k else {}), **cls.toy_settings))
+    return configs
 
 
 def run_toy_recovery(

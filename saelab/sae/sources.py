@@ -1,11 +1,9 @@
-"""Activation sources: where the SAE trainer's batches come from, behind one small protocol.
+"""Activation sources for SAEs that do not need a language model, and parsing a source's spec.
 
-A source has `d_in`, a `metadata` dict (copied into the saved SAE's cfg.json: `hook_name`, `model_name`, …, and
-`source`, the spec that rebuilds it), `next_batch(batch_size) -> [batch, d_in]`, and `state_dict()` /
-`load_state_dict()` so a resumed run continues from the same position in the stream. Sources with known
-ground truth also carry `true_directions [n_features, d_in]`. A source over several hooks (a language model's
-activation store or cache) instead has `hooks`, `d_ins {hook: d_in}`, `metadata_for(hook)` and
-`next_batches(batch_size) -> {hook: [batch, d_in]}`, row j being the same token at every hook.
+Every source follows `saelab.activations.ActivationSource`: `next_batches(batch_size) -> {hook: [batch, d_in]}`
+over its `hooks`, `metadata_for(hook)` (copied into the saved SAE's cfg.json), and `state_dict()` /
+`load_state_dict()` so a resumed run continues from the same position in the stream. Sources with known ground
+truth also carry `true_directions [n_features, d_in]`.
 
 Here: `ToySource` (hidden states of a saved toy model, `toy:DIR` or `toy:DIR#i`), `SyntheticSource` (sparse
 combinations of random unit directions with Zipf-like firing, `synthetic[:key=value,...]`), `TensorSource`
@@ -19,32 +17,19 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from saelab.activations import ActivationSource, OneHookView, SingleHookSource
 from saelab.config import config_from_dict, config_to_dict, require_positive_ints
 from saelab.errors import SaelabError
 
 SOURCE_SPECS = "toy:DIR[#instance], synthetic[:key=value,...], cache:DIR"
 
 
-@runtime_checkable
-class ActivationSource(Protocol):
-    """What the trainer reads: a resumable stream of activation batches `[batch, d_in]`."""
-
-    d_in: int
-    metadata: dict[str, Any]
-
-    def next_batch(self, batch_size: int) -> Tensor: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class ToySource:
+class ToySource(SingleHookSource):
     """Hidden states `h = W x` of instance `instance` of a saved toy model, on freshly sampled sparse features.
 
     The true features are the model's columns of W: `true_directions [n_features, d_hidden]`.
@@ -59,17 +44,14 @@ class ToySource:
             last = n_instances - 1
             raise SaelabError(f"toy model {toy_dir} has instances 0..{last}; instance {instance} is out of range")
         self.instance = instance
-        self.d_in = self.model.cfg.d_hidden
+        spec = f"toy:{Path(toy_dir).resolve()}#{instance}"
+        metadata = {"model_name": "saelab-toy", "hook_name": "hidden", "source": spec}
+        super().__init__(self.model.cfg.d_hidden, metadata)
         self.true_directions = self.model.feature_directions(instance)
         self.generator = torch.Generator().manual_seed(seed)
-        self.metadata = {
-            "model_name": "saelab-toy",
-            "hook_name": "hidden",
-            "source": f"toy:{Path(toy_dir).resolve()}#{instance}",
-        }
 
     @torch.no_grad()
-    def next_batch(self, batch_size: int) -> Tensor:
+    def read(self, batch_size: int) -> Tensor:
         features = self.model.generate_batch(batch_size, self.generator)
         return self.model.hidden(features)[:, self.instance].contiguous()
 
@@ -111,7 +93,7 @@ class SyntheticConfig:
         return (weights * self.mean_l0 / weights.sum()).clamp(max=1.0)
 
 
-class SyntheticSource:
+class SyntheticSource(SingleHookSource):
     """x = Σᵢ aᵢ dᵢ over a random sparse set of true unit directions dᵢ: `true_directions [n_features, d_in]`."""
 
     def __init__(self, cfg: SyntheticConfig | None = None, seed: int = 0) -> None:
@@ -121,12 +103,12 @@ class SyntheticSource:
         directions = torch.randn(self.cfg.n_features, self.cfg.d_in, generator=dictionary_generator)
         self.true_directions = directions / directions.norm(dim=1, keepdim=True)
         self.probabilities = self.cfg.probabilities().float()
-        self.d_in = self.cfg.d_in
         self.generator = torch.Generator().manual_seed(seed)
         spec = ",".join(f"{key}={value}" for key, value in config_to_dict(self.cfg).items())
-        self.metadata = {"model_name": "saelab-synthetic", "hook_name": "synthetic", "source": f"synthetic:{spec}"}
+        metadata = {"model_name": "saelab-synthetic", "hook_name": "synthetic", "source": f"synthetic:{spec}"}
+        super().__init__(self.cfg.d_in, metadata)
 
-    def next_batch(self, batch_size: int) -> Tensor:
+    def read(self, batch_size: int) -> Tensor:
         u = torch.rand(batch_size, self.cfg.n_features, generator=self.generator)
         fires = u < self.probabilities
         # Given that feature i fires, u / pᵢ is uniform on [0, 1): one draw gives both whether and how strongly.
@@ -141,18 +123,17 @@ class SyntheticSource:
         self.generator.set_state(state["generator"])
 
 
-class TensorSource:
+class TensorSource(SingleHookSource):
     """Batches of consecutive rows of `data [tokens, d_in]`, wrapping around at the end."""
 
     def __init__(self, data: Tensor, metadata: dict[str, Any] | None = None) -> None:
         if data.ndim != 2 or data.shape[0] == 0:
             raise SaelabError(f"activation tensor has shape {tuple(data.shape)}; expected [tokens, d_in]")
+        super().__init__(data.shape[1], metadata or {})
         self.data = data
-        self.d_in = data.shape[1]
-        self.metadata = dict(metadata or {})
         self.position = 0
 
-    def next_batch(self, batch_size: int) -> Tensor:
+    def read(self, batch_size: int) -> Tensor:
         index = (self.position + torch.arange(batch_size)) % self.data.shape[0]
         self.position = (self.position + batch_size) % self.data.shape[0]
         return self.data[index]
@@ -164,14 +145,13 @@ class TensorSource:
         self.position = int(state["position"])
 
 
-class IteratorSource:
+class IteratorSource(SingleHookSource):
     """Batches re-cut from any iterable of `[n, d_in]` tensors. It cannot rewind, so it cannot resume."""
 
     def __init__(self, batches: Iterable[Tensor], metadata: dict[str, Any] | None = None) -> None:
         self.iterator = iter(batches)
         self.pending = self._next_chunk()
-        self.d_in = self.pending.shape[1]
-        self.metadata = dict(metadata or {})
+        super().__init__(self.pending.shape[1], metadata or {})
 
     def _next_chunk(self) -> Tensor:
         try:
@@ -183,7 +163,7 @@ class IteratorSource:
             raise SaelabError(f"the activation iterator yielded {shape}; expected tensors [batch, d_in]")
         return chunk
 
-    def next_batch(self, batch_size: int) -> Tensor:
+    def read(self, batch_size: int) -> Tensor:
         while self.pending.shape[0] < batch_size:
             chunk = self._next_chunk()
             if chunk.shape[1] != self.d_in:
@@ -199,7 +179,7 @@ class IteratorSource:
         raise SaelabError("a run fed from a plain iterator cannot resume; use a source with state (toy:, synthetic:)")
 
 
-class RankSlice:
+class RankSlice(OneHookView):
     """Rank `rank`'s share of `source`: rows [rank·b, (rank+1)·b) of each world_size·b rows a single process reads.
 
     Together the ranks of a data-parallel run see exactly the batches one process would, which makes runs
@@ -207,23 +187,21 @@ class RankSlice:
     synthetic, tensors, caches); the language-model store instead reads only its own rank's contexts.
     """
 
-    def __init__(self, source: Any, rank: int, world_size: int) -> None:
+    def __init__(self, source: ActivationSource, rank: int, world_size: int) -> None:
         self.source, self.rank, self.world_size = source, rank, world_size
+        self.hooks, self.d_ins = source.hooks, source.d_ins
 
-    def __getattr__(self, name: str) -> Any:  # d_in, metadata, hooks, true_directions, …: the source's own
+    def __getattr__(self, name: str) -> Any:  # true_directions, model, …: the source's own
         if name == "source":
             raise AttributeError(name)
         return getattr(self.source, name)
 
-    def _share(self, batch: Tensor, batch_size: int) -> Tensor:
-        return batch[self.rank * batch_size : (self.rank + 1) * batch_size]
-
-    def next_batch(self, batch_size: int) -> Tensor:
-        return self._share(self.source.next_batch(batch_size * self.world_size), batch_size)
+    def metadata_for(self, hook: str) -> dict[str, Any]:
+        return self.source.metadata_for(hook)
 
     def next_batches(self, batch_size: int) -> dict[str, Tensor]:
         batches = self.source.next_batches(batch_size * self.world_size)
-        return {hook: self._share(batch, batch_size) for hook, batch in batches.items()}
+        return {hook: batch[self.rank * batch_size : (self.rank + 1) * batch_size] for hook, batch in batches.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return self.source.state_dict()
@@ -234,8 +212,7 @@ class RankSlice:
 
 def as_source(data: Any) -> ActivationSource:
     """A source from a source, a tensor [tokens, d_in], or an iterable of [batch, d_in] tensors."""
-    # Not isinstance(data, ActivationSource): on Python 3.11 that reads `metadata`, which a multi-hook store refuses.
-    if hasattr(type(data), "state_dict") and (hasattr(data, "next_batch") or hasattr(data, "next_batches")):
+    if isinstance(data, ActivationSource):
         return data
     if isinstance(data, Tensor):
         return TensorSource(data)

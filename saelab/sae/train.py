@@ -15,10 +15,12 @@ A checkpoint holds everything the rest of the run depends on — weights, Adam s
 normalisation scales, the trainer's RNG and the source's position — and is written atomically, so a run killed
 at any moment and resumed gives bit-identical weights to one that was never interrupted.
 
-Several hooks: with a multi-hook source (`next_batches`), `hooks[i]` names the hook SAE i trains on, and one
-forward pass of the model feeds them all. Several processes (`torchrun`): `batch_size` is the global batch, each
-rank reads its own batch_size / world_size rows, and the ranks average their gradients, fire counts and
-statistics (saelab.distributed), so every rank holds the same SAEs; rank 0 writes the log, checkpoints and SAEs.
+Several hooks: a source serves `{hook: batch}` (`saelab.activations.ActivationSource`); `hooks[i]` names the hook
+SAE i trains on (by default the source's only hook), and one forward pass of the model feeds them all.
+
+Several processes (`torchrun`): `batch_size` is the global batch, each rank reads its own batch_size / world_size
+rows, and the ranks average their gradients, fire counts and statistics (saelab.distributed), so every rank
+holds the same SAEs; rank 0 writes the log, checkpoints and SAEs.
 """
 
 from __future__ import annotations
@@ -39,14 +41,14 @@ from saelab.config import config_to_dict, require_positive_ints
 from saelab.errors import SaelabError
 from saelab.io import atomic_write_bytes
 from saelab.sae.io import CFG_FILE, save_sae
-from saelab.sae.metrics import explained_variance_from_sums
 from saelab.sae.model import SAE, SAEConfig, SAEOutput, build_sae
 from saelab.sae.sources import ActivationSource, as_source
+from saelab.stats import explained_variance_from_sums
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
 CHECKPOINT_FORMAT = "saelab.sae_checkpoint"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # 3: streams keyed by hook name
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 # Settings that do not change the trained weights, so a resumed run may use different values.
 RESUME_FREE_FIELDS = ("checkpoint_every", "log_every", "device")
@@ -162,7 +164,7 @@ def train_saes(
 ) -> list[SAE]:
     """Train one SAE per config on the same batches of `source`; return them folded to raw activations.
 
-    `hooks[i]`, for a multi-hook source, names the hook SAE i trains on. With `out`, the run writes a JSONL log,
+    `hooks[i]` names the hook SAE i trains on (default: the source's only hook). With `out`, the run writes a JSONL log,
     checkpoints, and finally the SAE(s): directly into `out` for one SAE, else into `out/<label>` (see
     `sae_labels`). `resume` continues from `out`'s checkpoint. Inside a process group (torchrun), `source` must
     serve this rank's own rows (`RankSlice`, or a store built with rank and world_size).
@@ -172,7 +174,7 @@ def train_saes(
     cfg.validate()
     sae_configs = [sae_configs] if isinstance(sae_configs, SAEConfig) else list(sae_configs)
     streams = _streams(source, sae_configs, hooks)
-    labels = sae_labels(sae_configs, hooks)
+    labels = sae_labels(sae_configs, streams)
     rank, world_size = distributed.world()
     if cfg.batch_size % world_size:
         raise SaelabError(f"batch size {cfg.batch_size} does not split over {world_size} processes; make it a multiple")
@@ -240,7 +242,7 @@ def train_saes(
     for sae, stream, label in zip(state.saes, streams, labels, strict=True):
         sae.fold_input_scale(state.scales[stream])
         sae.eval()
-        sae.metadata = dict(source.metadata_for(stream) if stream else source.metadata)
+        sae.metadata = dict(source.metadata_for(stream))
         if out is not None and rank == 0:
             extra = {
                 "train": config_to_dict(cfg),
@@ -262,35 +264,32 @@ def sae_labels(sae_configs: list[SAEConfig], hooks: list[str] | None = None) -> 
     return [f"{hook}/{c.name}" for hook, c in zip(hooks, sae_configs, strict=True)]
 
 
-def _streams(source: Any, sae_configs: list[SAEConfig], hooks: list[str] | None) -> list[str]:
-    """The hook each SAE reads ("" for a single-stream source), checked against the configs and the source."""
+def _streams(source: ActivationSource, sae_configs: list[SAEConfig], hooks: list[str] | None) -> list[str]:
+    """The hook each SAE reads, checked against the configs and the source."""
     if not sae_configs:
         raise SaelabError("no SAE to train; give at least one SAE config")
     if hooks is None:
-        if not hasattr(source, "next_batch"):
+        if len(source.hooks) != 1:
             raise SaelabError("this source serves several hooks; name the hook of each SAE (hooks=[...])")
-        streams, d_ins = [""] * len(sae_configs), [source.d_in] * len(sae_configs)
-    else:
-        if len(hooks) != len(sae_configs):
-            raise SaelabError(f"{len(hooks)} hooks for {len(sae_configs)} SAEs; name one hook per SAE")
-        available = getattr(source, "hooks", None)
-        if available is None:
-            raise SaelabError("per-SAE hooks need a multi-hook source (an activation store or cache over those hooks)")
-        missing = [hook for hook in hooks if hook not in available]
-        if missing:
-            raise SaelabError(f"the source does not read hook {missing[0]}; it reads {', '.join(available)}")
-        streams, d_ins = list(hooks), [source.d_ins[hook] for hook in hooks]
-    for sae_cfg, d_in, stream in zip(sae_configs, d_ins, streams, strict=True):
+        hooks = source.hooks * len(sae_configs)
+    if len(hooks) != len(sae_configs):
+        raise SaelabError(f"{len(hooks)} hooks for {len(sae_configs)} SAEs; name one hook per SAE")
+    missing = [hook for hook in hooks if hook not in source.hooks]
+    if missing:
+        raise SaelabError(f"the source does not read hook {missing[0]}; it reads {', '.join(source.hooks)}")
+    several = len(source.hooks) > 1
+    for sae_cfg, hook in zip(sae_configs, hooks, strict=True):
         sae_cfg.validate()
+        d_in = source.d_ins[hook]
         if sae_cfg.d_in != d_in:
-            at = f" at {stream}" if stream else ""
+            at = f" at {hook}" if several else ""
             raise SaelabError(
                 f"SAE {sae_cfg.name} has d_in = {sae_cfg.d_in}, but the activations{at} have d_in = {d_in}"
             )
     labels = sae_labels(sae_configs, hooks)
     if len(set(labels)) != len(labels):
         raise SaelabError(f"two SAEs of the sweep share a name ({', '.join(labels)}); give each different settings")
-    return streams
+    return list(hooks)
 
 
 def _device(name: str) -> torch.device:
@@ -303,22 +302,19 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _read(source: Any, streams: list[str], batch_size: int, step: int) -> dict[str, Tensor]:
-    """The next batch of every stream the SAEs read: {hook or "": [batch_size, d_in]}, checked."""
-    if streams[0] == "":
-        batches = {"": source.next_batch(batch_size)}
-    else:
-        served = source.next_batches(batch_size)
-        batches = {hook: served[hook] for hook in dict.fromkeys(streams)}
+def _read(source: ActivationSource, streams: list[str], batch_size: int, step: int) -> dict[str, Tensor]:
+    """The next batch of every hook the SAEs read: {hook: [batch_size, d_in]}, checked."""
+    served = source.next_batches(batch_size)
+    batches = {hook: served[hook] for hook in dict.fromkeys(streams)}
     for hook, x in batches.items():
-        d_in = source.d_ins[hook] if hook else source.d_in
+        d_in = source.d_ins[hook]
         if x.ndim != 2 or x.shape != (batch_size, d_in):
             shape = tuple(x.shape)
             raise SaelabError(
                 f"the source gave a batch of shape {shape} at step {step}; expected [{batch_size}, {d_in}]"
             )
         if not torch.isfinite(x).all():
-            at = f" at {hook}" if hook else ""
+            at = f" at {hook}" if len(source.hooks) > 1 else ""
             raise SaelabError(f"the activations{at} at step {step} contain NaN or inf; check the source's data")
         if not x.is_floating_point():
             batches[hook] = x.float()
@@ -329,14 +325,18 @@ def _scaled(batches: dict[str, Tensor], scales: dict[str, float], device: torch.
     return {hook: x.to(device) * scales[hook] for hook, x in batches.items()}
 
 
-def _draw(source: Any, streams: list[str], tokens: int, batch_size: int) -> dict[str, Tensor]:
+def _draw(source: ActivationSource, streams: list[str], tokens: int, batch_size: int) -> dict[str, Tensor]:
     """`tokens` rows of every stream, read in batches of the training batch size, gathered over all ranks."""
     reads = [_read(source, streams, batch_size, -1) for _ in range(math.ceil(tokens / batch_size))]
     return {hook: distributed.gather_rows(torch.cat([r[hook] for r in reads])[:tokens]) for hook in reads[0]}
 
 
 def _fresh_state(
-    source: Any, sae_configs: list[SAEConfig], cfg: SAETrainConfig, device: torch.device, streams: list[str]
+    source: ActivationSource,
+    sae_configs: list[SAEConfig],
+    cfg: SAETrainConfig,
+    device: torch.device,
+    streams: list[str],
 ) -> TrainState:
     # Every SAE starts from a generator seeded alike, so SAEs of one shape in a sweep start from the same weights
     # (and each equals the SAE a run of its own would train).
@@ -351,7 +351,7 @@ def _fresh_state(
         if cfg.normalize_activations:
             mean_norm = float(sample.norm(dim=1).mean())
             if mean_norm == 0:
-                at = f" at {hook}" if hook else ""
+                at = f" at {hook}" if len(source.hooks) > 1 else ""
                 raise SaelabError(f"every activation{at} in the first batches is zero; there is no signal to learn")
             scales[hook] = math.sqrt(sample.shape[1]) / mean_norm
         b_decs[hook] = initial_b_dec(sample * scales[hook], cfg.b_dec_init)
