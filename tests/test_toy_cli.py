@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_helpers import invoke_cli as _invoke
 from toy_helpers import one_torch_thread
-from typer.testing import CliRunner
 
-from saelab.cli import app
 from saelab.errors import SaelabError
 from saelab.toy import load_toy_model, run_toy_lab
 
@@ -24,14 +23,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _single_thread():
     with one_torch_thread():
         yield
-
-
-def _invoke(*args: str) -> str:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None:
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def _assert_figures(directory: Path, names: list[str]) -> None:

@@ -7,6 +7,9 @@ import math
 from collections.abc import Iterator
 
 import torch
+from typer.testing import CliRunner
+
+from saelab.cli import app
 
 
 @contextlib.contextmanager
@@ -31,3 +34,12 @@ def unit_vectors_2d(n: int, phase: float = 0.0) -> torch.Tensor:
     """n unit vectors at equal angles, as W [1, 2, n] (a regular n-gon)."""
     angles = torch.tensor([phase + 2 * math.pi * k / n for k in range(n)], dtype=torch.float64)
     return torch.stack([angles.cos(), angles.sin()])[None]
+
+
+def invoke_cli(*args: object) -> str:
+    """Run `saelab ARGS` in-process; raise what it raised (a SaelabError for bad input), else return its output."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None:
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return result.output

@@ -13,7 +13,7 @@ from typing import Any
 
 from saelab.io import atomic_write_json
 from saelab.sae.evaluate import EVAL_SEED, evaluate_sae
-from saelab.sae.model import SAE_CLASSES, SAEConfig
+from saelab.sae.model import ARCHITECTURES, SAE_CLASSES, SAEConfig
 from saelab.sae.sources import ToySource
 from saelab.sae.train import SAETrainConfig, train_saes
 
@@ -21,16 +21,23 @@ REPORT_FILE = "recovery.json"
 
 
 def toy_recovery_configs(source: ToySource) -> list[SAEConfig]:
-    """One SAE per architecture, sized for the toy model: d_sae ≥ 3 × n_features, k from the true mean L0.
+    """One SAE per architecture, sized for the toy model: d_sae ≥ 3 × n_features, k from the true mean L0."""
+    n_features = source.model.cfg.n_features
+    mean_l0 = float(source.model.feature_probability[source.instance].sum())
+    return toy_sae_configs(source.d_in, max(16, 3 * n_features), mean_l0)
+
+
+def toy_sae_configs(
+    d_in: int, d_sae: int, mean_l0: float, architectures: tuple[str, ...] | list[str] = ARCHITECTURES
+) -> list[SAEConfig]:
+    """One SAE per architecture for toy activations whose true features fire `mean_l0` at a time on average.
 
     k is the true mean L0 (rounded up where k must be whole); other settings are each architecture's defaults and
     its declared `toy_settings`.
     """
-    n_features = source.model.cfg.n_features
-    mean_l0 = float(source.model.feature_probability[source.instance].sum())
-    d_in, d_sae = source.d_in, max(16, 3 * n_features)
     configs = []
-    for name, cls in SAE_CLASSES.items():
+    for name in architectures:
+        cls = SAE_CLASSES[name]
         k = max(1, math.ceil(mean_l0)) if cls.whole_k else round(mean_l0, 4)
         configs.append(SAEConfig(name, d_in, d_sae, **({"k": k} if cls.sparsity_by_k else {}), **cls.toy_settings))
     return configs

@@ -29,6 +29,19 @@ def parse_floats(text: str, option: str) -> list[float]:
     return values
 
 
+def parse_shapes(text: str, option: str) -> list[list[int]]:
+    """'20x5,8x3' → [[20, 5], [8, 3]] (n_features x d_hidden); '' or 'none' → []."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    shapes = []
+    for part in text.split(","):
+        n, sep, m = part.strip().partition("x")
+        if not (sep and n.isdigit() and m.isdigit()):
+            raise SaelabError(f"{option} takes shapes n_features x d_hidden like 20x5,8x3 (or none), got '{text}'")
+        shapes.append([int(n), int(m)])
+    return shapes
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     typer.echo(f"wrote {summary['out']}  (cfg.json, model.safetensors, analysis.json, {', '.join(summary['figures'])})")
     if "regular_polygons" in summary:
@@ -184,3 +197,69 @@ def llc(
         typer.echo(f"  #{cell['instance']:<3} loss={cell['loss']:<10.4g} llc={llc_text:<16} {path}")
     if flagged:
         typer.echo(f"{flagged} estimate(s) drifted (see llc.json 'stationary'); try more draws or a smaller step size")
+
+
+@app.command("sae-benchmark")
+def sae_benchmark(
+    out: Path = typer.Option(Path("toy_sae_benchmark"), help="Results folder (replaced atomically when done)."),
+    shapes: str | None = typer.Option(None, help="Toy shapes n_features x d_hidden [default: 20x5,8x3]."),
+    importance_decays: str | None = typer.Option(None, help="Importance decays, one instance each [1,0.85,0.7]."),
+    feature_probabilities: str | None = typer.Option(None, help="Feature probabilities, one instance each [0.1,0.03]."),
+    hierarchical: str | None = typer.Option(None, help="Hierarchical toy shapes, or none [default: 12x12]."),
+    hierarchical_probabilities: str | None = typer.Option(None, help="Parent probabilities [default: 0.2]."),
+    children_per_parent: int | None = typer.Option(None, help="Children per parent [default: 2]."),
+    child_given_parent: float | None = typer.Option(None, help="P(a child | its parent) [default: 0.75]."),
+    replicas: int | None = typer.Option(None, help="Toy instances per grid cell [default: 1]."),
+    architectures: str | None = typer.Option(None, help="Comma-separated SAE architectures [default: all]."),
+    dictionary_ratio: float | None = typer.Option(None, help="d_sae / n_features [default: 2]."),
+    toy_steps: int | None = typer.Option(None, help="Toy-model training steps [default: 2000]."),
+    sae_steps: int | None = typer.Option(None, help="SAE training steps [default: 1500]."),
+    sae_batch_size: int | None = typer.Option(None, help="SAE batch size [default: 1024]."),
+    sae_lr: float | None = typer.Option(None, help="SAE learning rate [default: 3e-3]."),
+    eval_tokens: int | None = typer.Option(None, help="Held-out inputs per toy instance [default: 16384]."),
+    absorption_threshold: float | None = typer.Option(None, help="Cosine τ of an absorbing latent [default: 0.2]."),
+    seed: int | None = typer.Option(None, help="Seed of toy models, SAEs and data [default: 0]."),
+    quick: bool = typer.Option(False, help="A smoke-test grid (seconds); other options still apply on top."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Train toy models over a grid, every SAE architecture on each, and report recovery per true feature against
+    importance, probability and dimensionality, and feature absorption on hierarchical features."""
+    from saelab.toy.sae_benchmark import SAEBenchmarkConfig, quick_config, run_sae_benchmark
+
+    cfg = quick_config() if quick else SAEBenchmarkConfig()
+    given = {
+        "shapes": parse_shapes(shapes, "--shapes") if shapes is not None else None,
+        "importance_decays": parse_floats(importance_decays, "--importance-decays") if importance_decays else None,
+        "feature_probabilities": (
+            parse_floats(feature_probabilities, "--feature-probabilities") if feature_probabilities else None
+        ),
+        "hierarchical_shapes": parse_shapes(hierarchical, "--hierarchical") if hierarchical is not None else None,
+        "hierarchical_probabilities": (
+            parse_floats(hierarchical_probabilities, "--hierarchical-probabilities")
+            if hierarchical_probabilities
+            else None
+        ),
+        "children_per_parent": children_per_parent,
+        "child_given_parent": child_given_parent,
+        "replicas": replicas,
+        "architectures": [a.strip() for a in architectures.split(",")] if architectures else None,
+        "dictionary_ratio": dictionary_ratio,
+        "toy_steps": toy_steps,
+        "sae_steps": sae_steps,
+        "sae_batch_size": sae_batch_size,
+        "sae_lr": sae_lr,
+        "eval_tokens": eval_tokens,
+        "absorption_threshold": absorption_threshold,
+        "seed": seed,
+    }
+    for name, value in given.items():
+        if value is not None:
+            setattr(cfg, name, value)
+    results = run_sae_benchmark(cfg, out, progress=progress, log=typer.echo)
+    typer.echo(f"wrote {out}  (results.json, features.csv, instances.csv, figures) in {results['seconds']:.0f} s")
+    typer.echo(f"{'architecture':<12} {'recovered':>9} {'best cos':>8} {'matched':>8} {'EV':>6} {'absorption':>10}")
+    for arch, entry in results["summary"].items():
+        cells = [entry.get(key) for key in ("recovered_fraction", "mean_best_cosine", "mean_matched_cosine",
+                                             "mean_explained_variance", "absorption_rate")]  # fmt: skip
+        shown = ["—" if v is None else f"{v:.3f}" for v in cells]
+        typer.echo(f"{arch:<12} {shown[0]:>9} {shown[1]:>8} {shown[2]:>8} {shown[3]:>6} {shown[4]:>10}")

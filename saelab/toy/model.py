@@ -6,6 +6,9 @@
     x' = ReLU(Wᵀ h + b_final)     output [batch, instances, n_features]
     loss = Σ_instances Σ_features importance · (x − x')², averaged over the batch
 
+Hierarchical features come in groups: a parent followed by its children, and a child is only ever present
+together with its parent (the setting of feature absorption, Chanin et al. 2024).
+
 Variants change one piece each: `linear` drops the output ReLU, `neurons` adds a ReLU on h (a privileged
 basis), and `abs` is the absolute-value computation task of the paper's §"Computation in superposition":
 inputs in [−1, 1], target |x|, a ReLU hidden layer and an untied output matrix `W_out`.
@@ -25,7 +28,7 @@ from saelab.errors import SaelabError
 from saelab.io import atomic_directory, atomic_write_json, load_tensors, save_tensors
 
 VARIANTS = ("relu", "linear", "neurons", "abs")
-FEATURE_GENERATORS = ("independent", "correlated", "anticorrelated")
+FEATURE_GENERATORS = ("independent", "correlated", "anticorrelated", "hierarchical")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TRAIN_METHODS = ("fast", "reference")
 FORMAT_NAME = "saelab.toy_model"
@@ -39,6 +42,11 @@ class ToyModelConfig:
 
     `feature_probability` is one float for all instances or a list with one per instance. Importance is
     `importance_decay ** i` for feature i unless `importance` lists one value per feature.
+
+    `hierarchical` features come in groups of 1 + `children_per_parent`: a parent, then its children. The parent
+    is present with the feature probability p; given its parent, one of the children is present with probability
+    `child_given_parent` (each child equally likely), and children are never present without their parent. Each
+    child's marginal probability is therefore p · child_given_parent / children_per_parent.
     """
 
     n_features: int = 5
@@ -49,16 +57,26 @@ class ToyModelConfig:
     feature_probability: float | list[float] = 0.05
     importance_decay: float = 1.0
     importance: list[float] | None = None
+    children_per_parent: int = 2
+    child_given_parent: float = 0.5
 
     def validate(self) -> None:
-        require_positive_ints(self, ("n_features", "d_hidden", "n_instances"))
+        require_positive_ints(self, ("n_features", "d_hidden", "n_instances", "children_per_parent"))
         if self.variant not in VARIANTS:
             raise SaelabError(f"unknown variant '{self.variant}'; choose one of {', '.join(VARIANTS)}")
         if self.features not in FEATURE_GENERATORS:
             raise SaelabError(
                 f"unknown feature generator '{self.features}'; choose one of {', '.join(FEATURE_GENERATORS)}"
             )
-        if self.features != "independent" and self.n_features % 2:
+        group = self.children_per_parent + 1
+        if self.features == "hierarchical" and self.n_features % group:
+            raise SaelabError(
+                f"hierarchical features come in groups of 1 parent + {self.children_per_parent} children: "
+                f"n_features must be a multiple of {group}, got {self.n_features}"
+            )
+        if not 0 < self.child_given_parent <= 1:
+            raise SaelabError(f"child_given_parent must be in (0, 1], got {self.child_given_parent!r}")
+        if self.features in ("correlated", "anticorrelated") and self.n_features % 2:
             raise SaelabError(f"{self.features} features come in pairs: n_features must be even, got {self.n_features}")
         probs = self.feature_probability
         probs = list(probs) if isinstance(probs, (list, tuple)) else [probs]
@@ -97,7 +115,11 @@ class ToyModelConfig:
         probs = self.feature_probability
         per_instance = torch.tensor(probs if isinstance(probs, (list, tuple)) else [probs], dtype=torch.float32)
         per_instance = per_instance.expand(self.n_instances)
-        return einops.repeat(per_instance, "inst -> inst feat", feat=self.n_features).clone()
+        probs = einops.repeat(per_instance, "inst -> inst feat", feat=self.n_features).clone()
+        if self.features == "hierarchical":
+            is_child = torch.arange(self.n_features) % (self.children_per_parent + 1) != 0
+            probs[:, is_child] *= self.child_given_parent / self.children_per_parent
+        return probs
 
 
 @dataclass
@@ -167,6 +189,13 @@ class ToyModel(nn.Module):
             raise SaelabError("feature probabilities must lie in (0, 1]")
         if (importance < 0).any():
             raise SaelabError("importance values must be non-negative")
+        if cfg.features == "hierarchical":
+            groups = feature_probability.reshape(cfg.n_instances, -1, cfg.children_per_parent + 1)
+            if (groups[..., 1:].sum(-1) > groups[..., 0] * (1 + 1e-6)).any():
+                raise SaelabError(
+                    "hierarchical children are present only with their parent: the children's probabilities "
+                    "must sum to at most their parent's"
+                )
         self.register_buffer("importance", importance.clone())
         self.register_buffer("feature_probability", feature_probability.clone())
         self.W = nn.Parameter(torch.empty(cfg.n_instances, cfg.d_hidden, cfg.n_features))
@@ -214,6 +243,8 @@ class ToyModel(nn.Module):
         Values are uniform in [0, 1] ([−1, 1] for `abs`); each feature is present with its own probability.
         Correlated pairs are present together (with the pair's first probability); anticorrelated pairs are
         never present together (a pair fires with probability 2p, then one of its two features at random).
+        Hierarchical groups: the parent is present with its probability p_P; given that, at most one child is,
+        child c with probability p_c / p_P (so each feature's probability is its marginal probability).
         """
         n_inst, n_feat = self.cfg.n_instances, self.cfg.n_features
         device = self.W.device
@@ -225,6 +256,16 @@ class ToyModel(nn.Module):
         elif kind == "correlated":
             pair_present = uniform(batch_size, n_inst, n_feat // 2) < prob[:, ::2]
             present = pair_present.repeat_interleave(2, dim=-1)
+        elif kind == "hierarchical":
+            group = prob.reshape(n_inst, -1, self.cfg.children_per_parent + 1)  # [inst, parents, 1 + children]
+            parent_prob, child_prob = group[..., 0], group[..., 1:]
+            parent = uniform(batch_size, n_inst, group.shape[1]) < parent_prob
+            # One uniform picks the child: child c owns [Σ_{j<c} p_j, Σ_{j≤c} p_j) / p_P, none owns the rest.
+            upper = child_prob.cumsum(-1) / parent_prob[..., None]
+            lower = torch.cat([torch.zeros_like(upper[..., :1]), upper[..., :-1]], dim=-1)
+            pick = uniform(batch_size, n_inst, group.shape[1], 1)
+            child = (pick >= lower) & (pick < upper) & parent[..., None]
+            present = torch.cat([parent[..., None], child], dim=-1).flatten(-2)
         else:
             pair_present = uniform(batch_size, n_inst, n_feat // 2) < 2 * prob[:, ::2]
             first = uniform(batch_size, n_inst, n_feat // 2) < 0.5
