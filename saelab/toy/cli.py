@@ -75,7 +75,7 @@ def train(
     importance_decay: float = typer.Option(1.0, help="Importance of feature i is decay**i."),
     importance: str | None = typer.Option(None, help="Comma-separated importance per feature (overrides the decay)."),
     variant: str = typer.Option("relu", help="relu | linear | neurons | abs."),
-    features: str = typer.Option("independent", help="independent | correlated | anticorrelated."),
+    features: str = typer.Option("independent", help="independent | correlated | anticorrelated | hierarchical."),
     steps: int = typer.Option(ToyTrainConfig.steps, help="Optimiser steps."),
     batch_size: int = typer.Option(ToyTrainConfig.batch_size, help="Rows per step."),
     lr: float = typer.Option(ToyTrainConfig.lr, help="Peak learning rate (Adam)."),
