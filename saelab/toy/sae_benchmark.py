@@ -51,10 +51,11 @@ from saelab.config import config_to_dict, require_positive_ints
 from saelab.errors import SaelabError
 from saelab.io import atomic_directory, atomic_write_json, atomic_write_text
 from saelab.sae.evaluate import EVAL_SEED
-from saelab.sae.metrics import cosine_matrix, explained_variance
+from saelab.sae.metrics import cosine_matrix
 from saelab.sae.model import ARCHITECTURES, SAE
 from saelab.sae.recovery import toy_sae_configs
 from saelab.sae.train import SAETrainConfig, train_saes
+from saelab.stats import explained_variance
 from saelab.toy.analysis import REPRESENTED_NORM, dimensionality, feature_norms
 from saelab.toy.model import ToyModel, ToyModelConfig, ToyTrainConfig
 from saelab.toy.train import train_toy_model
