@@ -150,8 +150,8 @@ def test_every_reported_metric_matches_a_slow_computation() -> None:
         i = row["instance"]
         sae = saes[i * 2 + cfg.architecture_list.index(row["architecture"])]
         x = hidden[:, i].double()
-        latents = sae.encode(x.float()).double()
-        x_hat = latents @ sae.W_dec.double() + sae.b_dec.double()
+        latents = sae.encode(x.float()).detach().double()
+        x_hat = latents @ sae.W_dec.detach().double() + sae.b_dec.detach().double()
         mean = x.mean(dim=0)
         ev = 1 - sum(float((x[t] - x_hat[t]).pow(2).sum()) for t in range(len(x))) / sum(
             float((x[t] - mean).pow(2).sum()) for t in range(len(x))
