@@ -180,3 +180,29 @@ def one_thread() -> Iterator[None]:
     yield
     torch.set_num_threads(before)
     torch.set_grad_enabled(grad)
+
+
+def brute_losses(lm, row, hooks=()) -> torch.Tensor:
+    """[T − 1] float64 next-token CE of one sequence, with TransformerLens hooks."""
+    logits = lm.model.run_with_hooks(row[None], fwd_hooks=list(hooks))[0, :-1].double()
+    return torch.logsumexp(logits, -1) - logits.gather(1, row[1:, None])[:, 0]
+
+
+def counted(lm, row) -> torch.Tensor:
+    """[T − 1] positions whose next-token loss counts: input and target both regular tokens."""
+    regular = row != lm.bos_token_id
+    return regular[:-1] & regular[1:]
+
+
+def brute_joint_total(lm, row, positions, subtracts, hook=HOOK) -> float:
+    """Change in the next-token loss summed over every counted position of the sequence, removing subtracts[i] at
+    positions[i], all at once, in one whole forward pass (a single position gives the total ΔCE of that firing)."""
+
+    def fn(act, hook):
+        act = act.clone()
+        for p, d in zip(positions, subtracts, strict=True):
+            act[0, p] -= d.view(act.shape[2:])
+        return act
+
+    change = brute_losses(lm, row, [(hook, fn)]) - brute_losses(lm, row)
+    return (change * counted(lm, row)).sum().item()

@@ -106,7 +106,7 @@ def test_runs_shared_by_many_positions_match_the_reference(tok, normalization, p
     assert torch.allclose(fast, reference, atol=2e-5, rtol=1e-4)
     assert torch.allclose(clean.final, run.final_resid[seq, pos], atol=1e-5)
     engine.positions_per_run = 1  # what models that read positions off the cache length get
-    assert torch.allclose(engine.loss_effects(run, seq, pos, delta)[0], fast, atol=1e-5)
+    assert torch.allclose(engine.loss_effects(run, seq, pos, delta)[0], fast, atol=2e-5, rtol=1e-4)  # float32 regrouped
 
 
 def test_only_models_with_mask_counted_positions_share_runs(tok):
@@ -123,7 +123,7 @@ def test_small_batches_give_the_same_dashboard(tok):
     sae = TinySAE(32, 12, HOOK)
     tokens = make_tokens(tok, n_seq=12, length=24)
     boards = [
-        compute_dashboard(lm, sae, tokens, HOOK, cfg=DashboardConfig(batch_size=size, importance_samples=8))
+        compute_dashboard(lm, sae, tokens, HOOK, cfg=DashboardConfig(batch_size=size, exact_firings=8))
         for size in (12, 5)
     ]
     for one, other in zip(boards[0].latents, boards[1].latents, strict=True):

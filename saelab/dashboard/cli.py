@@ -100,13 +100,15 @@ def dashboard(
     hook: str = typer.Option(None, help="Hook name; default: the SAE's metadata.hook_name."),
     sequences: int = typer.Option(512, help="Number of token sequences to scan."),
     context: int = typer.Option(128, help="Tokens per sequence (BOS included)."),
-    importance_samples: int = typer.Option(64, help="Firing positions per latent whose exact ΔCE gives importance."),
+    exact_firings: int = typer.Option(
+        64, help="Firings per latent whose total ΔCE is computed exactly (a uniform sample corrects the estimate)."
+    ),
     top_windows: int = typer.Option(10, help="Top-activation windows per latent."),
     device: str = typer.Option("cpu", help="cpu, cuda, …"),
     seed: int = typer.Option(0, help="Seed for the position samples."),
 ) -> None:
     """Build a dashboard site for an SAE: statistics, token windows, exact loss effects and importance."""
-    cfg = DashboardConfig(importance_samples=importance_samples, top_windows=top_windows, seed=seed)
+    cfg = DashboardConfig(exact_firings=exact_firings, top_windows=top_windows, seed=seed)
     index = build_dashboard(
         sae_dir, out, model, dataset, parse_features(features), sequences, context, hook, device, cfg
     )

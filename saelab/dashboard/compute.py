@@ -1,18 +1,20 @@
 """Dashboard data for an SAE on a language model: what every latent does, computed exactly and in two passes.
 
-1. One streaming pass over the token set, the model stopping at the hook, collects every statistic that needs all
-   tokens (`saelab.dashboard.stats`): density, maximum, histogram and quantiles, top-activation windows, a uniform
-   sample of firing positions, correlations.
-2. A second pass over only the sequences that hold a shown window or a sampled position computes the loss effects
-   there, exactly (`saelab.dashboard.effects.Downstream`) and by the direct path.
+1. One streaming pass over the token set, a forward and a backward pass of the model per batch, collects every
+   statistic that needs all tokens (`saelab.dashboard.stats`): density, maximum, histogram and quantiles,
+   top-activation windows, a uniform sample of firing positions, correlations, and for every firing the cheap
+   estimate of its total ΔCE (gradient attribution), summed per context.
+2. A second pass over only the sequences that hold a shown window or a sampled firing computes the loss effects
+   there, exactly (`saelab.dashboard.effects.Downstream`) and by the direct path: the same-position ΔCE at every
+   firing inside a shown window, and the total ΔCE of the sampled firings (all firings of a latent that fires at
+   most `exact_firings` times).
 
 Definitions (also shown on the pages):
 
-- loss effect ΔCE at a position: next-token cross-entropy with the latent's contribution `a · W_dec[j]` removed
-  from the hooked activation there, minus the clean one; positive means the latent helps.
-- importance: the mean ΔCE over a uniform sample of the positions where the latent fires (all of them when it fires
-  fewer times than the sample size), with a t-interval (finite-population corrected, so it closes when the sample
-  is the whole population); total importance = density × mean ΔCE, the expected loss increase per token.
+- same-position ΔCE at a position: next-token cross-entropy there with the latent's contribution `a · W_dec[j]`
+  removed from the hooked activation there, minus the clean one; positive means the latent helps. The per-token
+  views show it, beside the direct-path approximation and the gradient attribution.
+- total ΔCE, importance per firing and per token: see `saelab.dashboard.importance`.
 - logit effect: the mean, over the same sample, of the exact change in logits that the latent's contribution makes
   through the model's own final norm at the actual residual, `W_U (norm(x) − norm(x − a·d))`. This is exact for
   LayerNorm and RMSNorm (the norm is evaluated, not linearised or ignored); `d` is the decoder row written into the
@@ -21,7 +23,6 @@ Definitions (also shown on the pages):
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,12 +33,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.dashboard.effects import downstream
+from saelab.dashboard.effects import Clean, LossEffectEngine, downstream, loss_gradient
+from saelab.dashboard.importance import Importance, estimate_importance
+from saelab.dashboard.pages import PageParts, build_pages
+from saelab.dashboard.pages import pairs as _pairs
+from saelab.dashboard.pages import round_float as _round
 from saelab.dashboard.stats import BINS_PER_DECADE, LOG10_LO, LatentStats, StatsAccumulator
 from saelab.dashboard.text import token_label, token_strings
 from saelab.errors import SaelabError
 
-QUANTILES = (0.5, 0.9, 0.99)
 ENCODE_FLOATS = 4 * 2**20  # latent activations encoded at once (16 MB)
 
 
@@ -50,8 +54,10 @@ class DashboardConfig:
     windows_per_interval: int = 3  # ... with this many windows sampled from each
     context_before: int = 12  # tokens shown before a window's centre
     context_after: int = 4  # and after it
-    importance_samples: int = 64  # firing positions per latent whose exact ΔCE gives the importance
-    confidence: float = 0.95  # of the importance interval
+    exact_firings: int = 64  # firings per latent whose total ΔCE is computed exactly (a uniform sample if more)
+    confidence: float = 0.95  # of the importance intervals
+    min_firings: int = 20  # below this many firings, or firing contexts, importance shows "too few firings"
+    min_contexts: int = 5
     n_logits: int = 10  # promoted and suppressed tokens shown
     n_neighbours: int = 8  # nearest latents by decoder cosine, and most correlated ones
     batch_size: int = 32  # sequences per forward pass (fewer for wide SAEs, see ENCODE_FLOATS)
@@ -61,7 +67,8 @@ class DashboardConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("top_windows", "quantile_intervals", "importance_samples", "n_logits", "n_neighbours"):
+        for name in ("top_windows", "quantile_intervals", "exact_firings", "n_logits", "n_neighbours", "min_firings",
+                     "min_contexts"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SaelabError(f"dashboard {name} must be a positive integer, got {value!r}")
@@ -124,15 +131,6 @@ def eligible_positions(valid: Tensor) -> Tensor:
     return out
 
 
-def _round(x: float, digits: int = 5) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(f"{x:.{digits}g}")
-
-
-def _pairs(keys: list, values: list, digits: int = 5) -> list[list]:
-    """[[key, value], ...] with values rounded, dropping non-finite ones (e.g. −inf for 'no such neighbour')."""
-    return [[k, _round(v, digits)] for k, v in zip(keys, values, strict=True) if math.isfinite(v)]
-
-
 def _rounded(values: Tensor, digits: int = 5) -> list[float | None]:
     """`_round` for a whole tensor at once (vectorised: pages hold millions of numbers); NaN becomes None."""
     a = values.double().numpy()
@@ -186,26 +184,30 @@ def compute_dashboard(
 
     # ---- pass 1: statistics over every token ------------------------------------------------------------
     acc = StatsAccumulator(
-        latents, sae.cfg.d_sae, n_seq, T, cfg.window, 2 * cfg.top_windows + 4, cfg.importance_samples,
+        latents, sae.cfg.d_sae, n_seq, T, cfg.window, 2 * cfg.top_windows + 4, cfg.exact_firings,
         cfg.corr_tokens, generator,
     )  # fmt: skip
     # The second pass starts at the hooked block from residuals kept here, when they fit in memory.
     d_model = getattr(getattr(lm.model, "cfg", None), "d_model", 0)
-    keep = hasattr(engine, "start_name") and n_seq * T * d_model * 4 <= cfg.resid_cache_mb * 2**20
+    keep = engine.start_name is not None and n_seq * T * d_model * 4 <= cfg.resid_cache_mb * 2**20
     resid = torch.empty(n_seq, T, d_model) if keep else None
+    W_dec = sae.W_dec.detach()
     # Few sequences per batch: the latent activations [batch, T, d_sae] stay under ENCODE_FLOATS, so they are reused
     # from the heap and stay in cache, where larger blocks would be freshly mapped (and page-faulted) memory each time.
-    batch_size = max(1, min(cfg.batch_size, ENCODE_FLOATS // (T * sae.cfg.d_sae)))
+    batch_size = max(1, min(cfg.batch_size, ENCODE_FLOATS // (T * max(sae.cfg.d_sae, len(lm.tokenizer)))))
     _recycle_large_blocks()
     for first in tqdm(range(0, n_seq, batch_size), desc="activations", disable=not progress, leave=False):
         batch = tokens[first : first + batch_size]
-        names = [hook] if not keep or engine.hook_is_start else [hook, engine.start_name]
-        found = lm.activations(batch, names)
-        if keep:
-            resid[first : first + len(batch)] = found[names[-1]].view(len(batch), T, d_model).cpu()
-        acts = _sae_encode(sae, found[hook])
         valid = lm.regular_positions(batch).cpu()
-        acc.update(acts, first, valid, eligible_positions(valid))
+        eligible = eligible_positions(valid)
+        read = (engine.start_name,) if keep and not engine.hook_is_start else ()
+        found = loss_gradient(lm, hook, batch, eligible, read)
+        if keep:
+            resid[first : first + len(batch)] = found[read[0] if read else "x"].view(len(batch), T, d_model).cpu()
+        acts = _sae_encode(sae, found["x"])
+        # Attribution: the first-order change of the loss summed from each position on, −a_j · W_dec[j] · ∂L/∂x.
+        estimate = -acts * (found["grad"].to(W_dec.device, W_dec.dtype) @ W_dec.T).float()
+        acc.update(acts, first, valid, eligible, estimate)
     stats = acc.finish(cfg.top_windows, cfg.n_neighbours)
     pass1 = time.perf_counter() - started
 
@@ -213,8 +215,8 @@ def compute_dashboard(
     windows = _choose_windows(stats, cfg)
     eligible = eligible_positions(lm.regular_positions(tokens).cpu())
     effects = _Effects(stats, cfg, windows, eligible, d_model)
-    W_dec = sae.W_dec.detach().float()
-    effects.evaluate(engine, tokens, resid, W_dec, latents, _seqs_per_run(lm, engine, T), progress)
+    effects.evaluate(engine, tokens, resid, W_dec.float(), latents, eligible, _seqs_per_run(lm, engine, T), progress)
+    importance = effects.importance(stats, cfg)
     strings = _window_strings(lm.tokenizer, tokens, windows["center"], cfg)
     pass2 = time.perf_counter() - started - pass1
 
@@ -226,13 +228,14 @@ def compute_dashboard(
         "tokens": {"sequences": n_seq, "length": T, "counted": stats.n_tokens},
         "config": asdict(cfg),
         "histogram": {"log10_lo": LOG10_LO, "bins_per_decade": BINS_PER_DECADE},
-        "approximation": effects.error_summary(),
+        "approximation": {"direct_path": effects.error_summary(), "gradient": effects.gradient_summary()},
+        "ranking": _ranking(stats),
         "seconds": {"statistics": round(pass1, 2), "loss_effects": round(pass2, 2)},
         "latents": latents.tolist(),
     }
     logits = _logit_effects(lm, effects, cfg.n_logits)
     neighbours = decoder_neighbours(sae.W_dec.detach().float().cpu(), latents, cfg.n_neighbours)
-    pages = _assemble(stats, cfg, latents, windows, effects, strings, tokens, logits, neighbours)
+    pages = _assemble(stats, cfg, latents, windows, effects, importance, strings, tokens, logits, neighbours)
     meta["seconds"]["total"] = round(time.perf_counter() - started, 2)
     return Dashboard(meta=meta, latents=pages)
 
@@ -280,12 +283,12 @@ def _window_strings(tokenizer, tokens: Tensor, center: Tensor, cfg: DashboardCon
     return out
 
 
-def _seqs_per_run(lm, engine, T: int, budget: int = 512 * 2**20) -> int:
+def _seqs_per_run(lm, engine: LossEffectEngine, T: int, budget: int = 512 * 2**20) -> int:
     """Sequences per clean run such that its cached residuals and keys/values stay within `budget` bytes."""
     cfg = getattr(lm.model, "cfg", None)
     if cfg is None:
         return 8
-    blocks = cfg.n_layers - getattr(engine, "start", 0)
+    blocks = cfg.n_layers - engine.start
     per_sequence = T * cfg.d_model * 4 * (3 + 2 * blocks)
     return max(1, budget // per_sequence)
 
@@ -306,6 +309,7 @@ class _Effects:
         inside = (grid >= 0) & (grid < T)
         flat = (center // T * T)[:, None] + grid.clamp(0, T - 1)
         self.win_acts = torch.where(inside, stats.activation(windows["latent"][:, None], flat), 0.0)
+        self.win_grad = torch.where(inside, stats.estimate(windows["latent"][:, None], flat), float("nan"))
         fires = inside & (self.win_acts > 0) & eligible.reshape(-1)[flat]
         self.win_rows, self.win_cols = fires.nonzero(as_tuple=True)
         # Sampled positions.
@@ -318,6 +322,7 @@ class _Effects:
         keys, self.inverse = torch.unique(pair_flat * L + pair_l, return_inverse=True)
         self.flat, self.latent = keys // L, keys % L
         self.act = stats.activation(self.latent, self.flat)
+        self.estimate = stats.estimate(self.latent, self.flat)
         self.is_sample = torch.zeros(len(keys), dtype=torch.bool)
         self.is_sample[self.inverse[len(self.win_rows) :]] = True
         self.exact = torch.full((len(keys),), float("nan"))
@@ -328,22 +333,34 @@ class _Effects:
         self.win_direct = torch.full(self.win_acts.shape, float("nan"))
         self.sample_exact = torch.full(stats.sample_index.shape, float("nan"))
         self.T, self.n_positions = T, n_positions
+        self.eligible_flat = eligible.reshape(-1)
+        self._err: dict[str, tuple[Tensor, Tensor]] | None = None
 
-    def evaluate(self, engine, tokens, resid, W_dec, latents, per_run: int, progress: bool) -> None:
+    def evaluate(self, engine, tokens, resid, W_dec, latents, eligible, per_run: int, progress: bool) -> None:
         """Run the model once over each chunk of the sequences holding pairs (from the cached residuals at the
-        hooked block when `resid` [n_seq, T, d_model] is given), then every pair of the chunk."""
+        hooked block when `resid` [n_seq, T, d_model] is given), then every pair of the chunk: the total ΔCE
+        (and with it the same-position one) for sampled pairs, the same-position ΔCE alone for the others."""
         seq = self.flat // self.T
         needed = seq.unique()
+        self.total = torch.full((len(self.flat),), float("nan"), dtype=torch.float64)
         for chunk in tqdm(needed.split(per_run), desc="loss effects", disable=not progress, leave=False):
             run = engine.clean(tokens[chunk], None if resid is None else resid[chunk])
             rows = ((seq >= chunk[0]) & (seq <= chunk[-1])).nonzero().squeeze(1)  # seq is sorted, chunk contiguous
             local = torch.searchsorted(chunk, seq[rows])
             pos = self.flat[rows] % self.T
             delta = self.act[rows, None] * W_dec[latents[self.latent[rows]]].cpu()
-            self.exact[rows], clean = engine.loss_effects(run, local, pos, delta)
+            sampled = self.is_sample[rows]
+            s, w = sampled.nonzero().squeeze(1), (~sampled).nonzero().squeeze(1)
+            self.total[rows[s]], self.exact[rows[s]], clean_s = engine.total_effects(
+                run, local[s], pos[s], delta[s], eligible[chunk]
+            )
+            self.exact[rows[w]], clean_w = engine.loss_effects(run, local[w], pos[w], delta[w])
             delta_res = engine.to_residual(delta.to(W_dec.device))
             if delta_res is None:
                 continue
+            clean = Clean(torch.empty(len(rows), clean_w.final.shape[1]), torch.empty(len(rows)))
+            for part, c in ((s, clean_s), (w, clean_w)):
+                clean.final[part], clean.ce[part] = c.final.cpu(), c.ce.cpu()
             targets = tokens[chunk][local, pos + 1]
             for part in torch.arange(len(rows)).split(1024):  # logits [1024, d_vocab] at a time: reused memory
                 direct, normed = engine.direct_effects(clean[part], targets[part], delta_res[part])
@@ -356,33 +373,69 @@ class _Effects:
         self.win_exact[self.win_rows, self.win_cols] = self.exact[self.inverse[:n_win]]
         self.win_direct[self.win_rows, self.win_cols] = self.direct[self.inverse[:n_win]]
         self.sample_exact[self.sample_r, self.sample_l] = self.exact[self.inverse[n_win:]]
+        # The exactly computed firings, one entry each: context, latent column, total ΔCE, cheap estimate.
+        pairs = self.is_sample.nonzero().squeeze(1)
+        self.sample_context, self.sample_latent = self.flat[pairs] // self.T, self.latent[pairs]
+        self.sample_total = self.total[pairs]
+        self.sample_estimate = self.estimate[pairs].double()
+        self.sample_same = self.exact[pairs].double()
+        self.sample_act = self.act[pairs]
 
-    def latent_error(self, j: int) -> float | None:
-        """Mean |direct − exact| over latent j's evaluated positions."""
-        if not hasattr(self, "_err_sum"):
-            err = (self.direct - self.exact).abs().double()
-            ok = err.isfinite()
+    def importance(self, stats: LatentStats, cfg: DashboardConfig) -> Importance:
+        return estimate_importance(
+            stats.context_estimate, stats.context_count, stats.context_tokens, self.sample_context,
+            self.sample_latent, self.sample_total, self.sample_estimate, cfg.confidence, cfg.min_firings,
+            cfg.min_contexts,
+        )  # fmt: skip
+
+    def gradient_summary(self) -> dict[str, Any]:
+        """How far the gradient attribution is from the exact total ΔCE, over every exactly computed firing."""
+        return _error_summary(self.sample_total, self.sample_estimate)
+
+    def latent_errors(self, j: int) -> dict[str, Any]:
+        """Latent j's mean |direct − exact same-position ΔCE| over its evaluated positions, and mean |gradient
+        attribution − exact total ΔCE| over its exactly computed firings."""
+        if self._err is None:
             L = len(self.normed_n)
-            self._err_sum = torch.zeros(L, dtype=torch.float64).index_add_(0, self.latent[ok], err[ok])
-            self._err_n = torch.bincount(self.latent[ok], minlength=L)
-        return _round(self._err_sum[j].item() / self._err_n[j].item()) if self._err_n[j] else None
+            self._err = {}
+            for name, exact, approx, lat in (("direct_path", self.exact, self.direct, self.latent),
+                                             ("gradient", self.sample_total, self.sample_estimate,
+                                              self.sample_latent)):  # fmt: skip
+                err = (approx.double() - exact.double()).abs()
+                ok = err.isfinite()
+                total = torch.zeros(L, dtype=torch.float64).index_add_(0, lat[ok], err[ok])
+                self._err[name] = (total, torch.bincount(lat[ok], minlength=L))
+        return {name: _round(total[j].item() / n[j].item()) if n[j] else None for name, (total, n) in self._err.items()}
 
     def error_summary(self) -> dict[str, Any]:
-        """How far the direct-path approximation is from the exact ΔCE, over every evaluated position."""
-        ok = self.direct.isfinite() & self.exact.isfinite()
-        exact, direct = self.exact[ok].double(), self.direct[ok].double()
-        if len(exact) < 2:
-            return {"positions": len(exact)}
-        err = direct - exact
-        r = torch.corrcoef(torch.stack([exact, direct]))[0, 1].item()
-        return {
-            "positions": len(exact),
-            "mean_abs_exact": _round(exact.abs().mean().item()),
-            "mean_abs_error": _round(err.abs().mean().item()),
-            "rms_error": _round(err.square().mean().sqrt().item()),
-            "max_abs_error": _round(err.abs().max().item()),
-            "pearson_r": _round(r),
-        }
+        """How far the direct-path approximation is from the exact same-position ΔCE, over every evaluated
+        position."""
+        return _error_summary(self.exact, self.direct)
+
+
+def _error_summary(exact: Tensor, approx: Tensor) -> dict[str, Any]:
+    """Pearson r, mean |error| and friends of an approximation against exact values, over the finite pairs."""
+    ok = approx.isfinite() & exact.isfinite()
+    exact, approx = exact[ok].double(), approx[ok].double()
+    if len(exact) < 2:
+        return {"positions": len(exact)}
+    err = approx - exact
+    r = torch.corrcoef(torch.stack([exact, approx]))[0, 1].item()
+    return {
+        "positions": len(exact),
+        "mean_abs_exact": _round(exact.abs().mean().item()),
+        "mean_abs_error": _round(err.abs().mean().item()),
+        "rms_error": _round(err.square().mean().sqrt().item()),
+        "max_abs_error": _round(err.abs().max().item()),
+        "pearson_r": _round(r),
+    }
+
+
+def _ranking(stats: LatentStats) -> dict[str, list]:
+    """Every latent of the SAE by the cheap estimate of its importance per token (gradient attribution summed over
+    its firings / tokens scanned), with its firings: what `--features top:N` ranks by."""
+    per_token = stats.rank_estimate / max(stats.n_tokens, 1)
+    return {"per_token": _rounded(per_token, 4), "firings": stats.rank_count.tolist()}
 
 
 def _logit_effects(lm, effects: _Effects, n: int) -> list[dict[str, Any] | None]:
@@ -412,6 +465,7 @@ def _logit_effects(lm, effects: _Effects, n: int) -> list[dict[str, Any] | None]
             labels = lambda ids: [label(t) for t in ids.tolist()]  # noqa: E731
             out.append({
                 "top": _pairs(labels(top_i[j]), top_v[j].tolist()),
+                "ids": top_i[j].tolist(),
                 "bottom": _pairs(labels(bot_i[j]), bot_v[j].tolist()),
                 "positions": int(counts[j]),
             })  # fmt: skip
@@ -432,67 +486,77 @@ def decoder_neighbours(W_dec: Tensor, latents: Tensor, n: int, chunk: int = 1024
     return torch.cat(ids), torch.cat(cos)
 
 
-@functools.lru_cache(maxsize=4096)
-def _t_quantile(q: float, dof: int) -> float:
-    from scipy.special import stdtrit  # Student's t quantile; scipy.stats would cost a second to import
-
-    return float(stdtrit(dof, q))
-
-
-def importance_interval(values: Tensor, pool: int, confidence: float) -> dict[str, Any]:
-    """Mean of a uniform sample of ΔCEs drawn without replacement from `pool` firing positions, with a
-    t-interval whose finite-population correction makes it exact (zero width) when the sample is the pool."""
-    values = values[values.isfinite()].double()
-    n = len(values)
-    if n == 0:
-        return {"mean": None, "lo": None, "hi": None, "n": 0, "pool": int(pool)}
-    mean = values.mean().item()
-    if n == 1:
-        return {"mean": _round(mean), "lo": None, "hi": None, "n": 1, "pool": int(pool)}
-    fpc = max(0.0, 1 - n / pool) if pool > 0 else 1.0
-    half = _t_quantile(0.5 + confidence / 2, n - 1) * values.std().item() / math.sqrt(n) * math.sqrt(fpc)
-    return {"mean": _round(mean), "lo": _round(mean - half), "hi": _round(mean + half), "n": n, "pool": int(pool)}
-
-
-def _assemble(stats, cfg, latents, windows, effects, strings, tokens, logits, neighbours) -> list[dict[str, Any]]:
+def _assemble(stats, cfg, latents, windows, effects, importance, strings, tokens, logits, neighbours) -> list[dict]:
     T = tokens.shape[1]
-    density = stats.density()
-    quantiles = stats.quantiles(list(QUANTILES))
     edges = stats.quantiles([i / cfg.quantile_intervals for i in range(cfg.quantile_intervals + 1)])
-    corr = stats.correlations
     span = cfg.window
     grid: dict[str, list] = {"center": windows["center"].tolist(), "kind": windows["kind"].tolist()}
-    for name, values in (("acts", effects.win_acts), ("loss", effects.win_exact), ("direct", effects.win_direct)):
+    for name, values in (("acts", effects.win_acts), ("loss", effects.win_exact), ("direct", effects.win_direct),
+                         ("grad", effects.win_grad)):  # fmt: skip
         flat = _rounded(values.flatten())
         grid[name] = [flat[i : i + span] for i in range(0, len(flat), span)]
     by_latent = [[] for _ in range(len(latents))]
     for row, l in enumerate(windows["latent"].tolist()):
         by_latent[l].append(row)
-    pages = []
-    for j, latent in enumerate(latents.tolist()):
-        count = int(stats.count[j])
-        hist = stats.hist[j]
-        nz = hist.nonzero().squeeze(1)
-        imp = importance_interval(effects.sample_exact[:, j], int(stats.sample_pool[j]), cfg.confidence)
-        total = {k: _round(density[j].item() * imp[k]) if imp[k] is not None else None for k in ("mean", "lo", "hi")}
-        page: dict[str, Any] = {
-            "id": latent,
-            "density": _round(density[j].item()),
-            "count": count,
-            "max": _round(stats.max_act[j].item()),
-            "mean": _round(stats.act_sum[j].item() / count) if count else None,
-            "quantiles": [[q, _round(v)] for q, v in zip(QUANTILES, quantiles[j].tolist(), strict=True)],
-            "hist": {"first": int(nz[0]), "counts": hist[nz[0] : nz[-1] + 1].tolist()} if len(nz) else None,
-            "importance": imp,
-            "total_importance": total,
-            "approx_error": effects.latent_error(j),
-            "logits": logits[j],
-            "neighbours": _pairs(neighbours[0][j].tolist(), neighbours[1][j].tolist(), 4),
-            "correlated": [] if corr is None else _pairs(corr[0][j].tolist(), corr[1][j].tolist(), 4),
-            "windows": _latent_windows(by_latent[j], grid, strings, cfg, T, edges[j].tolist()),
-        }  # fmt: skip
-        pages.append(page)
-    return pages
+    helps = _helps(stats, cfg, effects, importance, tokens, logits, edges)
+    parts = PageParts(
+        errors=[effects.latent_errors(j) for j in range(len(latents))],
+        helps=helps,
+        logits=[None if lg is None else {k: v for k, v in lg.items() if k != "ids"} for lg in logits],
+        windows=[_latent_windows(by_latent[j], grid, strings, cfg, T, edges[j].tolist()) for j in range(len(latents))],
+    )
+    return build_pages(stats, importance, latents, neighbours, parts)
+
+
+def _helps(stats, cfg, effects, importance: Importance, tokens: Tensor, logits, edges: Tensor) -> list[dict]:
+    """When each latent helps: the mean total ΔCE of its firings in each activation quantile interval (the same
+    control-variate estimator as the importance, within the interval), the fraction of exactly computed firings
+    where removing it raises the loss, and how often the actual next token is among its most promoted tokens."""
+    L, n = len(stats.count), cfg.quantile_intervals
+    latent = stats.store_keys // stats.n_positions
+    flat = stats.store_keys % stats.n_positions
+    eligible = effects.eligible_flat[flat]
+    inner = edges[:, 1:-1].float()  # [L, n − 1]
+    interval = (stats.store_values[:, None] >= inner[latent]).sum(1)
+    key = latent * n + interval
+    est = torch.where(eligible, stats.store_estimate.double(), 0.0)
+    est_sum = torch.zeros(L * n, dtype=torch.float64).index_add_(0, key, est)
+    count = torch.zeros(L * n, dtype=torch.int64).index_add_(0, key, eligible.long())
+    scale = importance.firings.double() / importance.exact.clamp(min=1)
+    s_lat = effects.sample_latent
+    s_int = (effects.sample_act[:, None] >= inner[s_lat]).sum(1)
+    residual = (effects.sample_total - effects.sample_estimate) * scale[s_lat]
+    ok = residual.isfinite()
+    est_sum.index_add_(0, (s_lat * n + s_int)[ok], residual[ok])
+    mean = (est_sum / count.clamp(min=1)).view(L, n)
+    count = count.view(L, n)
+    raises = torch.zeros(L).index_add_(0, s_lat[ok], (effects.sample_total[ok] > 0).float())
+    exact_n = torch.bincount(s_lat[ok], minlength=L)
+    # The actual next token among the latent's 10 most promoted tokens, over every eligible firing.
+    hits = torch.full((L,), float("nan"))
+    top_ids = torch.full((L, 10), -1, dtype=torch.long)
+    for j, lg in enumerate(logits):
+        if lg is not None:
+            top_ids[j, : len(lg["ids"][:10])] = torch.tensor(lg["ids"][:10])
+    next_token = tokens.reshape(-1)[(flat + 1).clamp(max=tokens.numel() - 1)]
+    hit = (top_ids[latent] == next_token[:, None]).any(1) & eligible
+    hit_sum = torch.zeros(L).index_add_(0, latent, hit.float())
+    elig_n = torch.zeros(L).index_add_(0, latent, eligible.float())
+    has = top_ids[:, 0] >= 0
+    hits[has] = hit_sum[has] / elig_n[has].clamp(min=1)
+    out = []
+    for j in range(L):
+        out.append({
+            "intervals": [
+                {"q": [i / n, (i + 1) / n], "lo": _round(edges[j, i].item()), "hi": _round(edges[j, i + 1].item()),
+                 "firings": int(count[j, i]), "mean_total": _round(mean[j, i].item()) if count[j, i] else None}
+                for i in range(n)
+            ],
+            "raises_loss": _round(raises[j].item() / exact_n[j].item(), 4) if exact_n[j] else None,
+            "raises_loss_n": int(exact_n[j]),
+            "next_token_in_top10": _round(hits[j].item(), 4),
+        })  # fmt: skip
+    return out
 
 
 def _latent_windows(rows, grid, strings, cfg, T, edges) -> dict[str, Any]:
@@ -510,7 +574,7 @@ def _latent_windows(rows, grid, strings, cfg, T, edges) -> dict[str, Any]:
         lo, hi = start - (pos - cfg.context_before), end - (pos - cfg.context_before)
         tokens = [strings[seq, p] for p in range(start, end)]
         window = {"seq": seq, "start": start, "center": pos - start, "tokens": tokens}
-        window |= {name: grid[name][row][lo:hi] for name in ("acts", "loss", "direct")}
+        window |= {name: grid[name][row][lo:hi] for name in ("acts", "loss", "direct", "grad")}
         kind = grid["kind"][row]
         (top if kind == 0 else intervals[kind - 1]["windows"]).append(window)
     return {"top": top, "intervals": intervals}

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,7 @@ _NOT_PER_POSITION = ("hook_attn_scores", "hook_pattern")
 CLEAN_FLOATS = 2**21  # attention scores computed at once by a clean run (8 MB)
 POSITIONS_PER_RUN = 16  # nearby positions share a single-position run (fewer, larger runs)
 RUN_FLOATS = 2**20  # cached keys gathered for one single-position run, per block (4 MB)
+TOTAL_FLOATS = 2**22  # logits of one total-effect run (16 MB)
 
 
 def next_token_ce(logits: Tensor, targets: Tensor) -> Tensor:
@@ -56,12 +59,21 @@ def reference_loss_effects(lm, hook: str, tokens: Tensor, seq: Tensor, pos: Tens
     `tokens` is [n_seq, T]; every `pos` must be < T − 1 so that a next token exists.
     """
     out = torch.empty(len(seq), dtype=torch.float32)
+    for rows, p, clean, ablated in _ablated_losses(lm, hook, tokens, seq, pos, delta):
+        out[rows] = (ablated[torch.arange(len(rows)), p] - clean[p]).float().cpu()
+    return out
+
+
+def _ablated_losses(
+    lm, hook: str, tokens: Tensor, seq: Tensor, pos: Tensor, delta: Tensor, per_pass: int = 64
+) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """(rows, pos [n], clean CE [T − 1], ablated CE [n, T − 1]) for batches of pairs of one sequence: whole forward
+    passes, row i removing delta[rows[i]] at pos[rows[i]] of tokens[seq[rows[i]]] only."""
     for s in seq.unique().tolist():
         rows = (seq == s).nonzero().squeeze(1)
         seq_tokens = tokens[s : s + 1].to(lm.device)
         clean = lm.loss_per_token(seq_tokens)[0]  # [T − 1]
-        for chunk in rows.split(256):
-            n = len(chunk)
+        for chunk in rows.split(per_pass):
             p = pos[chunk].to(lm.device)
             d = delta[chunk].to(lm.device)
 
@@ -70,8 +82,62 @@ def reference_loss_effects(lm, hook: str, tokens: Tensor, seq: Tensor, pos: Tens
                 x[torch.arange(len(p), device=x.device), p] -= d.to(x.dtype)
                 return x
 
-            ablated = lm.loss_per_token(seq_tokens.expand(n, -1), {hook: remove})
-            out[chunk] = (ablated[torch.arange(n), p] - clean[p]).float().cpu()
+            yield chunk, p, clean, lm.loss_per_token(seq_tokens.expand(len(chunk), -1), {hook: remove})
+
+
+def later_loss_mask(eligible: Tensor, pos: Tensor) -> Tensor:
+    """[n, T] positions whose next-token loss enters the total effect of an ablation at pos[i]: pos[i] itself and
+    every later position of the context, where the loss is counted (`eligible`, [n, T], per row)."""
+    return eligible & (torch.arange(eligible.shape[1], device=eligible.device)[None] >= pos[:, None])
+
+
+@torch.no_grad()
+def reference_total_effects(
+    lm, hook: str, tokens: Tensor, seq: Tensor, pos: Tensor, delta: Tensor, eligible: Tensor
+) -> Tensor:
+    """Total ΔCE [n]: the change of the next-token loss summed over position pos[i] and every later eligible
+    position of tokens[seq[i]] (`eligible` [n_seq, T]), when delta [n, d_in] is removed at pos[i] only.
+
+    The plain definition: one whole forward pass per pair (pairs of one sequence share a batch)."""
+    out = torch.empty(len(seq), dtype=torch.float64)
+    for rows, p, clean, ablated in _ablated_losses(lm, hook, tokens, seq, pos, delta):
+        mask = later_loss_mask(eligible[seq[rows]].to(p.device), p)[:, :-1]
+        out[rows] = ((ablated.double() - clean.double()) * mask).sum(1).cpu()
+    return out
+
+
+def loss_gradient(lm, hook: str, tokens: Tensor, eligible: Tensor, read: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """One forward and one backward pass over tokens [S, T]: {"grad": ∂L/∂x [S, T, d_in], "x": the activation x at
+    `hook` [S, T, d_in], and each name in `read`: its activation}, where L is the next-token loss summed over the
+    eligible positions [S, T].
+
+    Since attention is causal, the gradient at position p is that of the loss summed over p and every later
+    position, so `−a · W_dec[j] · grad[p]` is the first-order estimate of latent j's total ΔCE at p (attribution
+    patching). Only the activation's gradient is computed, not the weights'."""
+    found: dict[str, Tensor] = {}
+
+    def leaf(x: Tensor) -> Tensor:
+        found["x"] = x.detach().requires_grad_(True)
+        return found["x"]
+
+    def reader(name: str):
+        def read_(x: Tensor) -> Tensor:
+            found[name] = x.detach()
+            return x
+
+        return read_
+
+    replace = {name: reader(name) for name in read if name != hook} | {hook: leaf}
+    with torch.enable_grad():
+        logits = lm.logits(tokens, replace)[:, :-1]
+        targets = tokens[:, 1:].to(logits.device)
+        ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        loss = (ce * eligible[:, :-1].to(ce.device)).sum()
+        x = found["x"]
+        grad = torch.autograd.grad(loss, x)[0] if loss.requires_grad else torch.zeros_like(x)
+    out = {"grad": grad.detach().float(), "x": x.detach()}
+    for name in read:
+        out[name] = out["x"] if name == hook else found[name]
     return out
 
 
@@ -99,8 +165,35 @@ class Clean:
         return Clean(self.final[rows], self.ce[rows])
 
 
+class LossEffectEngine(Protocol):
+    """What `compute_dashboard` and the live view need from a loss-effect engine (`Downstream` for TransformerLens
+    models, `ReferenceDownstream` for any model)."""
+
+    start: int  # the block the re-runs start at (0: whole forward passes)
+    start_name: str | None  # the residual stream they start from, which pass 1 may keep (None: nothing to keep)
+    hook_is_start: bool  # whether the SAE's input is that residual stream itself
+
+    def clean(self, tokens: Tensor, resid_start: Tensor | None = None) -> CleanRun: ...
+
+    def clean_ce(self, run: CleanRun, seq: Tensor, pos: Tensor) -> Tensor: ...
+
+    def loss_effects(self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor) -> tuple[Tensor, Clean | None]: ...
+
+    def total_effects(
+        self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor, eligible: Tensor
+    ) -> tuple[Tensor, Tensor, Clean | None]: ...
+
+    def to_residual(self, delta: Tensor) -> Tensor | None: ...
+
+    def direct_effects(self, clean: Clean, targets: Tensor, delta_res: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
 class ReferenceDownstream:
     """The same interface as `Downstream` on top of `reference_loss_effects`: any model, no direct path."""
+
+    start = 0
+    start_name = None
+    hook_is_start = False
 
     def __init__(self, lm, hook: str) -> None:
         self.lm = lm
@@ -119,11 +212,20 @@ class ReferenceDownstream:
     def loss_effects(self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor) -> tuple[Tensor, None]:
         return reference_loss_effects(self.lm, self.hook, run.tokens, seq, pos, delta), None
 
+    def total_effects(
+        self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor, eligible: Tensor
+    ) -> tuple[Tensor, Tensor, None]:
+        total = reference_total_effects(self.lm, self.hook, run.tokens, seq, pos, delta, eligible)
+        return total, self.loss_effects(run, seq, pos, delta)[0], None
+
     def to_residual(self, delta: Tensor) -> Tensor | None:
-        return None
+        return None  # no direct path, so direct_effects is never called
+
+    def direct_effects(self, clean: Clean, targets: Tensor, delta_res: Tensor) -> tuple[Tensor, Tensor]:
+        raise SaelabError("the reference engine has no direct path")
 
 
-def downstream(lm, hook: str, fast: bool = True) -> Downstream | ReferenceDownstream:
+def downstream(lm, hook: str, fast: bool = True) -> LossEffectEngine:
     """The fast single-position re-run for TransformerLens models, the plain reference for anything else."""
     from transformer_lens import HookedTransformer
 
@@ -318,6 +420,79 @@ class Downstream:
         ce = next_token_ce(logits, run.tokens[rows, at + 1])
         clean_ce = ce[n:][which]
         return ce[:n] - clean_ce, state["final"][n:][which], clean_ce
+
+    # -------------------------------------------------------------------------------------------- total ΔCE
+
+    @torch.no_grad()
+    def total_effects(
+        self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor, eligible: Tensor
+    ) -> tuple[Tensor, Tensor, Clean]:
+        """Total ΔCE [n] (float64) for removing delta [n, d_in] at (run.tokens[seq[i]], pos[i]) only: the change
+        of the next-token loss summed over pos[i] and every later eligible position (`eligible` [S, T] for the
+        run's sequences); also the same-position ΔCE [n] and the clean final residual and loss at pos[i].
+
+        A removal at p changes nothing before p, so each row re-runs the positions from p on, from the hooked
+        block, attending to the clean keys and values before them. Rows whose p falls in the same group of
+        POSITIONS_PER_RUN positions share one run that starts at the group's first position (a cache of the same
+        length for every row, so nothing is padded); one clean row per sequence and group rides along, so the
+        loss change is the difference of two rows of the very same computation."""
+        device = run.resid_start.device
+        n, T = len(seq), run.tokens.shape[1]
+        total = torch.empty(n, dtype=torch.float64, device=device)
+        same = torch.empty(n, dtype=torch.float32, device=device)
+        clean = Clean(torch.empty(n, self.model.cfg.d_model, device=device), torch.empty(n, device=device))
+        seq, pos, delta, eligible = seq.to(device), pos.to(device), delta.to(device), eligible.to(device)
+        state: dict[str, Tensor] = {}
+
+        def remove(act: Tensor, hook) -> Tensor:  # act [rows, T − first, ...]
+            act = act.clone()
+            rows = torch.arange(len(act), device=act.device)
+            act[rows, state["at"]] -= state["delta"].view(len(act), *act.shape[2:]).to(act.dtype)
+            return act
+
+        def keep(act: Tensor, hook) -> None:
+            state["final"] = act
+
+        group = pos // POSITIONS_PER_RUN
+        d_vocab = self.model.cfg.d_vocab
+        with self.model.hooks(fwd_hooks=[(self.point, remove), (self.final_name, keep)]):
+            for g in group.unique().tolist():
+                rows = (group == g).nonzero().squeeze(1)
+                first = g * POSITIONS_PER_RUN
+                per_run = max(1, TOTAL_FLOATS // (2 * d_vocab * (T - first)))  # half ablated rows, half clean
+                for part in rows.split(per_run):
+                    total[part], same[part], clean.final[part], clean.ce[part] = self._total_run(
+                        run, seq[part], pos[part], delta[part], eligible, first, state
+                    )
+        return total.cpu(), same.cpu(), clean
+
+    def _total_run(
+        self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor, eligible: Tensor, first: int, state: dict
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+
+        n = len(seq)
+        clean_seqs, which = seq.unique(return_inverse=True)
+        rows = torch.cat([seq, clean_seqs])
+        state["at"] = torch.cat([pos - first, torch.zeros_like(clean_seqs)])
+        state["delta"] = torch.cat([delta, delta.new_zeros(len(clean_seqs), delta.shape[1])])
+        entries = [TransformerLensKeyValueCacheEntry(run.keys[0][:0], run.values[0][:0], frozen=True)] * self.start
+        for k, v in zip(run.keys, run.values, strict=True):
+            k, v = k[:, :first].index_select(0, rows), v[:, :first].index_select(0, rows)
+            entries.append(TransformerLensKeyValueCacheEntry(k, v, frozen=True))
+        past = TransformerLensKeyValueCache(
+            entries, torch.ones(len(rows), first, dtype=torch.long, device=rows.device), frozen=True
+        )
+        resid = run.resid_start[rows, first:]  # [rows, T − first, d_model]
+        logits = self.model(resid, start_at_layer=self.start, past_kv_cache=past)[:, :-1]
+        ce = next_token_ce(logits, run.tokens[rows, first + 1 :]).double()  # [rows, T − first − 1]
+        ablated, clean_ce = ce[:n], ce[n:][which]
+        mask = later_loss_mask(eligible[seq, first:-1], pos - first)
+        total = ((ablated - clean_ce) * mask).sum(1)
+        at = torch.arange(n, device=pos.device), pos - first
+        final = state["final"][n:][which][at]
+        return total, (ablated[at] - clean_ce[at]).float(), final, clean_ce[at].float()
 
     # ---------------------------------------------------------------------------------------- direct path
 

@@ -106,9 +106,7 @@ def neuronpedia_feature(page: dict[str, Any], bins: int = 40) -> dict[str, Any]:
         "topkCosSimValues": [c for _, c in page.get("neighbours", [])],
         "correlated_features_indices": [i for i, _ in page.get("correlated", [])],
         "correlated_features_pearson": [r for _, r in page.get("correlated", [])],
-        "saelab": {
-            k: page.get(k) for k in ("importance", "total_importance", "approx_error", "quantiles", "ground_truth")
-        },
+        "saelab": {k: page.get(k) for k in ("importance", "helps", "errors", "quantiles", "ground_truth")},
     }
 
 

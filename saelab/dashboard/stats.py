@@ -5,16 +5,19 @@ selected latent, state of a fixed size (nothing grows with the number of tokens 
 used for correlations):
 
 - firing count, sum, sum of squares and maximum;
-- a histogram of the non-zero activations on fixed log-spaced bins (`BINS_PER_DECADE` per decade), from which
-  quantiles are read to within one bin, interpolated;
+- a histogram of the non-zero activations on fixed log-spaced bins (`BINS_PER_DECADE` per decade), for the page's
+  plot (quantiles are read from the activations themselves, kept in the sparse copy below);
+- per context (sequence), the eligible firings and the sum of their cheap total-ΔCE estimates (gradient
+  attribution), which the importance estimator corrects with exact values (`saelab.dashboard.importance`); and
+  the same sums over every latent of the SAE, which rank the whole SAE;
 - top-activation candidates: the maximum of each chunk of `window` positions, so two candidates of one sequence
   are a window apart; the best `top_candidates` are kept, and `finish` drops the ones whose windows overlap a
   better one;
 - a uniform sample (without replacement) of the positions where the latent fires: every token gets one random key
   and each latent keeps the `sample_size` firing positions with the smallest keys (a bottom-k sample). Keys are
   independent of activations, so the sample is unbiased; it feeds the importance estimate and the quantile windows.
-- a sparse copy of the selected latents' non-zero activations (12 bytes each), so the second pass can read the
-  activations around any window without running the SAE again;
+- a sparse copy of the selected latents' non-zero activations and their attributions (16 bytes each), so the
+  second pass can read them around any window without running the SAE again;
 - for correlations, a sparse copy of all latents' activations on a random subset of tokens.
 
 Positions are addressed by a flat token index `seq · T + pos` into the token set.
@@ -54,40 +57,53 @@ class LatentStats:
     sample_values: Tensor  # [R, L] uniform sample of firing positions; NaN where the latent fired fewer times
     sample_index: Tensor  # [R, L] flat token indices, -1 where empty
     sample_pool: Tensor  # [L] how many positions the sample was drawn from (eligible firing positions)
+    context_estimate: Tensor  # [S, L] float64 per context: sum of the cheap total-ΔCE estimate over eligible firings
+    context_count: Tensor  # [S, L] int64 per context: eligible firings
+    context_tokens: Tensor  # [S] int64 per context: counted tokens
+    rank_estimate: Tensor  # [d_sae] float64 every latent of the SAE: sum of the cheap estimate over eligible firings
+    rank_count: Tensor  # [d_sae] int64 ... and how many there were
     correlations: tuple[Tensor, Tensor] | None  # ([L, n], [L, n]) most correlated latents (ids into the SAE), r
     store_keys: Tensor  # [nnz] sorted latent · n_positions + flat token index of every non-zero activation
     store_values: Tensor  # [nnz]
+    store_estimate: Tensor  # [nnz] cheap total-ΔCE estimate at each of them (NaN when none was computed)
     n_positions: int
 
     def density(self) -> Tensor:
         return self.count.double() / max(self.n_tokens, 1)
 
     def quantiles(self, qs: list[float]) -> Tensor:
-        """[L, len(qs)] quantiles of each latent's non-zero activations, read from the histogram (NaN if dead)."""
-        edges = bin_edges().log10()
-        cum = self.hist.double().cumsum(1)  # [L, B]
-        total = cum[:, -1:]
-        out = torch.full((self.hist.shape[0], len(qs)), float("nan"), dtype=torch.float64)
-        for i, q in enumerate(qs):
-            target = (q * total).clamp(min=1e-9)  # [L, 1]; q = 0 reads the first non-empty bin's lower edge
-            b = torch.searchsorted(cum, target).clamp(max=N_BINS - 1)  # first bin reaching the target
-            below = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(target))
-            inside = self.hist.double().gather(1, b)
-            frac = ((target - below) / inside.clamp(min=1)).clamp(0, 1)
-            log_value = edges[b] + frac * (edges[b + 1] - edges[b])
-            out[:, i] = (10**log_value).squeeze(1)
-        out = torch.minimum(out, self.max_act.double()[:, None])
-        out[self.count == 0] = float("nan")
+        """[L, len(qs)] quantiles of each latent's non-zero activations: the ⌈q·n⌉-th smallest of its n firings
+        (the smallest for q = 0), read from the activations themselves; NaN where the latent never fired."""
+        latent = self.store_keys // self.n_positions
+        order = torch.sort(self.store_values, stable=True).indices
+        order = order[torch.sort(latent[order], stable=True).indices]  # by latent, then by value
+        values = self.store_values[order].double()
+        count = torch.bincount(latent, minlength=len(self.count))
+        start = count.cumsum(0) - count
+        q = torch.tensor(qs, dtype=torch.float64)
+        rank = (torch.ceil(q[None] * count[:, None]) - 1).clamp(min=0).long()  # [L, len(qs)]
+        rank = torch.minimum(rank, (count[:, None] - 1).clamp(min=0))
+        at = (start[:, None] + rank).clamp(max=max(len(values) - 1, 0))
+        out = values[at] if len(values) else torch.zeros(len(count), len(qs), dtype=torch.float64)
+        out[count == 0] = float("nan")
         return out
+
+    def _lookup(self, latent: Tensor, index: Tensor, table: Tensor, missing: float) -> Tensor:
+        keys = latent * self.n_positions + index
+        if len(self.store_keys) == 0:
+            return torch.full(keys.shape, missing)
+        at = torch.searchsorted(self.store_keys, keys.reshape(-1)).clamp(max=len(self.store_keys) - 1)
+        values = torch.where(self.store_keys[at] == keys.reshape(-1), table[at], missing)
+        return values.reshape(keys.shape)
+
+    def estimate(self, latent: Tensor, index: Tensor) -> Tensor:
+        """Cheap total-ΔCE estimates at (column `latent`, flat token index) pairs; NaN where the latent did not
+        fire."""
+        return self._lookup(latent, index, self.store_estimate, float("nan"))
 
     def activation(self, latent: Tensor, index: Tensor) -> Tensor:
         """Activations at (column `latent`, flat token index) pairs (broadcast); 0 where the latent did not fire."""
-        keys = latent * self.n_positions + index
-        if len(self.store_keys) == 0:
-            return torch.zeros(keys.shape)
-        at = torch.searchsorted(self.store_keys, keys.reshape(-1)).clamp(max=len(self.store_keys) - 1)
-        values = torch.where(self.store_keys[at] == keys.reshape(-1), self.store_values[at], 0.0)
-        return values.reshape(keys.shape)
+        return self._lookup(latent, index, self.store_values, 0.0)
 
 
 class StatsAccumulator:
@@ -121,6 +137,11 @@ class StatsAccumulator:
         self.sample_values = torch.full((sample_size, L), float("nan"))
         self.sample_index = torch.full((sample_size, L), -1, dtype=torch.int64)
         self.sample_pool = torch.zeros(L, dtype=torch.int64)
+        self.context_estimate = torch.zeros(n_sequences, L, dtype=torch.float64)
+        self.context_count = torch.zeros(n_sequences, L, dtype=torch.int64)
+        self.context_tokens = torch.zeros(n_sequences, dtype=torch.int64)
+        self.rank_estimate = torch.zeros(d_sae, dtype=torch.float64)
+        self.rank_count = torch.zeros(d_sae, dtype=torch.int64)
         n = n_sequences * seq_len
         self.keys = torch.rand(n, generator=generator, dtype=torch.float64)  # [n_tokens] sample keys
         corr_fraction = min(1.0, corr_tokens / max(n, 1))
@@ -128,15 +149,25 @@ class StatsAccumulator:
         self._corr: list = []  # scipy CSR blocks [kept tokens, d_sae]
         self._n_corr = 0
         self.n_positions = n
-        self._store: list[tuple[Tensor, Tensor]] = []
+        self._store: list[tuple[Tensor, Tensor, Tensor]] = []
 
     @torch.no_grad()
-    def update(self, acts: Tensor, first_seq: int, valid: Tensor, eligible: Tensor) -> None:
+    def update(
+        self, acts: Tensor, first_seq: int, valid: Tensor, eligible: Tensor, estimate: Tensor | None = None
+    ) -> None:
         """acts [S, T, d_sae] of sequences first_seq.. ; valid [S, T]: positions to count (not special tokens);
-        eligible [S, T]: positions that may enter the sample (valid, with a valid next token)."""
+        eligible [S, T]: positions that may enter the sample (valid, with a valid next token); estimate
+        [S, T, d_sae]: a cheap estimate of each latent's total ΔCE at each position (None: not computed)."""
         acts = acts.float().cpu().contiguous()
         valid, eligible = valid.cpu(), eligible.cpu()
         base = first_seq * self.T
+        S = acts.shape[0]
+        self.context_tokens[first_seq : first_seq + S] = valid.sum(1)
+        if estimate is not None:
+            estimate = estimate.float().cpu()
+            firing = (acts > 0) & eligible[..., None]  # [S, T, d_sae]
+            self.rank_estimate += torch.where(firing, estimate, 0.0).sum((0, 1), dtype=torch.float64)
+            self.rank_count += firing.sum((0, 1))
         if self.corr_rows is not None:
             self._keep_for_correlation(acts, valid, base)
         a = acts[..., self.latents] * valid[..., None]  # [S, T, L]; special tokens count as not firing
@@ -153,9 +184,17 @@ class StatsAccumulator:
         bins = ((values.double().log10() - LOG10_LO) * BINS_PER_DECADE).floor().long().clamp(0, N_BINS - 1)
         self.hist.view(-1).index_add_(0, lat * N_BINS + bins, torch.ones_like(bins))
 
-        self._store.append((lat * self.n_positions + tok + base, values))
+        est = (
+            estimate[..., self.latents].reshape(-1, L).view(-1)[index]
+            if estimate is not None
+            else torch.full_like(values, float("nan"))
+        )
+        self._store.append((lat * self.n_positions + tok + base, values, est))
         self._update_top(a, base)
         ok = eligible.reshape(-1)[tok]
+        context = first_seq + tok[ok] // self.T
+        self.context_count.view(-1).index_add_(0, context * L + lat[ok], torch.ones_like(context))
+        self.context_estimate.view(-1).index_add_(0, context * L + lat[ok], est[ok].double())
         self._update_sample(tok[ok] + base, lat[ok], values[ok])
 
     def _update_top(self, a: Tensor, base: int) -> None:
@@ -206,8 +245,9 @@ class StatsAccumulator:
 
     def finish(self, top_k: int, n_correlated: int) -> LatentStats:
         top_values, top_index = non_overlapping(self.top_values, self.top_index, self.T, self.window, top_k)
-        keys = torch.cat([k for k, _ in self._store]) if self._store else torch.zeros(0, dtype=torch.int64)
-        values = torch.cat([v for _, v in self._store]) if self._store else torch.zeros(0)
+        keys = torch.cat([k for k, _, _ in self._store]) if self._store else torch.zeros(0, dtype=torch.int64)
+        values = torch.cat([v for _, v, _ in self._store]) if self._store else torch.zeros(0)
+        estimate = torch.cat([e for _, _, e in self._store]) if self._store else torch.zeros(0)
         order = keys.argsort()
         return LatentStats(
             n_tokens=self.n_tokens,
@@ -220,9 +260,15 @@ class StatsAccumulator:
             sample_values=self.sample_values,
             sample_index=self.sample_index,
             sample_pool=self.sample_pool,
+            context_estimate=self.context_estimate,
+            context_count=self.context_count,
+            context_tokens=self.context_tokens,
+            rank_estimate=self.rank_estimate,
+            rank_count=self.rank_count,
             correlations=self._correlations(n_correlated) if self.corr_rows is not None else None,
             store_keys=keys[order],
             store_values=values[order],
+            store_estimate=estimate[order],
             n_positions=self.n_positions,
         )
 

@@ -3,7 +3,8 @@
 Instead of token windows each latent shows the ground-truth feature its decoder row matches (cosine with the
 columns of the toy model's W) and which input features are present when it fires. Its loss effect is the change in
 the toy model's own importance-weighted reconstruction loss when the latent's contribution is removed from the
-hidden state, computed exactly for every firing sample (a toy forward pass costs nothing).
+hidden state, computed exactly for every firing sample (a toy forward pass costs nothing). Each toy sample is a
+context of one token, so importance per token is importance per sample.
 """
 
 from __future__ import annotations
@@ -15,16 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from saelab.dashboard.compute import (
-    QUANTILES,
-    Dashboard,
-    DashboardConfig,
-    _pairs,
-    _round,
-    decoder_neighbours,
-    importance_interval,
-    select_latents,
-)
+from saelab.dashboard.compute import Dashboard, DashboardConfig, decoder_neighbours, select_latents
+from saelab.dashboard.importance import estimate_importance
+from saelab.dashboard.pages import PageParts, build_pages, pairs, round_float
 from saelab.dashboard.stats import BINS_PER_DECADE, LOG10_LO, StatsAccumulator
 from saelab.errors import SaelabError
 
@@ -94,41 +88,26 @@ def compute_toy_dashboard(
     unit = lambda m: m / m.norm(dim=1, keepdim=True).clamp(min=1e-12)  # noqa: E731
     cos = unit(W_dec) @ unit(true).T  # [L, n_features]
     neighbours = decoder_neighbours(sae.W_dec.detach().float(), latents, cfg.n_neighbours)
-    quantiles = stats.quantiles(list(QUANTILES))
-    density = stats.density()
-    corr = stats.correlations
     fired_inputs = (a > 0).float().T @ x[:, instance] / (a > 0).sum(0).clamp(min=1)[:, None]  # [L, n_features]
-    pages = []
-    for j, latent in enumerate(latents.tolist()):
-        rows = lat == j
-        imp = importance_interval(delta_loss[rows], int(rows.sum()), cfg.confidence)
-        total = {k: _round(density[j].item() * imp[k]) if imp[k] is not None else None for k in ("mean", "lo", "hi")}
+    # Every firing is computed exactly: the estimator's cheap part is zero and its correction is the exact value.
+    L = len(latents)
+    counts = (a > 0).long()  # [n, L]: each sample is its own context
+    importance = estimate_importance(
+        torch.zeros(n_samples, L, dtype=torch.float64), counts, torch.ones(n_samples, dtype=torch.long), sample, lat,
+        delta_loss.double(), torch.zeros(len(sample), dtype=torch.float64), cfg.confidence, cfg.min_firings,
+        cfg.min_contexts,
+    )  # fmt: skip
+    ground_truth = []
+    for j in range(L):
         order = cos[j].argsort(descending=True)
         inputs = fired_inputs[j].argsort(descending=True)
-        hist = stats.hist[j]
-        nz = hist.nonzero().squeeze(1)
-        pages.append({
-            "id": latent,
-            "density": _round(density[j].item()),
-            "count": int(stats.count[j]),
-            "max": _round(stats.max_act[j].item()),
-            "mean": _round(stats.act_sum[j].item() / int(stats.count[j])) if stats.count[j] else None,
-            "quantiles": [[q, _round(v)] for q, v in zip(QUANTILES, quantiles[j].tolist(), strict=True)],
-            "hist": {"first": int(nz[0]), "counts": hist[nz[0] : nz[-1] + 1].tolist()} if len(nz) else None,
-            "importance": imp,
-            "total_importance": total,
-            "approx_error": None,
-            "logits": None,
-            "neighbours": _pairs(neighbours[0][j].tolist(), neighbours[1][j].tolist(), 4),
-            "correlated": [] if corr is None else _pairs(corr[0][j].tolist(), corr[1][j].tolist(), 4),
-            "ground_truth": {
-                "feature": int(order[0]),
-                "cosine": _round(cos[j, order[0]].item(), 4),
-                "top": _pairs(order[:5].tolist(), cos[j, order[:5]].tolist(), 4),
-                "inputs": _pairs(inputs[:5].tolist(), fired_inputs[j, inputs[:5]].tolist(), 4),
-            },
-            "windows": None,
+        ground_truth.append({
+            "feature": int(order[0]),
+            "cosine": round_float(cos[j, order[0]].item(), 4),
+            "top": pairs(order[:5].tolist(), cos[j, order[:5]].tolist(), 4),
+            "inputs": pairs(inputs[:5].tolist(), fired_inputs[j, inputs[:5]].tolist(), 4),
         })  # fmt: skip
+    pages = build_pages(stats, importance, latents, neighbours, PageParts(ground_truth=ground_truth))
     best = (unit(true) @ unit(sae.W_dec.detach().float()).T).max(dim=1).values  # [n_features] over all latents
     meta = {
         "kind": "toy",
@@ -141,7 +120,7 @@ def compute_toy_dashboard(
         "ground_truth": {
             "n_features": int(true.shape[0]),
             "recovered": int((best >= 0.9).sum()),
-            "mmcs": _round(best.mean().item(), 4),
+            "mmcs": round_float(best.mean().item(), 4),
         },
         "approximation": {},
         "seconds": {"total": round(time.perf_counter() - started, 2)},

@@ -277,7 +277,7 @@
   /* Importance (mean ΔCE where the latent fires) against firing density, one point per latent, on a canvas. */
   function scatter(rows, onPick, caption) {
     const canvas = h("canvas", { class: "scatter", "aria-label": "importance against density" });
-    const pts = rows.filter((r) => r.density > 0 && r.imp != null);
+    const pts = rows.filter((r) => r.density > 0 && r.imp != null && !r.tooFew);
     const draw = () => {
       const dpr = window.devicePixelRatio || 1;
       const W = canvas.clientWidth, H = canvas.clientHeight;
@@ -287,7 +287,8 @@
       const ctx = canvas.getContext("2d");
       ctx.scale(dpr, dpr);
       const pad = { l: 56, r: 14, t: 10, b: 36 };
-      const xs = pts.map((p) => Math.log10(p.density)), ys = pts.map((p) => p.imp);
+      const xs = pts.map((p) => Math.log10(p.density));
+      const ys = pts.map((p) => p.imp).concat(pts.map((p) => (p.lo != null ? p.lo : p.imp)), pts.map((p) => (p.hi != null ? p.hi : p.imp)));
       let x0 = Math.floor(Math.min.apply(null, xs.concat([-1]))), x1 = Math.ceil(Math.max.apply(null, xs.concat([0])));
       let y0 = Math.min.apply(null, ys.concat([0])), y1 = Math.max.apply(null, ys.concat([0]));
       if (y1 - y0 < 1e-9) { y0 -= 1; y1 += 1; }
@@ -313,12 +314,16 @@
       ctx.textAlign = "center";
       ctx.fillText("firing density (log scale)", pad.l + (W - pad.l - pad.r) / 2, H - 6);
       ctx.save(); ctx.translate(12, pad.t + (H - pad.t - pad.b) / 2); ctx.rotate(-Math.PI / 2);
-      ctx.fillText("mean " + LOSS + " when firing", 0, 0); ctx.restore();
+      ctx.fillText("total " + LOSS + " per firing", 0, 0); ctx.restore();
       const r = pts.length > 4000 ? 1.6 : pts.length > 500 ? 2.4 : 3.4;
       pts.forEach((p) => {
         p.px = X(Math.log10(p.density));
         p.py = Y(p.imp);
         ctx.fillStyle = p.imp >= 0 ? "rgba(37,99,235,.6)" : "rgba(220,38,38,.6)";
+        if (p.lo != null && p.hi != null) {
+          ctx.strokeStyle = p.imp >= 0 ? "rgba(37,99,235,.35)" : "rgba(220,38,38,.35)";
+          ctx.beginPath(); ctx.moveTo(p.px, Y(p.lo)); ctx.lineTo(p.px, Y(p.hi)); ctx.stroke();
+        }
         ctx.beginPath(); ctx.arc(p.px, p.py, r, 0, 2 * Math.PI); ctx.fill();
       });
     };
@@ -335,7 +340,7 @@
     canvas.addEventListener("mousemove", (e) => {
       const p = nearest(e);
       if (!p) return hideTooltip();
-      showTooltip(e, [["density", percent(p.density)], ["mean " + LOSS, signed(p.imp, 3)], ["total", signed(p.total, 3)]], "latent " + p.id);
+      showTooltip(e, [["density", percent(p.density)], ["per firing", signed(p.imp, 3) + " [" + num(p.lo, 3) + ", " + num(p.hi, 3) + "]"], ["per token", signed(p.total, 3)], ["firings", p.firings + " in " + p.contexts + " contexts"]], "latent " + p.id);
     });
     canvas.addEventListener("mouseleave", hideTooltip);
     canvas.addEventListener("click", (e) => {
@@ -362,6 +367,13 @@
       lo: c.importance_lo[i],
       hi: c.importance_hi[i],
       total: c.total[i],
+      totalLo: c.total_lo ? c.total_lo[i] : null,
+      totalHi: c.total_hi ? c.total_hi[i] : null,
+      tooFew: c.too_few ? c.too_few[i] : false,
+      firings: c.firings ? c.firings[i] : null,
+      contexts: c.contexts ? c.contexts[i] : null,
+      raises: c.raises_loss ? c.raises_loss[i] : null,
+      hit: c.next_token_top10 ? c.next_token_top10[i] : null,
       fires: c.fires_on[i] || [],
       promotes: c.promotes[i] || [],
       gt: c.ground_truth ? c.ground_truth[i] : null,
@@ -385,10 +397,13 @@
     ];
     if (m.kind === "lm") {
       figures.push(stat("tokens", String(m.tokens.counted), m.tokens.sequences + " × " + m.tokens.length));
-      const a = m.approximation || {};
+      const a = (m.approximation || {}).direct_path || {};
       if (a.mean_abs_error != null) {
-        figures.push(stat("direct-path error", num(a.mean_abs_error, 3), "mean |ΔCE error|, r = " + num(a.pearson_r, 3)));
-        figures.push(stat("mean |ΔCE|", num(a.mean_abs_exact, 3), "over " + a.positions + " positions"));
+        figures.push(stat("direct-path error", num(a.mean_abs_error, 3), "mean |error| vs same-position ΔCE (mean |ΔCE| " + num(a.mean_abs_exact, 3) + "), r = " + num(a.pearson_r, 3) + ", " + a.positions + " positions"));
+      }
+      const g = (m.approximation || {}).gradient || {};
+      if (g.mean_abs_error != null) {
+        figures.push(stat("gradient error", num(g.mean_abs_error, 3), "mean |error| vs total ΔCE (mean |ΔCE| " + num(g.mean_abs_exact, 3) + "), r = " + num(g.pearson_r, 3) + ", " + g.positions + " firings"));
       }
     } else {
       figures.push(stat("samples", String(m.tokens.counted), "toy inputs"));
@@ -419,26 +434,31 @@
         scatter(rows, (id) => (location.hash = "#/latent/" + id)),
         h("p", { class: "muted small", text: index.meta.kind === "toy"
           ? "Each point is a latent: how often it fires, and how much the toy model's reconstruction loss rises, on average, when its contribution is removed from the hidden state where it fires. Click a point to open it."
-          : "Each point is a latent: how often it fires, and how much the next-token loss rises, on average, when its contribution is removed where it fires (exact re-run of the model). Click a point to open it." }),
+          : "Each point is a latent: how often it fires, and its importance per firing: the mean total ΔCE (the next-token loss summed over the firing position and every later position of its context, when the latent's contribution is removed at that position only), with its " + Math.round(100 * ((index.meta.config || {}).confidence || 0.95)) + " % interval over contexts. Latents with too few firings are left out. Click a point to open it." }),
       ]);
       show([summaryPanel(index), scatterPanel, h("section", { class: "panel" }, [h("div", { class: "controls" }, [search, h("span", { class: "muted small", text: "click a column to sort" })]), tableBox])]);
     }, failed);
   }
 
   const COLUMNS = [
-    ["id", "Latent", "num"],
-    ["density", "Density", "num"],
-    ["max", "Max act", "num"],
-    ["imp", "Importance", "num"],
-    ["total", "Total", "num"],
-    ["fires", "Fires on", ""],
-    ["promotes", "Promotes", ""],
-    ["gt", "Ground truth", ""],
+    ["id", "Latent", "num", "latent id; click to open its page"],
+    ["density", "Density", "num", "fraction of scanned tokens where the latent fires"],
+    ["max", "Max act", "num", "largest activation in the scanned tokens"],
+    ["total", "Per token", "num", "importance per token: total loss change summed over all firings / tokens scanned (the loss it saves per token), with its interval"],
+    ["totalLo", "Lower bound", "num", "lower end of the per-token importance interval: sort by it to rank latents that surely matter"],
+    ["imp", "Per firing", "num", "importance per firing: mean total loss change when the latent is removed at one firing, with its interval"],
+    ["firings", "Firings", "num", "firings with a counted next-token loss, and the contexts they are in"],
+    ["raises", "Helps", "num", "fraction of exactly computed firings where removing the latent raises the loss"],
+    ["hit", "Next in top 10", "num", "how often the actual next token is among the latent's 10 most promoted tokens"],
+    ["fires", "Fires on", "", "tokens at the centre of the top windows"],
+    ["promotes", "Promotes", "", "tokens whose logits the latent raises most"],
+    ["gt", "Ground truth", "", "the true toy feature whose direction the decoder row matches"],
   ];
+  const RANKED = new Set(["total", "totalLo", "imp", "raises"]);
 
   function renderTable(box, rows, index) {
     const toy = index.meta.kind === "toy";
-    const cols = COLUMNS.filter((c) => (toy ? c[0] !== "fires" && c[0] !== "promotes" : c[0] !== "gt"));
+    const cols = COLUMNS.filter((c) => (toy ? !["fires", "promotes", "hit", "raises"].includes(c[0]) : c[0] !== "gt"));
     const q = state.query.trim().toLowerCase();
     let shown = rows;
     if (q) {
@@ -449,6 +469,7 @@
     const key = state.sort;
     const value = (r) => (key === "gt" ? (r.gt ? r.gt[1] : null) : key === "fires" || key === "promotes" ? (r[key][0] || "") : r[key]);
     shown = shown.slice().sort((a, b) => {
+      if (RANKED.has(key) && a.tooFew !== b.tooFew) return a.tooFew ? 1 : -1; // too few firings: last, not ranked
       const va = value(a), vb = value(b);
       if (va == null && vb == null) return a.id - b.id;
       if (va == null) return 1;
@@ -461,14 +482,22 @@
     const page = shown.slice(state.page * state.perPage, (state.page + 1) * state.perPage);
     const head = h("tr", {}, cols.map((c) => {
       const mark = c[0] === key ? (state.desc ? " ▼" : " ▲") : "";
+      const sortBy = () => {
+        state.desc = state.sort === c[0] ? !state.desc : c[0] !== "id";
+        state.sort = c[0];
+        renderTable(box, rows, index);
+        const again = box.querySelector("th[data-key='" + c[0] + "']");
+        if (again) again.focus();
+      };
       return h("th", {
         class: (c[2] + (c[0] === key ? " sorted" : "")).trim() || null,
         text: c[1] + mark,
-        onclick: () => {
-          state.desc = state.sort === c[0] ? !state.desc : c[0] !== "id";
-          state.sort = c[0];
-          renderTable(box, rows, index);
-        },
+        title: c[3],
+        tabindex: "0",
+        "data-key": c[0],
+        "aria-sort": c[0] === key ? (state.desc ? "descending" : "ascending") : null,
+        onclick: sortBy,
+        onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); sortBy(); } },
       });
     }));
     const body = page.map((r) => h("tr", {}, cols.map((c) => cell(c[0], r))));
@@ -485,8 +514,12 @@
       case "id": return h("td", { class: "num" }, link(r.id));
       case "density": return h("td", { class: "num", text: percent(r.density) });
       case "max": return h("td", { class: "num", text: num(r.max) });
-      case "imp": return h("td", { class: "num" }, [signed(r.imp), r.lo != null ? h("div", { class: "ci", text: "[" + num(r.lo, 2) + ", " + num(r.hi, 2) + "]" }) : null]);
-      case "total": return h("td", { class: "num", text: signed(r.total) });
+      case "imp": return r.tooFew ? h("td", { class: "num muted", text: "too few firings" }) : h("td", { class: "num" }, [signed(r.imp), r.lo != null ? h("div", { class: "ci", text: "[" + num(r.lo, 2) + ", " + num(r.hi, 2) + "]" }) : null]);
+      case "total": return r.tooFew ? h("td", { class: "num muted", text: "too few firings" }) : h("td", { class: "num" }, [signed(r.total), r.totalLo != null ? h("div", { class: "ci", text: "[" + num(r.totalLo, 2) + ", " + num(r.totalHi, 2) + "]" }) : null]);
+      case "totalLo": return h("td", { class: "num", text: r.tooFew ? "–" : signed(r.totalLo) });
+      case "firings": return h("td", { class: "num" }, [String(r.firings == null ? "–" : r.firings), r.contexts != null ? h("div", { class: "ci", text: r.contexts + " contexts" }) : null]);
+      case "raises": return h("td", { class: "num", text: r.raises == null ? "–" : percent(r.raises) });
+      case "hit": return h("td", { class: "num", text: r.hit == null ? "–" : percent(r.hit) });
       case "fires": return h("td", {}, h("div", { class: "chips" }, r.fires.map(chip)));
       case "promotes": return h("td", {}, h("div", { class: "chips" }, r.promotes.map(chip)));
       case "gt": return h("td", { class: "gt", text: r.gt ? "feature " + r.gt[0] + " · cos " + num(r.gt[1], 3) : "–" });
@@ -525,12 +558,17 @@
       stat("mean when firing", num(d.mean)),
     ];
     (d.quantiles || []).forEach((q) => figures.push(stat("p" + Math.round(q[0] * 100), num(q[1]))));
-    if (imp.n) {
-      const ci = imp.lo != null ? "[" + num(imp.lo, 3) + ", " + num(imp.hi, 3) + "]" : "";
-      figures.push(stat("importance (mean " + LOSS + ")", signed(imp.mean), ci + " n=" + imp.n + "/" + imp.pool));
-      figures.push(stat("total importance", signed(d.total_importance.mean), "density × mean " + LOSS));
+    if (imp.firings) {
+      const level = Math.round(100 * (imp.confidence || 0.95)) + " % CI ";
+      const ci = (x) => (x.lo != null ? level + "[" + num(x.lo, 3) + ", " + num(x.hi, 3) + "]" : "no interval");
+      const how = imp.firings + " firings in " + imp.contexts + " contexts; " + (imp.method === "exact" ? "all computed exactly" : imp.exact + " exact, the rest by gradient attribution corrected by them");
+      if (imp.too_few) figures.push(stat("importance", "too few firings", how));
+      figures.push(stat("importance per firing", signed(imp.per_firing.mean), ci(imp.per_firing) + " · mean total " + LOSS));
+      figures.push(stat("importance per token", signed(imp.per_token.mean), ci(imp.per_token) + " · " + how));
     }
-    if (d.approx_error != null) figures.push(stat("direct-path error", num(d.approx_error), "mean |Δ| vs exact"));
+    const err = d.errors || {};
+    if (err.direct_path != null) figures.push(stat("direct-path error", num(err.direct_path), "mean |Δ| vs same-position " + LOSS));
+    if (err.gradient != null) figures.push(stat("gradient error", num(err.gradient), "mean |Δ| vs total " + LOSS));
     const title = h("section", { class: "panel" }, [
       h("div", { class: "title-row" }, [h("h1", { text: "Latent " + d.id }), nav]),
       d.ground_truth ? h("div", { class: "badge", text: "matches ground-truth feature " + d.ground_truth.feature + " (cos " + num(d.ground_truth.cosine, 3) + ")" }) : null,
@@ -550,6 +588,7 @@
     const side = d.logits ? logitPanel(d.logits) : d.ground_truth ? groundTruthPanel(d.ground_truth) : null;
     panels.push(side ? h("div", { class: "grid two" }, [histPanel, side]) : histPanel);
     if (d.ground_truth) panels.push(inputsPanel(d.ground_truth));
+    if (d.helps) panels.push(helpsPanel(d.helps));
     panels.push(h("div", { class: "grid two" }, [
       listPanel("Nearest by decoder cosine", d.neighbours, "cos", known),
       listPanel("Most correlated activations", d.correlated, "r", known),
@@ -576,6 +615,26 @@
       h("div", { class: "grid two" }, [
         h("div", {}, [h("div", { class: "small muted", text: "promoted" }), table(logits.top, "pos")]),
         h("div", {}, [h("div", { class: "small muted", text: "suppressed" }), table(logits.bottom, "neg")]),
+      ]),
+    ]);
+  }
+
+  function helpsPanel(helps) {
+    const rows = helps.intervals.map((iv) => h("tr", {}, [
+      h("td", { class: "num", text: Math.round(iv.q[0] * 100) + "–" + Math.round(iv.q[1] * 100) + "%" }),
+      h("td", { class: "num", text: num(iv.lo) + " – " + num(iv.hi) }),
+      h("td", { class: "num", text: String(iv.firings) }),
+      h("td", { class: "num", text: iv.mean_total == null ? "–" : signed(iv.mean_total, 3) }),
+    ]));
+    return h("section", { class: "panel" }, [
+      h("h2", { text: "When does it help?" }),
+      h("div", { class: "stats" }, [
+        stat("removing it raises the loss", helps.raises_loss == null ? "–" : percent(helps.raises_loss), "of " + helps.raises_loss_n + " exactly computed firings"),
+        stat("next token among its top 10", helps.next_token_in_top10 == null ? "–" : percent(helps.next_token_in_top10), "of its firings"),
+      ]),
+      h("table", { class: "logits" }, [
+        h("thead", {}, h("tr", {}, ["activation quantiles", "activation", "firings", "mean total " + LOSS].map((t) => h("th", { text: t })))),
+        h("tbody", {}, rows),
       ]),
     ]);
   }
