@@ -128,13 +128,20 @@ def loss_gradient(lm, hook: str, tokens: Tensor, eligible: Tensor, read: tuple[s
         return read_
 
     replace = {name: reader(name) for name in read if name != hook} | {hook: leaf}
-    with torch.enable_grad():
-        logits = lm.logits(tokens, replace)[:, :-1]
-        targets = tokens[:, 1:].to(logits.device)
-        ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        loss = (ce * eligible[:, :-1].to(ce.device)).sum()
-        x = found["x"]
-        grad = torch.autograd.grad(loss, x)[0] if loss.requires_grad else torch.zeros_like(x)
+    params = [p for p in lm.model.parameters() if p.requires_grad]
+    try:  # weights that need no gradient keep autograd from recording anything but what follows the hook
+        for p in params:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            logits = lm.logits(tokens, replace)[:, :-1]
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1).to(logits.device),
+                                 reduction="none")  # fmt: skip
+            loss = ce @ eligible[:, :-1].reshape(-1).to(ce)
+            x = found["x"]
+            grad = torch.autograd.grad(loss, x)[0] if loss.requires_grad else torch.zeros_like(x)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     out = {"grad": grad.detach().float(), "x": x.detach()}
     for name in read:
         out[name] = out["x"] if name == hook else found[name]
