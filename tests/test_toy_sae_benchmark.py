@@ -124,8 +124,8 @@ def test_every_reported_metric_matches_a_slow_computation() -> None:
         model.W.normal_(generator=torch.Generator().manual_seed(3))
         model.W[1, :, 2] *= 0.1  # a feature the toy model barely represents
     saes = [sae for _ in study.instances for sae in _perturbed_saes(3, 8, cfg.architecture_list, seed=7)]
-    architectures = [sae.cfg.architecture for sae in saes]
-    features, instances, absorptions = evaluate_study(study, model, saes, architectures, cfg)
+    pairs = [(i // 2, sae) for i, sae in enumerate(saes)]
+    features, instances, absorptions = evaluate_study(study, model, pairs, cfg)
     assert len(features) == 2 * 2 * 6 and len(instances) == 4 and len(absorptions) == 4 * 2
 
     with torch.no_grad():

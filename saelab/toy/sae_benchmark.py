@@ -317,8 +317,7 @@ def run_sae_benchmark(
         )
         model = build_toy_model(study, cfg)
         train_toy_model(model, ToyTrainConfig(steps=cfg.toy_steps, seed=cfg.seed), progress=progress)
-        saes, architectures = _train_study_saes(model, cfg, progress)
-        f, i, a = evaluate_study(study, model, saes, architectures, cfg)
+        f, i, a = evaluate_study(study, model, _train_study_saes(model, cfg, progress), cfg)
         features += f
         instances += i
         absorptions += a
@@ -338,17 +337,17 @@ def run_sae_benchmark(
     return results
 
 
-def _train_study_saes(model: ToyModel, cfg: SAEBenchmarkConfig, progress: bool) -> tuple[list[SAE], list[str]]:
-    """Every architecture on every instance, one training run over shared batches; returns SAEs and their arch."""
+def _train_study_saes(model: ToyModel, cfg: SAEBenchmarkConfig, progress: bool) -> list[tuple[int, SAE]]:
+    """Every architecture on every instance, in one training run over shared batches: (instance, SAE) pairs."""
     n_features = model.cfg.n_features
     d_sae = math.ceil(cfg.dictionary_ratio * n_features)
     source = ToyInstances(model, cfg.seed)
-    configs, hooks = [], []
-    for i, hook in enumerate(source.hooks):
+    configs, instances = [], []
+    for i in range(model.cfg.n_instances):
         mean_l0 = float(model.feature_probability[i].sum())
         for sae_cfg in toy_sae_configs(model.cfg.d_hidden, d_sae, mean_l0, cfg.architecture_list):
             configs.append(sae_cfg)
-            hooks.append(hook)
+            instances.append(i)
     train_cfg = SAETrainConfig(
         steps=cfg.sae_steps,
         batch_size=cfg.sae_batch_size,
@@ -357,24 +356,24 @@ def _train_study_saes(model: ToyModel, cfg: SAEBenchmarkConfig, progress: bool) 
         log_every=cfg.sae_steps,
         seed=cfg.seed,
     )
-    saes = train_saes(source, configs, train_cfg, progress=progress, hooks=hooks)
-    return saes, [c.architecture for c in configs]
+    saes = train_saes(source, configs, train_cfg, progress=progress, hooks=[source.hooks[i] for i in instances])
+    return list(zip(instances, saes, strict=True))
 
 
 @torch.no_grad()
 def evaluate_study(
-    study: Study, model: ToyModel, saes: list[SAE], architectures: list[str], cfg: SAEBenchmarkConfig
+    study: Study, model: ToyModel, saes: list[tuple[int, SAE]], cfg: SAEBenchmarkConfig
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Feature rows, instance rows and absorption rows of one trained study, on one held-out batch."""
+    """Feature rows, instance rows and absorption rows of one trained study (`saes`: (instance, SAE) pairs), on one
+    held-out batch of features."""
     W = model.W.detach()
     dims, norms = dimensionality(W), feature_norms(W)
     present = model.generate_batch(cfg.eval_tokens, torch.Generator().manual_seed(EVAL_SEED))
     hidden = model.hidden(present)
     group = cfg.children_per_parent + 1
-    per_instance = len(cfg.architecture_list)
     feature_rows, instance_rows, absorption_rows = [], [], []
-    for index, (sae, architecture) in enumerate(zip(saes, architectures, strict=True)):
-        i = index // per_instance
+    for i, sae in saes:
+        architecture = sae.cfg.architecture
         cell = {"study": study.name, "n_features": study.n_features, "d_hidden": study.d_hidden, "instance": i}
         cell |= study.instances[i] | {"architecture": architecture}
         x = hidden[:, i]
