@@ -14,6 +14,7 @@ from saelab.errors import SaelabError
 from saelab.toy.llc import LLCConfig
 from saelab.toy.model import ToyModelConfig, ToyTrainConfig
 from saelab.toy.phase import PhaseDiagramConfig, phase_train_config
+from saelab.toy.sae_benchmark import SAEBenchmarkConfig
 
 app = typer.Typer(help="Toy models of superposition: train, analyze, phase-diagram, llc.", no_args_is_help=True)
 
@@ -40,6 +41,14 @@ def parse_shapes(text: str, option: str) -> list[list[int]]:
             raise SaelabError(f"{option} takes shapes n_features x d_hidden like 20x5,8x3 (or none), got '{text}'")
         shapes.append([int(n), int(m)])
     return shapes
+
+
+def _shown(field: str) -> str:
+    """The default of a benchmark setting as the option takes it: '20x5,10x5', '1,0.7', '600'."""
+    value = getattr(SAEBenchmarkConfig(), field)
+    if isinstance(value, list):
+        return ",".join("x".join(map(str, v)) if isinstance(v, list) else f"{v:g}" for v in value) or "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -202,29 +211,47 @@ def llc(
 @app.command("sae-benchmark")
 def sae_benchmark(
     out: Path = typer.Option(Path("toy_sae_benchmark"), help="Results folder (replaced atomically when done)."),
-    shapes: str | None = typer.Option(None, help="Toy shapes n_features x d_hidden [default: 20x5,8x3]."),
-    importance_decays: str | None = typer.Option(None, help="Importance decays, one instance each [1,0.85,0.7]."),
-    feature_probabilities: str | None = typer.Option(None, help="Feature probabilities, one instance each [0.1,0.03]."),
-    hierarchical: str | None = typer.Option(None, help="Hierarchical toy shapes, or none [default: 12x12]."),
-    hierarchical_probabilities: str | None = typer.Option(None, help="Parent probabilities [default: 0.2]."),
-    children_per_parent: int | None = typer.Option(None, help="Children per parent [default: 2]."),
-    child_given_parent: float | None = typer.Option(None, help="P(a child | its parent) [default: 0.75]."),
-    replicas: int | None = typer.Option(None, help="Toy instances per grid cell [default: 1]."),
-    architectures: str | None = typer.Option(None, help="Comma-separated SAE architectures [default: all]."),
-    dictionary_ratio: float | None = typer.Option(None, help="d_sae / n_features [default: 2]."),
-    toy_steps: int | None = typer.Option(None, help="Toy-model training steps [default: 2000]."),
-    sae_steps: int | None = typer.Option(None, help="SAE training steps [default: 1500]."),
-    sae_batch_size: int | None = typer.Option(None, help="SAE batch size [default: 1024]."),
-    sae_lr: float | None = typer.Option(None, help="SAE learning rate [default: 3e-3]."),
-    eval_tokens: int | None = typer.Option(None, help="Held-out inputs per toy instance [default: 16384]."),
-    absorption_threshold: float | None = typer.Option(None, help="Cosine τ of an absorbing latent [default: 0.2]."),
-    seed: int | None = typer.Option(None, help="Seed of toy models, SAEs and data [default: 0]."),
+    shapes: str | None = typer.Option(None, help=f"Toy shapes n_features x d_hidden (default {_shown('shapes')})."),
+    importance_decays: str | None = typer.Option(
+        None, help=f"Decays of importance (default {_shown('importance_decays')})."
+    ),
+    feature_probabilities: str | None = typer.Option(
+        None, help=f"Feature probabilities (default {_shown('feature_probabilities')})."
+    ),
+    hierarchical: str | None = typer.Option(
+        None, help=f"Hierarchical shapes or none (default {_shown('hierarchical_shapes')})."
+    ),
+    hierarchical_probabilities: str | None = typer.Option(
+        None, help=f"Parent probabilities (default {_shown('hierarchical_probabilities')})."
+    ),
+    children_per_parent: int | None = typer.Option(
+        None, help=f"Children per parent (default {_shown('children_per_parent')})."
+    ),
+    child_given_parent: float | None = typer.Option(
+        None, help=f"P(a child | its parent) (default {_shown('child_given_parent')})."
+    ),
+    replicas: int | None = typer.Option(None, help=f"Toy instances per grid cell (default {_shown('replicas')})."),
+    architectures: str | None = typer.Option(None, help="Comma-separated SAE architectures (default: all)."),
+    dictionary_ratio: float | None = typer.Option(
+        None, help=f"d_sae / n_features (default {_shown('dictionary_ratio')})."
+    ),
+    toy_steps: int | None = typer.Option(None, help=f"Toy-model training steps (default {_shown('toy_steps')})."),
+    sae_steps: int | None = typer.Option(None, help=f"SAE training steps (default {_shown('sae_steps')})."),
+    sae_batch_size: int | None = typer.Option(None, help=f"SAE batch size (default {_shown('sae_batch_size')})."),
+    sae_lr: float | None = typer.Option(None, help=f"SAE learning rate (default {_shown('sae_lr')})."),
+    eval_tokens: int | None = typer.Option(
+        None, help=f"Held-out inputs per instance (default {_shown('eval_tokens')})."
+    ),
+    absorption_threshold: float | None = typer.Option(
+        None, help=f"Cosine τ of an absorbing latent (default {_shown('absorption_threshold')})."
+    ),
+    seed: int | None = typer.Option(None, help=f"Seed of toy models, SAEs and data (default {_shown('seed')})."),
     quick: bool = typer.Option(False, help="A smoke-test grid (seconds); other options still apply on top."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Train toy models over a grid, every SAE architecture on each, and report recovery per true feature against
     importance, probability and dimensionality, and feature absorption on hierarchical features."""
-    from saelab.toy.sae_benchmark import SAEBenchmarkConfig, quick_config, run_sae_benchmark
+    from saelab.toy.sae_benchmark import quick_config, run_sae_benchmark
 
     cfg = quick_config() if quick else SAEBenchmarkConfig()
     given = {

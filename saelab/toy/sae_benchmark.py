@@ -77,9 +77,9 @@ class SAEBenchmarkConfig:
     children. The dictionary has d_sae = ⌈dictionary_ratio · n_features⌉ latents. `architectures` empty: all.
     """
 
-    shapes: list[list[int]] = field(default_factory=lambda: [[20, 5], [8, 3]])
-    importance_decays: list[float] = field(default_factory=lambda: [1.0, 0.85, 0.7])
-    feature_probabilities: list[float] = field(default_factory=lambda: [0.1, 0.03])
+    shapes: list[list[int]] = field(default_factory=lambda: [[20, 5], [10, 5]])
+    importance_decays: list[float] = field(default_factory=lambda: [1.0, 0.7])
+    feature_probabilities: list[float] = field(default_factory=lambda: [0.1, 0.02])
     hierarchical_shapes: list[list[int]] = field(default_factory=lambda: [[12, 12]])
     hierarchical_probabilities: list[float] = field(default_factory=lambda: [0.2])
     children_per_parent: int = 2
@@ -88,8 +88,8 @@ class SAEBenchmarkConfig:
     architectures: list[str] = field(default_factory=list)
     dictionary_ratio: float = 2.0
     toy_steps: int = 2000
-    sae_steps: int = 1500
-    sae_batch_size: int = 1024
+    sae_steps: int = 600
+    sae_batch_size: int = 512
     sae_lr: float = 3e-3
     eval_tokens: int = 16384
     recovery_threshold: float = 0.9
