@@ -20,7 +20,7 @@ from saelab.errors import SaelabError
 from saelab.sae.evaluate import EVAL_SEED
 from saelab.sae.metrics import cosine_matrix
 from saelab.sae.model import SAEConfig, build_sae
-from saelab.toy import ToyModel, ToyModelConfig
+from saelab.toy import ToyModel, ToyModelConfig, load_toy_model
 from saelab.toy.sae_benchmark import (
     SAEBenchmarkConfig,
     Study,
@@ -271,7 +271,9 @@ def test_a_small_run_writes_consistent_results(tmp_path: Path) -> None:
     assert f"wrote {out}" in printed and "topk" in printed and "relu" in printed
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["results.json", "features.csv", "instances.csv", "absorption.csv", "recovery.png",
-                            "recovery.html", "absorption.png", "absorption.html"])  # fmt: skip
+                            "recovery.html", "absorption.png", "absorption.html", "toy_models"])  # fmt: skip
+    toy, _ = load_toy_model(out / "toy_models" / "hierarchical_n3_m3")
+    assert toy.cfg.features == "hierarchical" and toy.cfg.n_instances == 1
     assert (out / "recovery.png").read_bytes().startswith(b"\x89PNG") and "<script src" not in (
         out / "absorption.html"
     ).read_text()

@@ -57,11 +57,12 @@ from saelab.sae.recovery import toy_sae_configs
 from saelab.sae.train import SAETrainConfig, train_saes
 from saelab.stats import explained_variance
 from saelab.toy.analysis import REPRESENTED_NORM, dimensionality, feature_norms
-from saelab.toy.model import ToyModel, ToyModelConfig, ToyTrainConfig
+from saelab.toy.model import ToyModel, ToyModelConfig, ToyTrainConfig, write_toy_model_files
 from saelab.toy.train import train_toy_model
 
 FORMAT_NAME = "saelab.toy_sae_benchmark"
 RESULTS_FILE = "results.json"
+TOY_MODELS_DIR = "toy_models"
 # Bins of the summary: D_i of represented features, and importance.
 DIMENSIONALITY_BINS = ((0.9, math.inf, "D >= 0.9"), (0.3, 0.9, "0.3 <= D < 0.9"), (-math.inf, 0.3, "D < 0.3"))
 IMPORTANCE_BINS = ((0.5, math.inf, "I >= 0.5"), (0.1, 0.5, "0.1 <= I < 0.5"), (-math.inf, 0.1, "I < 0.1"))
@@ -309,14 +310,16 @@ def run_sae_benchmark(
     features: list[dict[str, Any]] = []
     instances: list[dict[str, Any]] = []
     absorptions: list[dict[str, Any]] = []
+    toy_models: dict[str, ToyModel] = {}
+    toy_train = ToyTrainConfig(steps=cfg.toy_steps, seed=cfg.seed)
     for number, study in enumerate(plan_studies(cfg), 1):
         n_saes = len(study.instances) * len(cfg.architecture_list)
         log(
             f"[{number}/{len(cfg.shapes) + len(cfg.hierarchical_shapes)}] {study.name}: toy model with "
             f"{len(study.instances)} instances, then {n_saes} SAEs"
         )
-        model = build_toy_model(study, cfg)
-        train_toy_model(model, ToyTrainConfig(steps=cfg.toy_steps, seed=cfg.seed), progress=progress)
+        model = toy_models[study.name] = build_toy_model(study, cfg)
+        train_toy_model(model, toy_train, progress=progress)
         f, i, a = evaluate_study(study, model, _train_study_saes(model, cfg, progress), cfg)
         features += f
         instances += i
@@ -333,7 +336,7 @@ def run_sae_benchmark(
         "features": features,
     }
     if out is not None:
-        write_results(results, Path(out))
+        write_results(results, Path(out), toy_models, toy_train)
     return results
 
 
@@ -507,8 +510,14 @@ def _binned(rows: list[dict[str, Any]], key: str, bins: tuple[tuple[float, float
 # --- the results folder -------------------------------------------------------------------------------------
 
 
-def write_results(results: dict[str, Any], out: Path) -> list[str]:
-    """results.json, features.csv, instances.csv, absorption.csv and the figures, written into `out` as a whole."""
+def write_results(
+    results: dict[str, Any],
+    out: Path,
+    toy_models: dict[str, ToyModel] | None = None,
+    toy_train: ToyTrainConfig | None = None,
+) -> list[str]:
+    """results.json, features.csv, instances.csv, absorption.csv, the figures and the trained toy models (each a
+    `toy_models/<study>` folder that `load_toy_model` and `saelab toy analyze` read), written into `out` as a whole."""
     from saelab.toy.benchmark_plots import plot_absorption, plot_recovery  # matplotlib/plotly load only here
 
     with atomic_directory(out) as tmp:
@@ -521,6 +530,11 @@ def write_results(results: dict[str, Any], out: Path) -> list[str]:
         names += plot_recovery(results, tmp)
         if results["absorption"]:
             names += plot_absorption(results, tmp)
+        for name, model in (toy_models or {}).items():
+            (tmp / TOY_MODELS_DIR / name).mkdir(parents=True)
+            write_toy_model_files(model, tmp / TOY_MODELS_DIR / name, toy_train)
+        if toy_models:
+            names.append(TOY_MODELS_DIR)
     return names
 
 
