@@ -2,8 +2,10 @@
 
 Both tools turn the same token contexts (BOS + 127 tokens of the built-in corpus's training files) into
 activations at `blocks.0.hook_resid_post` of the built-in model and train the same TopK SAE (d_sae = 16 × d_model,
-k = 32, batch 4096 tokens, Adam at a constant lr, activations scaled to E‖x‖ = √d_in) on the CPU, each in its own
-subprocess with the torch thread count set explicitly. saelab runs `build_lm_source` + `train_saes`; SAELens runs
+k = 32, batch 4096 tokens, activations scaled to E‖x‖ = √d_in) on the CPU, each in its own subprocess with the
+torch thread count set explicitly. Each tool trains with its own defaults (initialisation, learning rate and
+schedule) unless `--lr` sets both tools' learning rate; `--lrs` sweeps it, to compare the tools at their best.
+saelab runs `build_lm_source` + `train_saes`; SAELens runs
 `LanguageModelSAETrainingRunner` with the model and a pre-tokenised dataset passed in (`override_model`,
 `override_dataset`; wandb off), so its time leaves tokenisation out while saelab's includes it.
 
@@ -11,8 +13,8 @@ Reported per tool and thread count: seconds and tokens/s end to end (activation 
 loading excluded), and, at the same token budget, CE loss recovered, explained variance and L0 of the trained SAE,
 all three measured by `saelab.models.evals.lm_eval` on held-out files.
 
-    .venv/bin/python benchmarks/lm_train.py                      # 2^21 tokens, threads 1 and 2
-    .venv/bin/python benchmarks/lm_train.py --tokens 4194304     # a longer run
+    .venv/bin/python benchmarks/lm_train.py                      # 2^21 tokens, threads 1 and 2, defaults
+    .venv/bin/python benchmarks/lm_train.py --tokens 524288 --threads 2 --lrs 3e-4,1e-3,3e-3   # an lr sweep
     .venv/bin/python benchmarks/lm_train.py --smoke              # tiny sizes, to check that everything runs
 """
 
@@ -29,9 +31,9 @@ HOOK = "blocks.0.hook_resid_post"
 CONTEXT = 128
 
 
-def run_child(tool: str, threads: int, args: argparse.Namespace) -> dict:
-    """Train with one tool in a fresh process; its last output line is a JSON result."""
-    settings = {**vars(args), "tool": tool, "threads": threads}
+def run_child(tool: str, threads: int, lr: float | None, args: argparse.Namespace) -> dict:
+    """Train with one tool in a fresh process (lr None: the tool's default); its last output line is a JSON result."""
+    settings = {**vars(args), "tool": tool, "threads": threads, "lr": lr}
     command = [sys.executable, __file__, "--child", json.dumps(settings)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -58,11 +60,22 @@ def child(settings: dict) -> None:
     result = {
         "tool": settings["tool"],
         "threads": settings["threads"],
+        "lr": lr if lr is not None else default_lr(settings["tool"]),
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
     }
     result |= {key: metrics[key] for key in ("ce_loss_recovered", "explained_variance", "l0", "ce_loss_clean")}
     print("RESULT " + json.dumps(result))
+
+
+def default_lr(tool: str) -> float:
+    if tool == "saelab":
+        from saelab.sae.train import SAETrainConfig
+
+        return SAETrainConfig().lr
+    from sae_lens import LanguageModelSAERunnerConfig
+
+    return LanguageModelSAERunnerConfig.__dataclass_fields__["lr"].default
 
 
 def saelab_train(lm, d_in, d_sae, k, lr, batch, tokens, norm_tokens, buffer_tokens):
@@ -72,7 +85,9 @@ def saelab_train(lm, d_in, d_sae, k, lr, batch, tokens, norm_tokens, buffer_toke
 
     store = build_lm_source(lm, None, HOOK, CONTEXT, batch, 0, "cpu", buffer_tokens=buffer_tokens)
     sae_cfg = SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, k=k)
-    cfg = SAETrainConfig(steps=tokens // batch, batch_size=batch, lr=lr, lr_decay=0.0, init_tokens=norm_tokens)
+    cfg = SAETrainConfig(steps=tokens // batch, batch_size=batch, init_tokens=norm_tokens)
+    if lr is not None:
+        cfg.lr = lr
     return train_saes(store, sae_cfg, cfg, progress=False)[0]
 
 
@@ -85,6 +100,7 @@ def saelens_train(lm, d_in, d_sae, k, lr, batch, tokens, norm_tokens, buffer_tok
     from saelab.models.data import ContextStream, iter_texts
 
     n_contexts = math.ceil(2 * tokens / (CONTEXT - 1))  # ample: SAELens refills its buffer ahead of training
+    lr_setting = {} if lr is None else {"lr": lr}
     contexts = ContextStream(lambda: iter_texts(None, "train"), lm.tokenizer, CONTEXT, lm.bos_token_id).next(n_contexts)
     dataset = datasets.Dataset.from_dict({"input_ids": contexts.tolist()})
     store_batch = 32
@@ -105,7 +121,7 @@ def saelens_train(lm, d_in, d_sae, k, lr, batch, tokens, norm_tokens, buffer_tok
         # batch at context 128 and crashes, so size it like saelab's.
         n_batches_in_buffer=math.ceil(buffer_tokens / CONTEXT),
         n_batches_for_norm_estimate=max(1, norm_tokens // batch),
-        lr=lr,
+        **lr_setting,
         device="cpu",
         logger=LoggingConfig(log_to_wandb=False),
         n_checkpoints=0,
@@ -139,7 +155,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--expansion", type=int, default=16, help="d_sae / d_model")
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--lr", type=float, default=None, help="both tools' learning rate (default: each its own)")
+    parser.add_argument("--lrs", default=None, help="comma-separated learning rates to sweep (both tools at each)")
     parser.add_argument("--norm-tokens", type=int, default=16384, help="tokens that estimate the input scale")
     parser.add_argument("--buffer-tokens", type=int, default=2**17, help="activations in each tool's mixing buffer")
     parser.add_argument("--eval-tokens", type=int, default=2**15)
@@ -153,17 +170,19 @@ def main() -> None:
         args.tokens, args.batch_size, args.expansion, args.k = 2048, 512, 2, 8
         args.norm_tokens, args.buffer_tokens, args.eval_tokens, args.threads = 1024, 4096, 512, "2"
     print(f"{args.tokens} tokens, batch {args.batch_size}, TopK k={args.k}, d_sae = {args.expansion} × d_model, {HOOK}")
-    print(f"{'tool':8} {'threads':>7} {'seconds':>9} {'tokens/s':>9} {'CE rec.':>8} {'EV':>7} {'L0':>6}")
+    print(f"{'tool':8} {'threads':>7} {'lr':>8} {'seconds':>9} {'tokens/s':>9} {'CE rec.':>8} {'EV':>7} {'L0':>6}")
+    lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else [args.lr]
     for threads in [int(t) for t in args.threads.split(",")]:
-        rows = [run_child(tool, threads, args) for tool in ("saelab", "saelens")]
-        for r in rows:
-            print(
-                f"{r['tool']:8} {r['threads']:>7} {r['seconds']:>9.1f} {r['tokens_per_s']:>9.0f} "
-                f"{r['ce_loss_recovered']:>8.3f} {r['explained_variance']:>7.3f} {r['l0']:>6.1f}"
-            )
-        print(
-            f"  saelab / SAELens speed at {threads} thread(s): {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}×"
-        )
+        for lr in lrs:
+            rows = [run_child(tool, threads, lr, args) for tool in ("saelab", "saelens")]
+            for r in rows:
+                print(
+                    f"{r['tool']:8} {r['threads']:>7} {r['lr']:>8.2g} {r['seconds']:>9.1f} {r['tokens_per_s']:>9.0f} "
+                    f"{r['ce_loss_recovered']:>8.3f} {r['explained_variance']:>7.3f} {r['l0']:>6.1f}",
+                    flush=True,
+                )
+            speed = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+            print(f"  saelab / SAELens speed at {threads} thread(s): {speed:.2f}×", flush=True)
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def test_a_sweep_over_k_on_a_toy_model_instance(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--source", SYNTHETIC, "--architecture", "vanilla"], "unknown --architecture 'vanilla'"),
-        (["--source", SYNTHETIC, "--architecture", "relu", "--k", "4"], "--k applies to topk and batchtopk"),
+        (["--source", SYNTHETIC, "--architecture", "relu", "--k", "4"], "--k applies to topk, batchtopk"),
         (["--source", SYNTHETIC, "--architecture", "topk", "--l1", "2"], "sets sparsity with --k"),
         (["--source", SYNTHETIC, "--k", "x"], "--k takes a number"),
         (["--source", SYNTHETIC, "--hook", "blocks.0.hook_resid_post"], "toy and synthetic sources have none"),

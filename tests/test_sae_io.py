@@ -26,7 +26,7 @@ def _random_sae(architecture: str, seed: int = 0):
             tensor.copy_(0.3 * torch.randn(tensor.shape, generator=generator))
             if name == "threshold":
                 tensor.abs_()
-        if architecture == "batchtopk":
+        if architecture in ("batchtopk", "matryoshka_batchtopk"):
             sae.threshold.fill_(0.2)  # one θ for all latents
     sae.metadata = {"model_name": "toy", "hook_name": "hidden", "source": "synthetic"}
     return sae.eval()
@@ -65,6 +65,7 @@ SAELENS_CLASSES = {
     "relu": "StandardSAE",
     "topk": "TopKSAE",
     "batchtopk": "JumpReLUSAE",
+    "matryoshka_batchtopk": "JumpReLUSAE",
     "jumprelu": "JumpReLUSAE",
     "gated": "GatedSAE",
 }

@@ -32,7 +32,7 @@ def test_forward_contract_shapes_and_loss_parts(architecture: str) -> None:
     assert torch.equal(out.fired, (out.latents != 0).reshape(-1, 48).sum(0))
     torch.testing.assert_close(out.loss, out.mse + out.sparsity + out.aux)
     torch.testing.assert_close(out.mse, (out.x_hat - x).pow(2).sum(-1).mean())
-    if architecture != "batchtopk":  # BatchTopK's training latents depend on the batch; encode() is its eval form
+    if architecture not in ("batchtopk", "matryoshka_batchtopk"):  # their training latents depend on the batch
         torch.testing.assert_close(sae.encode(x), out.latents)
     torch.testing.assert_close(sae.decode(out.latents), out.x_hat)
 
@@ -68,6 +68,39 @@ def test_batchtopk_keeps_k_per_token_on_average_and_becomes_a_jumprelu_in_eval()
     pre = sae.pre_activations(x)
     assert torch.equal(sae.encode(x), torch.relu(pre) * (pre > theta))
     assert torch.equal(sae(x).latents, sae.encode(x)) and float(sae.threshold[0]) == theta  # no update in eval
+
+
+def test_matryoshka_adds_the_error_of_every_nested_prefix_to_batchtopk() -> None:
+    widths = (6, 20, 48)
+    sae = _perturbed_sae("matryoshka_batchtopk", "float64", k=2.5, matryoshka_widths=widths)
+    batchtopk = _perturbed_sae("batchtopk", "float64", k=2.5)  # the same weights: both start from seed 0 + noise
+    x = torch.randn(40, 12, dtype=torch.float64)
+    out, plain = sae(x, fast=False), batchtopk(x, fast=False)
+    assert torch.equal(out.latents, plain.latents)  # the same batch-wide top-k over the whole dictionary
+    torch.testing.assert_close(out.x_hat, plain.x_hat)
+    torch.testing.assert_close(out.mse, plain.mse)
+    latents, W_dec, b_dec = out.latents.detach(), sae.W_dec.detach(), sae.b_dec.detach()
+    prefix_errors = [((latents[:, :w] @ W_dec[:w] + b_dec - x).pow(2).sum(-1).mean()) for w in widths[:-1]]
+    torch.testing.assert_close(out.aux, sum(prefix_errors))  # no dead latents: no AuxK
+    out.loss.backward()
+    plain.loss.backward()
+    # Latents past the last inner prefix appear only in the whole dictionary's error, as in BatchTopK; the
+    # others also answer for the prefixes they belong to.
+    torch.testing.assert_close(sae.W_dec.grad[20:], batchtopk.W_dec.grad[20:])
+    assert not torch.allclose(sae.W_dec.grad[:20], batchtopk.W_dec.grad[:20])
+
+
+def test_matryoshka_widths_default_and_validation() -> None:
+    assert build_sae(SAEConfig("matryoshka_batchtopk", 4, 2048, k=4)).prefix_widths == (32, 128, 512, 2048)
+    assert build_sae(SAEConfig("matryoshka_batchtopk", 4, 16, k=4)).prefix_widths == (1, 4, 16)
+    with pytest.raises(SaelabError, match="end at d_sae = 48"):
+        build_sae(SAEConfig("matryoshka_batchtopk", 4, 48, matryoshka_widths=(8, 24)))
+    with pytest.raises(SaelabError, match="increase strictly"):
+        build_sae(SAEConfig("matryoshka_batchtopk", 4, 48, matryoshka_widths=(24, 8, 48)))
+    with pytest.raises(SaelabError, match="positive whole numbers"):
+        build_sae(SAEConfig("matryoshka_batchtopk", 4, 48, matryoshka_widths=(0, 48)))
+    with pytest.raises(SaelabError, match="applies to matryoshka_batchtopk, not topk"):
+        build_sae(SAEConfig("topk", 4, 48, matryoshka_widths=(8, 48)))
 
 
 @pytest.mark.parametrize("architecture", ["relu", "topk"])

@@ -115,7 +115,7 @@ class _CrashingSource:
         self.source.load_state_dict(state)
 
 
-@pytest.mark.parametrize("architecture", ["relu", "batchtopk", "jumprelu"])
+@pytest.mark.parametrize("architecture", ["relu", "batchtopk", "jumprelu", "matryoshka_batchtopk"])
 def test_resume_after_a_crash_is_bit_identical(tmp_path: Path, architecture: str) -> None:
     # Resampling, AuxK (dead latents after 1024 tokens), warm-ups and lr decay all act during the resumed part.
     sae_cfg = SAEConfig(architecture, 8, 32, k=2, sparsity_coefficient=3.0)

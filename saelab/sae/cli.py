@@ -89,6 +89,9 @@ def train(
     sparsity_coefficient: str = typer.Option(
         None, "--sparsity-coefficient", "--l1", help="L1 (relu, gated) or L0 (jumprelu) weight; a comma list sweeps."
     ),
+    matryoshka_widths: str = typer.Option(
+        None, help="Nested prefix sizes of a matryoshka_batchtopk SAE, ending at d_sae, e.g. 64,256,1024."
+    ),
     steps: int = typer.Option(5000, help="Training steps."),
     batch_size: int = typer.Option(4096, help="Activations per step (under torchrun: over all processes)."),
     lr: float = typer.Option(4e-4, help="Adam learning rate."),
@@ -118,7 +121,7 @@ def train(
     if ks and coefficients:
         raise SaelabError("sweep over --k or over --sparsity-coefficient, not both at once")
     if ks and not by_k:
-        k_architectures = " and ".join(name for name, cls in SAE_CLASSES.items() if cls.sparsity_by_k)
+        k_architectures = ", ".join(name for name, cls in SAE_CLASSES.items() if cls.sparsity_by_k)
         raise SaelabError(f"--k applies to {k_architectures}, not {architecture}; use --sparsity-coefficient")
     if coefficients and by_k:
         raise SaelabError(f"{architecture} sets sparsity with --k, not --sparsity-coefficient")
@@ -131,6 +134,11 @@ def train(
         for stream in activations.hooks:
             d_in = activations.d_ins[stream]
             base: dict[str, Any] = {"architecture": architecture, "d_in": d_in, "d_sae": d_sae or 8 * d_in}
+            if matryoshka_widths is not None:
+                widths = _numbers(matryoshka_widths, "--matryoshka-widths")
+                if not all(w.is_integer() for w in widths):
+                    raise SaelabError(f"--matryoshka-widths takes whole numbers, got '{matryoshka_widths}'")
+                base["matryoshka_widths"] = tuple(int(w) for w in widths)
             if ks:
                 configs += [SAEConfig(**base, k=int(v) if v.is_integer() else v) for v in ks]
             elif coefficients:

@@ -19,6 +19,7 @@ checks are read from those declarations.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -44,7 +45,8 @@ class SAEConfig:
     default. `k` is the number of active latents per token (topk, an integer) or per token on average over a
     batch (batchtopk, may be fractional); an architecture declares which of the two it uses.
     `aux_k_coefficient` weighs the AuxK loss that revives dead TopK and BatchTopK latents, using the `aux_k`
-    (default d_in // 2) highest dead pre-activations.
+    (default d_in // 2) highest dead pre-activations. `matryoshka_widths` are the nested prefix sizes of a
+    Matryoshka SAE, the last equal to d_sae (empty: its default).
     """
 
     architecture: str = "relu"
@@ -58,6 +60,7 @@ class SAEConfig:
     jumprelu_bandwidth: float = 0.05
     jumprelu_init_threshold: float = 0.01
     batchtopk_threshold_lr: float = 0.01
+    matryoshka_widths: tuple[int, ...] = ()
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -98,6 +101,7 @@ class SAEConfig:
                 raise SaelabError(f"{name} must be in (0, 1], got {value!r}")
         if self.dtype not in DTYPES:
             raise SaelabError(f"unknown dtype '{self.dtype}'; choose one of {', '.join(DTYPES)}")
+        sae_class.check_config(self)
 
     @property
     def aux_k_latents(self) -> int:
@@ -125,7 +129,7 @@ class SAEOutput:
     loss: Tensor  # scalar: mse + sparsity + aux, the value to backpropagate
     mse: Tensor  # scalar: ‖x − x̂‖² summed over d_in, averaged over tokens
     sparsity: Tensor  # scalar: coefficient × penalty × warm-up scale
-    aux: Tensor  # scalar: AuxK (topk, batchtopk) or the gated auxiliary reconstruction; 0 otherwise
+    aux: Tensor  # scalar: AuxK (+ Matryoshka's prefix errors), the gated auxiliary reconstruction, or 0
     fired: Tensor  # [d_sae] on how many tokens of the batch each latent was non-zero
 
 
@@ -254,6 +258,12 @@ class SAE(nn.Module):
     def fused_forward(self, x: Tensor, dead: Tensor | None, sparsity_scale: float) -> SAEOutput | None:
         """The fused training forward on `x [tokens, d_in]`, or None where the architecture has none."""
         return None
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        """Refuse settings that this architecture does not use or accept (called by `SAEConfig.validate`)."""
+        if cfg.matryoshka_widths:
+            raise SaelabError(f"matryoshka_widths applies to matryoshka_batchtopk, not {cfg.architecture}")
 
     def saelens_fields(self) -> dict[str, Any]:
         """Fields of SAELens's cfg.json beyond the common ones that this architecture's saved form needs."""
@@ -427,15 +437,20 @@ class BatchTopKSAE(TopKSAE):
 
     def training_terms(self, x: Tensor, dead: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pre = self.pre_activations(x)
-        if self.training:
-            acts = torch.relu(pre).flatten()
-            values, indices = acts.topk(min(round(self.cfg.k * x.shape[0]), acts.numel()), sorted=False)
-            latents = torch.zeros_like(acts).scatter(-1, indices, values).reshape(pre.shape)
-            self.update_threshold(latents)
-        else:
-            latents = self.activation(pre)
+        latents = self.batch_latents(pre)
         x_hat = self.decode(latents)
         return latents, x_hat, x.new_zeros(()), self.dense_aux_k_loss(x, x_hat, pre, dead)
+
+    def batch_latents(self, pre: Tensor) -> Tensor:
+        """Latents `[tokens, d_sae]` of pre-activations: in training the k·tokens largest of the batch (θ follows
+        them), in eval the JumpReLU with θ."""
+        if not self.training:
+            return self.activation(pre)
+        acts = torch.relu(pre).flatten()
+        values, indices = acts.topk(min(round(self.cfg.k * pre.shape[0]), acts.numel()), sorted=False)
+        latents = torch.zeros_like(acts).scatter(-1, indices, values).reshape(pre.shape)
+        self.update_threshold(latents)
+        return latents
 
     def fused_forward(self, x: Tensor, dead: Tensor | None, sparsity_scale: float) -> None:
         return None  # the batch-wide top-k has no fused path (TopK's is per token)
@@ -449,6 +464,51 @@ class BatchTopKSAE(TopKSAE):
         if positive.numel():
             lr = self.cfg.batchtopk_threshold_lr
             self.threshold.mul_(1 - lr).add_(lr * positive.min())
+
+
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK SAE: nested prefixes of the dictionary, each trained to reconstruct x on its own.
+
+    Bussmann, Nabeshima, Karvonen & Nanda 2025, "Learning Multi-Level Features with Matryoshka Sparse
+    Autoencoders"; Nabeshima 2024, "Matryoshka Sparse Autoencoders". Latents are chosen as in BatchTopK over the
+    whole dictionary; then for each prefix width w of `prefix_widths` the first w latents alone reconstruct x, and
+    the loss adds every prefix's squared error to the whole dictionary's. The early latents must work without the
+    later ones, so they learn general features and the later ones specialise, instead of a parent feature being
+    absorbed into its children's latents. The prefix errors are reported in `aux`, with AuxK. At inference it is
+    BatchTopK's JumpReLU, and it is saved as one (as SAELens saves its `matryoshka_batchtopk`).
+    """
+
+    architecture = "matryoshka_batchtopk"
+
+    @classmethod
+    def check_config(cls, cfg: SAEConfig) -> None:
+        widths = cfg.matryoshka_widths
+        if not widths:
+            return
+        if any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):
+            raise SaelabError(f"matryoshka_widths must be positive whole numbers, got {list(widths)}")
+        if any(b <= a for a, b in itertools.pairwise(widths)) or widths[-1] != cfg.d_sae:
+            raise SaelabError(
+                f"matryoshka_widths must increase strictly and end at d_sae = {cfg.d_sae}, got {list(widths)}"
+            )
+
+    @property
+    def prefix_widths(self) -> tuple[int, ...]:
+        """The nested dictionary sizes, the whole d_sae last: `matryoshka_widths`, by default d_sae / 4^j for
+        j = 3, 2, 1, 0 (2048 latents: 32, 128, 512, 2048)."""
+        d_sae = self.cfg.d_sae
+        return tuple(self.cfg.matryoshka_widths) or tuple(sorted({max(1, d_sae // 4**j) for j in range(4)}))
+
+    def training_terms(self, x: Tensor, dead: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        pre = self.pre_activations(x)
+        latents = self.batch_latents(pre)
+        x_hat, prefix_error, start = self.b_dec.expand_as(x), x.new_zeros(()), 0
+        for width in self.prefix_widths:  # x̂ of each prefix is the previous one plus the next slice's decode
+            x_hat = x_hat + latents[:, start:width] @ self.W_dec[start:width]
+            if width < self.cfg.d_sae:
+                prefix_error = prefix_error + (x_hat - x).pow(2).sum(dim=-1).mean()
+            start = width
+        return latents, x_hat, x.new_zeros(()), prefix_error + self.dense_aux_k_loss(x, x_hat, pre, dead)
 
 
 def _rectangle(x: Tensor) -> Tensor:
