@@ -324,3 +324,45 @@ def test_the_installed_llc_command_prints_one_line_and_exits_2(tmp_path: Path) -
     assert result.returncode == 2
     assert result.stderr.startswith("saelab: error: ") and result.stderr.count("\n") == 1
     assert "missing is not a directory" in result.stderr
+
+
+def test_plain_sgd_is_an_optimizer_choice_and_trains() -> None:
+    with pytest.raises(SaelabError, match="unknown optimizer 'rmsprop'"):
+        ToyTrainConfig(optimizer="rmsprop").validate()
+    from saelab.toy.train import train_toy_model
+
+    model = ToyModel(ToyModelConfig(n_features=6, d_hidden=2, n_instances=4, feature_probability=0.05))
+    history = train_toy_model(
+        model, ToyTrainConfig(steps=400, lr=0.05, lr_schedule="constant", optimizer="sgd"), progress=False
+    )
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+
+
+def test_development_summary_counts_plateau_transitions() -> None:
+    """Hand-made report: instance 0 goes 4-gon → (irregular) → 5-gon with the loss falling and λ̂ rising;
+    instance 1 stays a 5-gon."""
+    from saelab.toy.development import development_summary
+
+    def cell(kgon: str, loss: float, llc: float) -> dict:
+        return {"kgon": kgon, "loss": loss, "llc": llc}
+
+    rows = [
+        {"step": 1, "instances": [cell("4-gon", 0.3, 2.0), cell("5-gon", 0.2, 4.0)]},
+        {"step": 2, "instances": [cell("4-gon", 0.28, 2.5), cell("5-gon", 0.2, 4.2)]},
+        {"step": 4, "instances": [cell("5-gon, irregular", 0.25, 1.0), cell("5-gon", 0.19, 4.4)]},
+        {"step": 8, "instances": [cell("5-gon", 0.2, 4.0), cell("5-gon", 0.18, 4.6)]},
+    ]
+    summary = development_summary({"snapshots": rows})
+    assert summary["final"]["5-gon"]["instances"] == 2
+    assert summary["final"]["5-gon"]["llc"] == pytest.approx(4.3)
+    assert summary["transitions"] == {
+        "4-gon → 5-gon": {
+            "count": 1,
+            "loss_fell": 1,
+            "llc_rose": 1,
+            "d_loss": pytest.approx(-0.08),
+            "d_loss_sd": 0.0,
+            "d_llc": pytest.approx(1.5),
+            "d_llc_sd": 0.0,
+        }
+    }

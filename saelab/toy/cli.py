@@ -89,6 +89,7 @@ def train(
     batch_size: int = typer.Option(ToyTrainConfig.batch_size, help="Rows per step."),
     lr: float = typer.Option(ToyTrainConfig.lr, help="Peak learning rate (Adam)."),
     lr_schedule: str = typer.Option(ToyTrainConfig.lr_schedule, help="constant | linear | cosine."),
+    optimizer: str = typer.Option(ToyTrainConfig.optimizer, help="adam | sgd (plain SGD)."),
     method: str = typer.Option(ToyTrainConfig.method, help="fast | reference (plain batches and autograd)."),
     seed: int = typer.Option(0, help="Seed for initialisation and data."),
     snapshots: int = typer.Option(0, help="Keep this many log-spaced weight snapshots (for `saelab toy llc`)."),
@@ -116,6 +117,7 @@ def train(
         seed=seed,
         method=method,
         snapshots=snapshots,
+        optimizer=optimizer,
     )
     _print_summary(train_to_folder(model_cfg, train_cfg, out, progress=progress))
 
@@ -204,6 +206,15 @@ def llc(
         path = " → ".join([changes[0]["from"], *(c["to"] for c in changes)]) if changes else cell["kgon"]
         llc_text = "diverged" if cell["diverged"] else f"{cell['llc']:.3g} ± {cell['llc_std']:.2g}"
         typer.echo(f"  #{cell['instance']:<3} loss={cell['loss']:<10.4g} llc={llc_text:<16} {path}")
+    development = report["development"]
+    typer.echo("final k-gon: instances, loss, llc (mean ± sd over instances)")
+    for name, row in development["final"].items():
+        typer.echo(f"  {name or '-':<18} {row['instances']:>4}  {row['loss']:<10.4g} ± {row['loss_sd']:<9.2g} "
+                   f"{_maybe(row['llc'])} ± {_maybe(row['llc_sd'])}")  # fmt: skip
+    if development["transitions"]:
+        typer.echo("transitions between k-gon plateaus: count, loss fell, llc rose")
+        for name, row in development["transitions"].items():
+            typer.echo(f"  {name:<18} {row['count']:>4}  {row['loss_fell']:>4}  {row['llc_rose']:>4}")
     if flagged:
         typer.echo(f"{flagged} estimate(s) drifted (see llc.json 'stationary'); try more draws or a smaller step size")
 
@@ -290,3 +301,7 @@ def sae_benchmark(
                                              "mean_explained_variance", "absorption_rate")]  # fmt: skip
         shown = ["—" if v is None else f"{v:.3f}" for v in cells]
         typer.echo(f"{arch:<12} {shown[0]:>9} {shown[1]:>8} {shown[2]:>8} {shown[3]:>6} {shown[4]:>10}")
+
+
+def _maybe(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"

@@ -83,7 +83,7 @@ def llc_over_training(directory: Path, cfg: LLCConfig, progress: bool = True) ->
                 }
             )
         rows.append({"step": steps[index], "instances": instances})
-    return {
+    report = {
         "format": FORMAT_NAME,
         "source": str(directory),
         "estimator": "llc = nbeta * (mean SGLD minibatch loss after burn-in - L_n(w*)), nbeta = n / log n",
@@ -95,6 +95,8 @@ def llc_over_training(directory: Path, cfg: LLCConfig, progress: bool = True) ->
         "_tensors": {"step": snapshots["step"], "loss_trace": torch.stack(traces), "W": snapshots["W"]},
         "_model": model,
     }
+    report["development"] = development_summary(report)
+    return report
 
 
 def transitions(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -118,6 +120,70 @@ def transitions(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
                 )
         per_instance.append(changes)
     return per_instance
+
+
+def plateaus(rows: list[dict[str, Any]], instance: int) -> list[dict[str, Any]]:
+    """Stretches of consecutive snapshots where `instance` is one regular k-gon, each with its last snapshot's
+    step, loss and λ̂ (the most settled point of the stretch). Irregular shapes between them are left out."""
+    stretches: list[dict[str, Any]] = []
+    for row in rows:
+        cell = row["instances"][instance]
+        if "irregular" in cell["kgon"]:
+            continue
+        point = {"kgon": cell["kgon"], "step": row["step"], "loss": cell["loss"], "llc": cell["llc"]}
+        if stretches and stretches[-1]["kgon"] == cell["kgon"]:
+            stretches[-1].update(point)
+        else:
+            stretches.append({**point, "first_step": row["step"]})
+    return stretches
+
+
+def development_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """What Chen et al. 2023 look for, over all instances (seeds):
+
+    - `final`: per k-gon at the last snapshot, how many instances, and the mean and spread of loss and λ̂;
+    - `transitions`: per change between consecutive regular k-gon plateaus (e.g. '4-gon → 5-gon'), how many,
+      how many lowered the loss and how many raised λ̂, and the mean changes.
+    """
+    rows = report["snapshots"]
+    final: dict[str, dict[str, list[float]]] = {}
+    for cell in rows[-1]["instances"]:
+        entry = final.setdefault(cell["kgon"], {"loss": [], "llc": []})
+        entry["loss"].append(cell["loss"])
+        if cell["llc"] is not None:
+            entry["llc"].append(cell["llc"])
+    changes: dict[str, dict[str, Any]] = {}
+    for i in range(len(rows[0]["instances"])):
+        for before, after in itertools.pairwise(plateaus(rows, i)):
+            if None in (before["llc"], after["llc"], before["loss"], after["loss"]):
+                continue
+            entry = changes.setdefault(f"{before['kgon']} → {after['kgon']}", {"d_loss": [], "d_llc": []})
+            entry["d_loss"].append(after["loss"] - before["loss"])
+            entry["d_llc"].append(after["llc"] - before["llc"])
+    return {
+        "final": {
+            name: {"instances": len(v["loss"]), **_mean_sd("loss", v["loss"]), **_mean_sd("llc", v["llc"])}
+            for name, v in sorted(final.items(), key=lambda item: -len(item[1]["loss"]))
+        },
+        "transitions": {
+            name: {
+                "count": len(v["d_llc"]),
+                "loss_fell": sum(d < 0 for d in v["d_loss"]),
+                "llc_rose": sum(d > 0 for d in v["d_llc"]),
+                **_mean_sd("d_loss", v["d_loss"]),
+                **_mean_sd("d_llc", v["d_llc"]),
+            }
+            for name, v in sorted(changes.items(), key=lambda item: -len(item[1]["d_llc"]))
+        },
+    }
+
+
+def _mean_sd(name: str, values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {name: None, f"{name}_sd": None}
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {name: _round(mean), f"{name}_sd": _round(sd)}
 
 
 def _round(value: float) -> float | None:

@@ -31,6 +31,7 @@ VARIANTS = ("relu", "linear", "neurons", "abs")
 FEATURE_GENERATORS = ("independent", "correlated", "anticorrelated", "hierarchical")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TRAIN_METHODS = ("fast", "reference")
+OPTIMIZERS = ("adam", "sgd")
 FORMAT_NAME = "saelab.toy_model"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -141,6 +142,7 @@ class ToyTrainConfig:
     log_every: int = 100
     method: str = "fast"
     snapshots: int = 0  # keep this many log-spaced snapshots of the weights (saelab.toy.snapshots)
+    optimizer: str = "adam"  # or "sgd": plain SGD, whose slow plateaus show the k-gon transitions of Chen et al.
 
     def validate(self) -> None:
         require_positive_ints(self, ("steps", "batch_size", "log_every"))
@@ -150,6 +152,8 @@ class ToyTrainConfig:
             raise SaelabError(f"lr must be positive, got {self.lr!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise SaelabError(f"unknown lr_schedule '{self.lr_schedule}'; choose one of {', '.join(LR_SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise SaelabError(f"unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
         if self.method not in TRAIN_METHODS:
             raise SaelabError(f"unknown training method '{self.method}'; choose one of {', '.join(TRAIN_METHODS)}")
 

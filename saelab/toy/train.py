@@ -42,7 +42,10 @@ def train_toy_model(
     model.to(device)
     data_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     fast = cfg.method == "fast"
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True if fast else None)
+    if cfg.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True if fast else None)
     history: list[dict[str, float]] = []
     bar = tqdm(range(cfg.steps), disable=not progress, desc="toy model", dynamic_ncols=True)
     for step in bar:
