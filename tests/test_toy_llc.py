@@ -329,6 +329,8 @@ def test_the_installed_llc_command_prints_one_line_and_exits_2(tmp_path: Path) -
 def test_plain_sgd_is_an_optimizer_choice_and_trains() -> None:
     with pytest.raises(SaelabError, match="unknown optimizer 'rmsprop'"):
         ToyTrainConfig(optimizer="rmsprop").validate()
+    with pytest.raises(SaelabError, match="init_scale must be a positive number"):
+        ToyTrainConfig(init_scale=0.0).validate()
     from saelab.toy.train import train_toy_model
 
     model = ToyModel(ToyModelConfig(n_features=6, d_hidden=2, n_instances=4, feature_probability=0.05))
@@ -336,6 +338,15 @@ def test_plain_sgd_is_an_optimizer_choice_and_trains() -> None:
         model, ToyTrainConfig(steps=400, lr=0.05, lr_schedule="constant", optimizer="sgd"), progress=False
     )
     assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    small = ToyModel(ToyModelConfig(n_features=6, d_hidden=2, n_instances=4))
+    train_toy_model(small, ToyTrainConfig(steps=1, lr=1e-12, init_scale=0.1), progress=False)
+    torch.testing.assert_close(small.W.detach(), 0.1 * _initial_W(small.cfg, seed=0))
+
+
+def _initial_W(cfg: ToyModelConfig, seed: int) -> torch.Tensor:
+    fresh = ToyModel(cfg)
+    fresh.reset_parameters(torch.Generator().manual_seed(seed))
+    return fresh.W.detach()
 
 
 def test_development_summary_counts_plateau_transitions() -> None:

@@ -90,6 +90,7 @@ def train(
     lr: float = typer.Option(ToyTrainConfig.lr, help="Peak learning rate (Adam)."),
     lr_schedule: str = typer.Option(ToyTrainConfig.lr_schedule, help="constant | linear | cosine."),
     optimizer: str = typer.Option(ToyTrainConfig.optimizer, help="adam | sgd (plain SGD)."),
+    init_scale: float = typer.Option(ToyTrainConfig.init_scale, help="Scale of the initial embedding W."),
     method: str = typer.Option(ToyTrainConfig.method, help="fast | reference (plain batches and autograd)."),
     seed: int = typer.Option(0, help="Seed for initialisation and data."),
     snapshots: int = typer.Option(0, help="Keep this many log-spaced weight snapshots (for `saelab toy llc`)."),
@@ -118,6 +119,7 @@ def train(
         method=method,
         snapshots=snapshots,
         optimizer=optimizer,
+        init_scale=init_scale,
     )
     _print_summary(train_to_folder(model_cfg, train_cfg, out, progress=progress))
 

@@ -16,6 +16,7 @@ inputs in [−1, 1], target |x|, a ReLU hidden layer and an untied output matrix
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +144,7 @@ class ToyTrainConfig:
     method: str = "fast"
     snapshots: int = 0  # keep this many log-spaced snapshots of the weights (saelab.toy.snapshots)
     optimizer: str = "adam"  # or "sgd": plain SGD, whose slow plateaus show the k-gon transitions of Chen et al.
+    init_scale: float = 1.0  # multiplies the initial embedding W; small values learn features one at a time
 
     def validate(self) -> None:
         require_positive_ints(self, ("steps", "batch_size", "log_every"))
@@ -152,6 +154,8 @@ class ToyTrainConfig:
             raise SaelabError(f"lr must be positive, got {self.lr!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise SaelabError(f"unknown lr_schedule '{self.lr_schedule}'; choose one of {', '.join(LR_SCHEDULES)}")
+        if not isinstance(self.init_scale, (int, float)) or not 0 < self.init_scale < math.inf:
+            raise SaelabError(f"init_scale must be a positive number, got {self.init_scale!r}")
         if self.optimizer not in OPTIMIZERS:
             raise SaelabError(f"unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
         if self.method not in TRAIN_METHODS:

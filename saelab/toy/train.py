@@ -39,6 +39,9 @@ def train_toy_model(
     device = model.W.device
     init_generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     model.cpu().reset_parameters(init_generator)
+    if cfg.init_scale != 1.0:
+        with torch.no_grad():
+            model.W.mul_(cfg.init_scale)
     model.to(device)
     data_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     fast = cfg.method == "fast"
