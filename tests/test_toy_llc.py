@@ -371,6 +371,8 @@ def test_development_summary_counts_plateau_transitions() -> None:
             "count": 1,
             "loss_fell": 1,
             "llc_rose": 1,
+            "settled": 1,
+            "settled_llc_rose": 1,
             "d_loss": pytest.approx(-0.08),
             "d_loss_sd": 0.0,
             "d_llc": pytest.approx(1.5),

@@ -184,6 +184,7 @@ def llc(
     step_size: float = typer.Option(LLCConfig.step_size, help="SGLD step size ε."),
     localization: float = typer.Option(LLCConfig.localization, help="Pull γ towards the snapshot's weights."),
     seed: int = typer.Option(0, help="Seed for D_n and the chains."),
+    instances: str | None = typer.Option(None, help="Comma-separated instances to draw [default: the first 16]."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Estimate the local learning coefficient of every instance at every snapshot (SGLD, Lau et al. 2023)."""
@@ -199,7 +200,8 @@ def llc(
         localization=localization,
         seed=seed,
     )
-    report = llc_folder(directory, cfg, out, progress=progress)
+    shown = [int(v) for v in parse_floats(instances, "--instances")] if instances is not None else None
+    report = llc_folder(directory, cfg, out, progress=progress, shown=shown)
     typer.echo(f"wrote {report['out']}  ({', '.join(report['files'])})")
     last = report["snapshots"][-1]
     flagged = sum(not cell["stationary"] for row in report["snapshots"] for cell in row["instances"])
@@ -214,9 +216,12 @@ def llc(
         typer.echo(f"  {name or '-':<18} {row['instances']:>4}  {row['loss']:<10.4g} ± {row['loss_sd']:<9.2g} "
                    f"{_maybe(row['llc'])} ± {_maybe(row['llc_sd'])}")  # fmt: skip
     if development["transitions"]:
-        typer.echo("transitions between k-gon plateaus: count, loss fell, llc rose")
+        typer.echo(
+            "transitions between k-gon plateaus: count, loss fell, llc rose; both ends settled, of those llc rose"
+        )
         for name, row in development["transitions"].items():
-            typer.echo(f"  {name:<18} {row['count']:>4}  {row['loss_fell']:>4}  {row['llc_rose']:>4}")
+            typer.echo(f"  {name:<18} {row['count']:>4}  {row['loss_fell']:>4}  {row['llc_rose']:>4}   "
+                       f"{row['settled']:>4}  {row['settled_llc_rose']:>4}")  # fmt: skip
     if flagged:
         typer.echo(f"{flagged} estimate(s) drifted (see llc.json 'stationary'); try more draws or a smaller step size")
 

@@ -130,7 +130,8 @@ def plateaus(rows: list[dict[str, Any]], instance: int) -> list[dict[str, Any]]:
         cell = row["instances"][instance]
         if "irregular" in cell["kgon"]:
             continue
-        point = {"kgon": cell["kgon"], "step": row["step"], "loss": cell["loss"], "llc": cell["llc"]}
+        point = {"kgon": cell["kgon"], "step": row["step"], "loss": cell["loss"], "llc": cell["llc"],
+                 "settled": bool(cell.get("stationary", True)) and (cell["llc"] or 0) >= 0}  # fmt: skip
         if stretches and stretches[-1]["kgon"] == cell["kgon"]:
             stretches[-1].update(point)
         else:
@@ -143,7 +144,9 @@ def development_summary(report: dict[str, Any]) -> dict[str, Any]:
 
     - `final`: per k-gon at the last snapshot, how many instances, and the mean and spread of loss and λ̂;
     - `transitions`: per change between consecutive regular k-gon plateaus (e.g. '4-gon → 5-gon'), how many,
-      how many lowered the loss and how many raised λ̂, and the mean changes.
+      how many lowered the loss and how many raised λ̂, the mean changes, and how many had *settled* estimates
+      at both ends (stationary chains, λ̂ ≥ 0: the snapshot sits near a critical point) with how many of those
+      raised λ̂. Estimates on the slide between plateaus are negative or drifting; only settled ones test the claim.
     """
     rows = report["snapshots"]
     final: dict[str, dict[str, list[float]]] = {}
@@ -157,9 +160,12 @@ def development_summary(report: dict[str, Any]) -> dict[str, Any]:
         for before, after in itertools.pairwise(plateaus(rows, i)):
             if None in (before["llc"], after["llc"], before["loss"], after["loss"]):
                 continue
-            entry = changes.setdefault(f"{before['kgon']} → {after['kgon']}", {"d_loss": [], "d_llc": []})
+            entry = changes.setdefault(
+                f"{before['kgon']} → {after['kgon']}", {"d_loss": [], "d_llc": [], "settled": []}
+            )
             entry["d_loss"].append(after["loss"] - before["loss"])
             entry["d_llc"].append(after["llc"] - before["llc"])
+            entry["settled"].append(before["settled"] and after["settled"])
     return {
         "final": {
             name: {"instances": len(v["loss"]), **_mean_sd("loss", v["loss"]), **_mean_sd("llc", v["llc"])}
@@ -170,6 +176,8 @@ def development_summary(report: dict[str, Any]) -> dict[str, Any]:
                 "count": len(v["d_llc"]),
                 "loss_fell": sum(d < 0 for d in v["d_loss"]),
                 "llc_rose": sum(d > 0 for d in v["d_llc"]),
+                "settled": sum(v["settled"]),
+                "settled_llc_rose": sum(d > 0 for d, ok in zip(v["d_llc"], v["settled"], strict=True) if ok),
                 **_mean_sd("d_loss", v["d_loss"]),
                 **_mean_sd("d_llc", v["d_llc"]),
             }
@@ -190,15 +198,16 @@ def _round(value: float) -> float | None:
     return float(f"{value:.6g}") if math.isfinite(value) else None
 
 
-def write_llc_folder(report: dict[str, Any], out: Path, max_instances: int = 16) -> list[str]:
-    """Write llc.json, llc_traces.safetensors and the figures into `out`, atomically; return the file names."""
+def write_llc_folder(report: dict[str, Any], out: Path, shown: list[int] | None = None) -> list[str]:
+    """Write llc.json, llc_traces.safetensors and the figures into `out`, atomically; return the file names.
+    The figures show the instances in `shown` (default: the first 16)."""
     tensors, model = report["_tensors"], report["_model"]
     json_ready = {key: value for key, value in report.items() if not key.startswith("_")}
     with atomic_directory(Path(out)) as tmp:
         atomic_write_json(tmp / "llc.json", json_ready)
         save_tensors(tmp / "llc_traces.safetensors", {"step": tensors["step"], "loss_trace": tensors["loss_trace"]})
         names = ["llc.json", "llc_traces.safetensors"]
-        shown = list(range(min(model.cfg.n_instances, max_instances)))
+        shown = shown if shown is not None else list(range(min(model.cfg.n_instances, 16)))
         _save(plot_development(json_ready, shown), tmp / "development.png")
         _save(plot_sgld_traces(tensors["loss_trace"][-1], report, shown), tmp / "sgld_traces.png")
         names += ["development.png", "sgld_traces.png"]
@@ -222,7 +231,9 @@ def _grid(n_panels: int, width: float, height: float, cols: int = 4) -> tuple[Fi
 
 
 def plot_development(report: dict[str, Any], instances: list[int]) -> Figure:
-    """Loss (log) and λ̂ (± chain spread) against step (log), a dotted line and the new k-gon at each change."""
+    """Loss (log) and λ̂ (± chain spread) against step (log), with a dotted line and the k-gon's name where a regular
+    k-gon plateau begins. Negative λ̂ (a snapshot far from any minimum: the chains slide downhill) would dwarf the
+    rest, so the λ̂ axis stops a little below 0 and such points sit on its lower edge as triangles."""
     fig, axes = _grid(len(instances), 3.6, 2.6)
     steps = [row["step"] for row in report["snapshots"]]
     for ax, i in zip(axes, instances, strict=True):
@@ -236,22 +247,26 @@ def plot_development(report: dict[str, Any], instances: list[int]) -> Figure:
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("loss L_n(w)", color="#3b6fb6", fontsize=8)
         twin = ax.twinx()
-        twin.errorbar(steps, llc, yerr=spread, color="#c8413b", marker="s", ms=2.5, lw=1.2, capsize=1.5)
+        shown = [v if v >= 0 else math.nan for v in llc]
+        twin.errorbar(steps, shown, yerr=spread, color="#c8413b", marker="s", ms=2.5, lw=1.2, capsize=1.5)
+        top = max([v for v in shown if not math.isnan(v)], default=1.0) * 1.1 or 1.0
+        bottom = -0.08 * top
+        twin.set_ylim(bottom, top)
+        below = [s for s, v in zip(steps, llc, strict=True) if v < 0]
+        twin.scatter(below, [bottom] * len(below), marker="v", color="#c8413b", s=14, clip_on=False)
+        unsettled = [(s, v) for s, v, c in zip(steps, shown, cells, strict=True) if not c["stationary"] and v >= 0]
+        if unsettled:
+            twin.scatter(*zip(*unsettled, strict=True), s=30, facecolors="none", edgecolors="k")
         twin.set_ylabel("LLC λ̂", color="#c8413b", fontsize=8)
-        unsettled = [s for s, c in zip(steps, cells, strict=True) if not c["stationary"]]
-        twin.scatter(unsettled, [llc[steps.index(s)] for s in unsettled], s=30, facecolors="none", edgecolors="k")
-        previous = None
-        for step, cell in zip(steps, cells, strict=True):
-            if cell["kgon"] != previous:
-                ax.axvline(step, color="#999999", ls=":", lw=0.8)
-                ax.text(step, 1.0, f" {cell['kgon']}", transform=ax.get_xaxis_transform(), rotation=90,
-                        va="top", ha="left", fontsize=6)  # fmt: skip
-                previous = cell["kgon"]
+        for stretch in plateaus(report["snapshots"], i):
+            ax.axvline(stretch["first_step"], color="#999999", ls=":", lw=0.8)
+            ax.text(stretch["first_step"], 1.0, f" {stretch['kgon']}", transform=ax.get_xaxis_transform(),
+                    rotation=90, va="top", ha="left", fontsize=7)  # fmt: skip
         ax.tick_params(labelsize=7)
         twin.tick_params(labelsize=7)
         ax.set_title(f"instance {i}", fontsize=9)
-    fig.suptitle("Loss (blue) and local learning coefficient (red, ± chain spread; ringed: drifting chain) "
-                 "against training step; dotted: k-gon changes", fontsize=9)  # fmt: skip
+    fig.suptitle("Loss (blue) and LLC λ̂ (red, ± chain spread; ringed: drifting; ▼: below 0) against training step; "
+                 "dotted: a regular k-gon plateau begins", fontsize=9)  # fmt: skip
     return fig
 
 
@@ -287,13 +302,23 @@ def plot_plateaus(report: dict[str, Any], W: torch.Tensor, model: ToyModel, inst
     plot_features_2d(torch.stack(panels), path, torch.stack(importance), titles, max_panels=len(panels))
 
 
-def llc_folder(directory: Path, cfg: LLCConfig, out: Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """`saelab toy llc DIR`: estimate along training and write the results to `out` (default `DIR_llc`)."""
+def llc_folder(
+    directory: Path,
+    cfg: LLCConfig,
+    out: Path | None = None,
+    progress: bool = True,
+    shown: list[int] | None = None,
+) -> dict[str, Any]:
+    """`saelab toy llc DIR`: estimate along training and write the results to `out` (default `DIR_llc`);
+    the figures show the instances in `shown` (default: the first 16)."""
     directory = Path(directory)
     out = Path(out) if out is not None else directory.with_name(directory.name + "_llc")
     if out.resolve() == directory.resolve() or directory.resolve() in out.resolve().parents:
         raise SaelabError(f"--out {out} is inside the toy run {directory}; choose a folder outside it")
+    model, _ = load_toy_model(directory)
+    if shown is not None and (not shown or not all(0 <= i < model.cfg.n_instances for i in shown)):
+        raise SaelabError(f"--instances must list instances from 0 to {model.cfg.n_instances - 1}, got {shown}")
     report = llc_over_training(directory, cfg, progress)
-    files = write_llc_folder(report, out)
+    files = write_llc_folder(report, out, shown)
     summary = {key: value for key, value in report.items() if not key.startswith("_")}
     return {**summary, "out": str(out), "files": files}

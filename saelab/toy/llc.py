@@ -56,7 +56,7 @@ class LLCConfig:
     draws: int = 500  # SGLD steps averaged per chain, after the burn-in
     burnin: int = 100  # SGLD steps discarded first
     step_size: float = 1e-3  # ε
-    localization: float = 100.0  # γ
+    localization: float = 10.0  # γ
     seed: int = 0
 
     def validate(self) -> None:
