@@ -56,7 +56,7 @@ def child(settings: dict) -> None:
     started = time.perf_counter()
     sae = train(lm, d_in, d_sae, k, lr, batch, tokens, norm_tokens, settings["buffer_tokens"])
     seconds = time.perf_counter() - started
-    metrics = lm_eval(sae, model=lm, n_tokens=settings["eval_tokens"], context_length=CONTEXT)
+    metrics = lm_eval(sae, model=lm, n_tokens=settings["eval_tokens"], context_length=CONTEXT).to_dict()
     result = {
         "tool": settings["tool"],
         "threads": settings["threads"],

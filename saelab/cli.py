@@ -1,7 +1,8 @@
 """The `saelab` command line: a thin typer layer over the stage subpackages.
 
 Each stage owns its commands (`saelab/<stage>/cli.py`); this module only wires them together, in workflow order,
-and turns SaelabError into a one-line message with exit status 2.
+and turns every failure a user can cause or meet (SaelabError, a bad option, an operating-system error such as
+a full disk or a read-only folder, running out of memory) into a one-line message with exit status 2.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import typer
 
 from saelab.dashboard.cli import dashboard, export, serve
 from saelab.errors import SaelabError
+from saelab.io import describe_os_error
 from saelab.models.cli import activations_app, lm_app
 from saelab.sae.cli import app as sae_app
 from saelab.toy.cli import app as toy_app
@@ -39,11 +41,12 @@ app = typer.Typer(
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for every result of the demo."),
     quick: bool = typer.Option(False, help="A smoke-test run: far fewer steps and tokens."),
+    overwrite: bool = typer.Option(False, help="Write into a non-empty --out that is not a saelab demo folder."),
 ) -> None:
     """The main job on built-in defaults: toy models → SAE recovery, and built-in LM → SAE → dashboard."""
     from saelab.demo import run_demo
 
-    run_demo(out, quick=quick)
+    run_demo(out, quick=quick, overwrite=overwrite)
 
 
 app.add_typer(toy_app, name="toy")
@@ -69,9 +72,19 @@ def main() -> None:
         command = ctx.command_path if ctx is not None else "saelab"
         print(f"saelab: error: {err.format_message()} (see `{command} --help`)", file=sys.stderr)
         sys.exit(2)
-    except click.Abort:
+    except (click.Abort, KeyboardInterrupt):
         print("saelab: aborted", file=sys.stderr)
         sys.exit(130)
+    except OSError as err:  # a full disk, a read-only folder, a path under a file, a port in use, ...
+        print(f"saelab: error: {describe_os_error(err)}", file=sys.stderr)
+        sys.exit(2)
+    except MemoryError:
+        print(
+            "saelab: error: out of memory; use smaller sizes (--features, --batch-size, --tokens, --d-sae) "
+            "or a machine with more memory",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     sys.exit(status if isinstance(status, int) else 0)
 
 

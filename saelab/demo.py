@@ -16,9 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from saelab.io import atomic_write_json
+from saelab.io import OutputKind, atomic_write_json, check_output, output_lock
 
 DEMO_HOOK = "blocks.0.hook_resid_post"
+# The demo's folder holds one folder per stage (each written whole by its stage) and summary.json.
+DEMO_FOLDER = OutputKind(
+    "saelab demo folder", ("summary.json", "toy", "toy_sae", "lm_sae", "dashboard"), lambda folder: True
+)
 
 
 @dataclass
@@ -51,8 +55,17 @@ def _done(started: float) -> float:
     return seconds
 
 
-def run_demo(out: str | Path, quick: bool = False) -> dict[str, Any]:
-    """Run the whole chain into `out`; print what was found and where; return the summary (also summary.json)."""
+def run_demo(out: str | Path, quick: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run the whole chain into `out`; print what was found and where; return the summary (also summary.json).
+
+    `out` must be new, empty or an earlier demo's folder (else `overwrite`); one demo at a time writes it.
+    """
+    out = check_output(out, DEMO_FOLDER, overwrite=overwrite)
+    with output_lock(out):
+        return _run_demo(out, quick)
+
+
+def _run_demo(out: Path, quick: bool) -> dict[str, Any]:
     from saelab.dashboard.cli import build_dashboard
     from saelab.models.evals import lm_eval
     from saelab.models.store import build_lm_source
@@ -61,7 +74,6 @@ def run_demo(out: str | Path, quick: bool = False) -> dict[str, Any]:
     from saelab.sae.train import SAETrainConfig, train_saes
     from saelab.toy.lab import run_toy_lab
 
-    out = Path(out).resolve()
     sizes = DemoSizes.for_mode(quick)
     summary: dict[str, Any] = {"out": str(out), "quick": quick, "seconds": {}}
 
@@ -86,11 +98,17 @@ def run_demo(out: str | Path, quick: bool = False) -> dict[str, Any]:
     train_cfg = SAETrainConfig(steps=sizes.lm_sae_steps, batch_size=sizes.lm_batch_size, lr=4e-4, seed=0)
     (sae,) = train_saes(source, sae_cfg, train_cfg, out=out / "lm_sae", progress=True)
     lm_metrics = lm_eval(sae, out / "lm_sae", n_tokens=sizes.lm_eval_tokens)
-    summary["lm_sae"] = {"dir": str(out / "lm_sae"), "hook": DEMO_HOOK, "d_sae": sae_cfg.d_sae, **lm_metrics}
+    summary["lm_sae"] = {"dir": str(out / "lm_sae"), "hook": DEMO_HOOK, "d_sae": sae_cfg.d_sae}
+    summary["lm_sae"] |= lm_metrics.to_dict()
     summary["seconds"]["lm_sae"] = _done(started)
-    for key in ("ce_loss_clean", "ce_loss_with_sae", "ce_loss_ablated", "ce_loss_recovered", "explained_variance"):
-        if key in lm_metrics:
-            print(f"      {key:<20} {lm_metrics[key]:.4f}")
+    for label, value in (
+        ("CE loss, clean", lm_metrics.ce_loss_clean),
+        ("CE loss, with SAE", lm_metrics.ce_loss_with_sae),
+        ("CE loss, zero-ablated", lm_metrics.ce_loss_with_ablation),
+        ("CE loss recovered", lm_metrics.ce_loss_recovered),
+        ("explained variance", lm_metrics.explained_variance),
+    ):
+        print(f"      {label:<22} {'undefined' if value is None else f'{value:.4f}'}")
 
     started = _stage(4, f"Feature dashboard for the first {sizes.dashboard_latents} latents")
     index = build_dashboard(

@@ -25,17 +25,17 @@ def evaluate(sae, lm, dataset, **kwargs):
 
 def test_identity_sae_recovers_everything(lm, dataset):
     metrics = evaluate(LinearSAE.identity(32, hook_name=HOOK), lm, dataset)
-    assert metrics["ce_loss_with_sae"] == metrics["ce_loss_clean"]
-    assert metrics["ce_loss_recovered"] == 1.0
-    assert metrics["kl_div_with_sae"] == 0.0 and metrics["kl_div_score"] == 1.0
-    assert metrics["ce_loss_with_ablation"] != metrics["ce_loss_clean"] and metrics["kl_div_with_ablation"] > 0
-    assert metrics["explained_variance"] == pytest.approx(1.0, abs=1e-9) and metrics["mse"] == 0.0
+    assert metrics.ce_loss_with_sae == metrics.ce_loss_clean
+    assert metrics.ce_loss_recovered == 1.0
+    assert metrics.kl_div_with_sae == 0.0 and metrics.kl_div_score == 1.0
+    assert metrics.ce_loss_with_ablation != metrics.ce_loss_clean and metrics.kl_div_with_ablation > 0
+    assert metrics.explained_variance == pytest.approx(1.0, abs=1e-9) and metrics.mse == 0.0
 
 
 def test_zero_sae_is_as_bad_as_ablation(lm, dataset):
     metrics = evaluate(LinearSAE.zero(32, hook_name=HOOK), lm, dataset)
-    assert metrics["ce_loss_with_sae"] == metrics["ce_loss_with_ablation"]
-    assert metrics["ce_loss_recovered"] == 0.0 and metrics["kl_div_score"] == 0.0
+    assert metrics.ce_loss_with_sae == metrics.ce_loss_with_ablation
+    assert metrics.ce_loss_recovered == 0.0 and metrics.kl_div_score == 0.0
 
 
 def test_metrics_match_an_independent_computation(lm, dataset):
@@ -55,7 +55,7 @@ def test_metrics_match_an_independent_computation(lm, dataset):
         clean_logits = model(tokens)
         logits = {name: model.run_with_hooks(tokens, fwd_hooks=[(HOOK, fn)]) for name, fn in splice.items()}
     counted = (tokens[:, :-1] != 0) & (tokens[:, 1:] != 0)
-    assert metrics["predictions"] == counted.sum()
+    assert metrics.predictions == counted.sum()
 
     def ce(logits):
         per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
@@ -66,19 +66,19 @@ def test_metrics_match_an_independent_computation(lm, dataset):
         return torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1)[counted].mean().item()
 
     ce_clean, ce_sae, ce_abl = ce(clean_logits), ce(logits["sae"]), ce(logits["abl"])
-    assert metrics["ce_loss_clean"] == pytest.approx(ce_clean, rel=1e-5)
-    assert metrics["ce_loss_with_sae"] == pytest.approx(ce_sae, rel=1e-5)
-    assert metrics["ce_loss_with_ablation"] == pytest.approx(ce_abl, rel=1e-5)
-    assert metrics["ce_loss_recovered"] == pytest.approx((ce_abl - ce_sae) / (ce_abl - ce_clean), rel=1e-4)
+    assert metrics.ce_loss_clean == pytest.approx(ce_clean, rel=1e-5)
+    assert metrics.ce_loss_with_sae == pytest.approx(ce_sae, rel=1e-5)
+    assert metrics.ce_loss_with_ablation == pytest.approx(ce_abl, rel=1e-5)
+    assert metrics.ce_loss_recovered == pytest.approx((ce_abl - ce_sae) / (ce_abl - ce_clean), rel=1e-4)
     kl_sae, kl_abl = kl(logits["sae"]), kl(logits["abl"])
-    assert metrics["kl_div_with_sae"] == pytest.approx(kl_sae, rel=1e-4)
-    assert metrics["kl_div_score"] == pytest.approx((kl_abl - kl_sae) / kl_abl, rel=1e-4)
+    assert metrics.kl_div_with_sae == pytest.approx(kl_sae, rel=1e-4)
+    assert metrics.kl_div_score == pytest.approx((kl_abl - kl_sae) / kl_abl, rel=1e-4)
 
     x = lm.activations(tokens, [HOOK])[HOOK][tokens != 0]
     x_hat = sae.decode(sae.encode(x)).detach()
-    assert metrics["tokens"] == len(x)
-    assert metrics["mse"] == pytest.approx((x - x_hat).pow(2).sum(-1).mean().item(), rel=1e-5)
-    assert metrics["explained_variance"] == pytest.approx(
+    assert metrics.reconstruction["tokens"] == len(x)
+    assert metrics.mse == pytest.approx((x - x_hat).pow(2).sum(-1).mean().item(), rel=1e-5)
+    assert metrics.explained_variance == pytest.approx(
         1 - ((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item(), rel=1e-4
     )
 
@@ -89,7 +89,7 @@ def test_transformer_lens_and_hugging_face_evals_agree(tokenizer, dataset, tmp_p
     via_hf = evaluate(sae, load_model(str(folder)), dataset)
     via_tl = evaluate(sae, load_model(str(folder), backend="transformer_lens"), dataset)
     for key in ("ce_loss_clean", "ce_loss_with_sae", "ce_loss_with_ablation", "kl_div_with_sae", "explained_variance"):
-        assert via_hf[key] == pytest.approx(via_tl[key], rel=1e-4), key
+        assert getattr(via_hf, key) == pytest.approx(getattr(via_tl, key), rel=1e-4), key
 
 
 def test_the_model_is_found_from_the_saes_metadata(tokenizer, dataset, tmp_path):
@@ -97,7 +97,7 @@ def test_the_model_is_found_from_the_saes_metadata(tokenizer, dataset, tmp_path)
     save_gpt2(tmp_path / "gpt2", tokenizer)
     sae = LinearSAE.identity(32, hook_name=HOOK, model_name="gpt2", dataset=dataset, context_length=LENGTH)
     metrics = lm_eval(sae, sae_dir=tmp_path, n_tokens=200)
-    assert metrics["ce_loss_recovered"] == 1.0
+    assert metrics.ce_loss_recovered == 1.0
 
 
 def test_mismatched_saes_are_one_line_errors(lm, dataset):
@@ -117,6 +117,6 @@ def test_the_built_in_model_on_held_out_files():
     results = read_lm_config(BUILTIN_DIR)[1]["results"]
     sae = LinearSAE.identity(128, hook_name=HOOK, model_name="builtin", dataset="builtin", context_length=128)
     metrics = lm_eval(sae, n_tokens=1024)
-    assert metrics["ce_loss_clean"] < 0.8 * results["unigram_entropy"]
-    assert metrics["ce_loss_recovered"] == 1.0
-    assert metrics["ce_loss_with_ablation"] > metrics["ce_loss_clean"] + 1.0
+    assert metrics.ce_loss_clean < 0.8 * results["unigram_entropy"]
+    assert metrics.ce_loss_recovered == 1.0
+    assert metrics.ce_loss_with_ablation > metrics.ce_loss_clean + 1.0

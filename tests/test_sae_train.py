@@ -15,6 +15,7 @@ import torch
 from sae_helpers import one_thread  # noqa: F401  (autouse)
 
 from saelab.errors import SaelabError
+from saelab.io import partial_folder
 from saelab.sae.io import load_sae
 from saelab.sae.model import SAEConfig, build_sae
 from saelab.sae.sources import SyntheticConfig, SyntheticSource, TensorSource, as_source, parse_source
@@ -123,7 +124,8 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path: Path, architecture: str
     reference = train_saes(_source(), sae_cfg, cfg, out=tmp_path / "whole", progress=False)[0]
     with pytest.raises(RuntimeError, match="killed"):
         train_saes(_CrashingSource(_source(), 30), sae_cfg, cfg, out=tmp_path / "cut", progress=False)
-    assert (tmp_path / "cut" / CHECKPOINT_FILE).exists()
+    assert (partial_folder(tmp_path / "cut") / CHECKPOINT_FILE).exists()
+    assert not (tmp_path / "cut").exists()  # the folder appears only when the run is complete
     with pytest.raises(SaelabError, match="pass --resume"):
         train_saes(_source(), sae_cfg, cfg, out=tmp_path / "cut", progress=False)
     resumed = train_saes(_source(), sae_cfg, cfg, out=tmp_path / "cut", resume=True, progress=False)[0]
@@ -141,7 +143,7 @@ def test_resume_checks_the_settings(tmp_path: Path) -> None:
         train_saes(_source(), SAEConfig("relu", 8, 16), _cfg(checkpoint_every=10), out=tmp_path, resume=True)
     with pytest.raises(SaelabError, match="no checkpoint"):
         train_saes(_source(), sae_cfg, _cfg(), out=tmp_path / "fresh", resume=True)
-    (tmp_path / CHECKPOINT_FILE).write_bytes(b"garbage")
+    (partial_folder(tmp_path) / CHECKPOINT_FILE).write_bytes(b"garbage")
     with pytest.raises(SaelabError, match="not a readable checkpoint"):
         train_saes(_source(), sae_cfg, _cfg(checkpoint_every=10), out=tmp_path, resume=True)
 
@@ -209,14 +211,14 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path: Path
     subprocess.run([*args, "--out", str(tmp_path / "whole")], check=True, env=env, capture_output=True)
 
     victim = subprocess.Popen([*args, "--out", str(tmp_path / "cut")], env=env, stderr=subprocess.DEVNULL)
-    checkpoint = tmp_path / "cut" / CHECKPOINT_FILE
+    checkpoint = partial_folder(tmp_path / "cut") / CHECKPOINT_FILE
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.2)  # let it run on past the checkpoint, possibly into the next one's write
     victim.send_signal(signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (tmp_path / "cut" / "cfg.json").exists()
+    assert not (tmp_path / "cut").exists()
 
     subprocess.run([*args, "--out", str(tmp_path / "cut"), "--resume"], check=True, env=env, capture_output=True)
     whole, resumed = load_sae(tmp_path / "whole"), load_sae(tmp_path / "cut")

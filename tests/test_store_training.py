@@ -77,10 +77,10 @@ def test_lm_eval_of_a_trained_and_saved_sae(lm, dataset, tmp_path):
     untrained = build_sae(SAE_CFG)
     untrained.metadata = dict(loaded.metadata)
     baseline = lm_eval(untrained, model=lm, n_tokens=400)
-    assert 0 < metrics["l0"] <= SAE_CFG.k
-    assert metrics["explained_variance"] > baseline["explained_variance"] + 0.2
-    assert metrics["kl_div_with_sae"] < baseline["kl_div_with_sae"]
-    assert metrics["ce_loss_clean"] == baseline["ce_loss_clean"]
+    assert 0 < metrics.l0 <= SAE_CFG.k
+    assert metrics.explained_variance > baseline.explained_variance + 0.2
+    assert metrics.kl_div_with_sae < baseline.kl_div_with_sae
+    assert metrics.ce_loss_clean == baseline.ce_loss_clean
 
 
 def test_saes_on_two_hooks_train_from_one_pass_as_each_would_alone(lm, dataset):

@@ -13,8 +13,11 @@ from pathlib import Path
 import typer
 
 from saelab.dashboard.compute import DashboardConfig, compute_dashboard, sae_metadata
-from saelab.dashboard.site import read_site, write_site
+from saelab.dashboard.site import SITE_FOLDER, read_site, write_site
 from saelab.errors import SaelabError
+from saelab.io import check_output, existing_paths
+
+MAX_FEATURE_IDS = 2**24  # more latents than any SAE has; a longer list is a typo, not a request
 
 
 def parse_features(text: str | None) -> int | list[int] | None:
@@ -32,6 +35,8 @@ def parse_features(text: str | None) -> int | list[int] | None:
         lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
         if hi < lo:
             raise SaelabError(f"--features range {lo}-{hi} is empty; write the smaller id first")
+        if hi - lo >= MAX_FEATURE_IDS or len(ids) + hi - lo >= MAX_FEATURE_IDS:
+            raise SaelabError(f"--features lists more than {MAX_FEATURE_IDS:,} latents; give a smaller range")
         ids.extend(range(lo, hi + 1))
     return ids
 
@@ -48,6 +53,7 @@ def build_dashboard(
     device: str = "cpu",
     cfg: DashboardConfig | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Compute the dashboard of a saved SAE and write the site folder `out`; returns the path of its index.html.
 
@@ -60,6 +66,8 @@ def build_dashboard(
     if not isinstance(n_sequences, int) or n_sequences < 1 or not isinstance(context, int) or context < 2:
         raise SaelabError(f"need n_sequences >= 1 and context >= 2, got {n_sequences} and {context}")
     sae_dir = Path(sae_dir).resolve()
+    inputs = existing_paths(sae_dir, model, dataset)
+    check_output(out, SITE_FOLDER, inputs, overwrite)  # before the work, not after it
     sae = load_sae(sae_dir, device)
     metadata = sae_metadata(sae)
     source = str(metadata.get("source") or "")
@@ -68,6 +76,7 @@ def build_dashboard(
         from saelab.toy.model import load_toy_model
 
         toy_dir, instance = parse_toy_source(source)
+        inputs += existing_paths(toy_dir)
         toy_model, _ = load_toy_model(toy_dir)
         board = compute_toy_dashboard(toy_model, instance, sae, n_sequences * context, features, cfg, source)
         info = {"kind": "toy", "sae_dir": str(sae_dir), "model": source, "hook": "hidden"}
@@ -85,13 +94,14 @@ def build_dashboard(
         board = compute_dashboard(lm, sae, tokens, hook, features, cfg, progress)
         info = {"kind": "lm", "sae_dir": str(sae_dir), "model": model_name, "hook": board.meta["hook"],
                 "dataset": dataset, "device": device}  # fmt: skip
-    write_site(board, out, info)
+    write_site(board, out, info, inputs, overwrite)
     return Path(out) / "index.html"
 
 
 def dashboard(
     sae_dir: Path = typer.Argument(..., help="Saved SAE folder (cfg.json + sae_weights.safetensors)."),
-    out: Path = typer.Option(..., "--out", help="Folder to write the site into (replaced if it exists)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the site into (a previous site there is replaced)."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out that is not a dashboard site."),
     model: str = typer.Option(None, help="Model name or folder; default: the model in the SAE's cfg.json."),
     dataset: str = typer.Option(None, help="Text files/folder or dataset name; default: built-in held-out corpus."),
     features: str = typer.Option(
@@ -110,7 +120,7 @@ def dashboard(
     """Build a dashboard site for an SAE: statistics, token windows, exact loss effects and importance."""
     cfg = DashboardConfig(exact_firings=exact_firings, top_windows=top_windows, seed=seed)
     index = build_dashboard(
-        sae_dir, out, model, dataset, parse_features(features), sequences, context, hook, device, cfg
+        sae_dir, out, model, dataset, parse_features(features), sequences, context, hook, device, cfg, True, overwrite
     )
     typer.echo(f"dashboard written: {index.resolve()}")
     typer.echo(f"open it in a browser, or run `saelab serve {out}` for the live prompt view")
@@ -155,6 +165,7 @@ def export(
     latents: str = typer.Option(..., help="Latent ids to include, e.g. 3,17,42 (at most 64)."),
     out: Path = typer.Option(..., "--out", help="The HTML file to write."),
     neuronpedia: Path = typer.Option(None, help="Also write these latents as Neuronpedia-style JSON here."),
+    overwrite: bool = typer.Option(False, help="Replace existing files that saelab did not write."),
 ) -> None:
     """Write a single self-contained HTML file with a few latents of a dashboard (and optionally Neuronpedia JSON)."""
     from saelab.dashboard.export import export_html, export_neuronpedia
@@ -163,6 +174,6 @@ def export(
     ids = [ids] if isinstance(ids, int) else ids
     if not ids:
         raise SaelabError("--latents must list at least one latent id")
-    typer.echo(f"wrote {export_html(site, ids, out)}")
+    typer.echo(f"wrote {export_html(site, ids, out, overwrite)}")
     if neuronpedia is not None:
-        typer.echo(f"wrote {export_neuronpedia(site, neuronpedia, ids)}")
+        typer.echo(f"wrote {export_neuronpedia(site, neuronpedia, ids, overwrite)}")

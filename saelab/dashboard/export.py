@@ -19,9 +19,18 @@ from typing import Any
 from saelab.dashboard.site import read_data_script, read_site, safe_json, static_text
 from saelab.dashboard.stats import BINS_PER_DECADE, LOG10_LO
 from saelab.errors import SaelabError
-from saelab.io import atomic_write_text
+from saelab.io import atomic_write_text, check_output_file, file_starts_with
 
 MAX_EXPORT_LATENTS = 64
+GENERATOR_TAG = '<meta name="generator" content="saelab export">'
+
+
+def _is_export(path: Path) -> bool:
+    return file_starts_with(path, GENERATOR_TAG.encode())
+
+
+def _is_neuronpedia_batch(path: Path) -> bool:
+    return file_starts_with(path, b'{"model_id": ', within=16)
 
 
 def _sha256(text: str) -> str:
@@ -47,9 +56,13 @@ def _subset_index(index: dict[str, Any], latents: list[int]) -> dict[str, Any]:
     return {"meta": {**index["meta"], "latents": list(latents)}, "columns": columns}
 
 
-def export_html(site: Path | str, latents: list[int], out: Path | str) -> Path:
-    """One HTML file that shows `latents` of the dashboard in `site`, offline, with no other file."""
-    site, out = Path(site), Path(out)
+def export_html(site: Path | str, latents: list[int], out: Path | str, overwrite: bool = False) -> Path:
+    """One HTML file that shows `latents` of the dashboard in `site`, offline, with no other file.
+
+    An existing `out` is replaced only if it is an earlier export, or with `overwrite`; never a file of the site.
+    """
+    site = Path(site)
+    out = check_output_file(out, _is_export, [site], overwrite, what="HTML export")
     latents = list(dict.fromkeys(int(x) for x in latents))
     if not 0 < len(latents) <= MAX_EXPORT_LATENTS:
         raise SaelabError(
@@ -68,7 +81,7 @@ def export_html(site: Path | str, latents: list[int], out: Path | str) -> Path:
     page = (
         "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<meta http-equiv=\"Content-Security-Policy\" content=\"{html.escape(csp, quote=False)}\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"{GENERATOR_TAG}\n<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
         "<meta name=\"referrer\" content=\"no-referrer\">\n<link rel=\"icon\" href=\"data:,\">\n"
         f"<title>{html.escape(title)}</title>\n<style>{style}</style>\n</head>\n<body>{shell}"
         f"<script type=\"application/json\" id=\"saelab-data\">{data}</script>\n"
@@ -133,9 +146,12 @@ def _linear_histogram(hist: dict[str, Any] | None, top: float, bins: int) -> tup
     return heights, [round((b + 0.5) * top / bins, 6) for b in range(bins)]
 
 
-def export_neuronpedia(site: Path | str, out: Path | str, latents: list[int] | None = None) -> Path:
+def export_neuronpedia(
+    site: Path | str, out: Path | str, latents: list[int] | None = None, overwrite: bool = False
+) -> Path:
     """A Neuronpedia-style batch file of the site's latents (all of them unless listed)."""
-    site, out = Path(site), Path(out)
+    site = Path(site)
+    out = check_output_file(out, _is_neuronpedia_batch, [site], overwrite, "--neuronpedia", "Neuronpedia JSON file")
     info = read_site(site)
     _, index = read_data_script(site / "data" / "index.js")
     ids = [int(x) for x in (latents if latents is not None else index["columns"]["id"])]

@@ -21,12 +21,15 @@ from typing import Any
 from saelab.config import load_json
 from saelab.dashboard.compute import Dashboard
 from saelab.errors import SaelabError
-from saelab.io import atomic_directory, atomic_write_json
+from saelab.io import OutputKind, atomic_write_json, json_format_marker, output_folder
 
 FORMAT_NAME = "saelab.dashboard"
 FORMAT_VERSION = 1
 STATIC_FILES = ("dashboard.js", "style.css")
 SITE_FILE = "site.json"
+SITE_FOLDER = OutputKind(
+    "saelab dashboard site", ("index.html", "static", "data", SITE_FILE), json_format_marker(SITE_FILE, FORMAT_NAME)
+)
 
 
 def static_text(name: str) -> str:
@@ -91,10 +94,19 @@ def _fires_on(page: dict[str, Any], n: int = 3) -> list[str]:
     return out[:n]
 
 
-def write_site(dashboard: Dashboard, out: Path | str, source: dict[str, Any] | None = None) -> Path:
-    """Write the site folder atomically; `source` ({sae_dir, model, hook, dataset}) is kept for `saelab serve`."""
+def write_site(
+    dashboard: Dashboard,
+    out: Path | str,
+    source: dict[str, Any] | None = None,
+    inputs: tuple[Path | str, ...] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Write the site folder atomically; `source` ({sae_dir, model, hook, dataset}) is kept for `saelab serve`.
+
+    `out` is checked and replaced as `saelab.io.output_folder` says (`inputs`: what the site was built from).
+    """
     out = Path(out)
-    with atomic_directory(out) as tmp:
+    with output_folder(out, SITE_FOLDER, inputs, overwrite) as tmp:
         (tmp / "static").mkdir()
         for name in STATIC_FILES:
             (tmp / "static" / name).write_text(static_text(name), encoding="utf-8")

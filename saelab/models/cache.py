@@ -24,13 +24,30 @@ from tqdm import tqdm
 from saelab.activations import OneHookView
 from saelab.config import load_json
 from saelab.errors import SaelabError
-from saelab.io import atomic_directory, atomic_write_json
+from saelab.io import OutputKind, atomic_write_json, json_format_marker, output_folder
 from saelab.models.store import ActivationStore
 
 FORMAT_NAME = "saelab.activation_cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DEFAULT_SHARD_TOKENS = 2**16
+
+
+def _is_cache(folder: Path) -> bool:
+    """A complete cache: its manifest, and hook folders holding only shards."""
+    if not json_format_marker(MANIFEST, FORMAT_NAME)(folder):
+        return False
+    for entry in Path(folder).iterdir():
+        if entry.name == MANIFEST:
+            continue
+        if not entry.is_dir() or entry.is_symlink():
+            return False
+        if any(not (s.name.startswith("shard_") and s.name.endswith(".npy")) for s in entry.iterdir()):
+            return False
+    return True
+
+
+CACHE_FOLDER = OutputKind("saelab activation cache", ("*",), _is_cache, replace_quietly=False)
 
 
 def shard_path(folder: Path, hook: str, index: int) -> Path:
@@ -44,13 +61,14 @@ def write_activation_cache(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     overwrite: bool = False,
     progress: bool = False,
+    inputs: tuple[Path, ...] = (),
 ) -> Path:
     """Write the store's next `tokens` rows at each of its hooks to a cache folder `out` (whole or not at all)."""
     if tokens <= 0 or shard_tokens <= 0:
         raise SaelabError(f"--tokens and the shard size must be positive, got {tokens} and {shard_tokens}")
     shards: list[int] = []
     with (
-        atomic_directory(Path(out), overwrite=overwrite) as folder,
+        output_folder(out, CACHE_FOLDER, inputs, overwrite) as folder,
         tqdm(total=tokens, unit="tok", disable=not progress, desc="caching activations") as bar,
     ):
         while sum(shards) < tokens:

@@ -26,20 +26,23 @@ def cache(
     device: str = typer.Option("cpu", help="Device for the model forward pass, e.g. cuda."),
     bf16: bool = typer.Option(False, help="Run the model under bfloat16 autocast."),
     backend: str = typer.Option("auto", help="auto, transformer_lens or hf (how a local folder is loaded)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out that is not an activation cache."),
 ) -> None:
     """Run a model over a dataset and write shuffled activations at one or more hooks to disk.
 
     Rows come out exactly as `saelab sae train` would read them live with the same model, dataset, hooks,
     context length, batch size and seed.
     """
+    from saelab.io import check_output, existing_paths
     from saelab.models.access import load_model
-    from saelab.models.cache import write_activation_cache
+    from saelab.models.cache import CACHE_FOLDER, write_activation_cache
     from saelab.models.store import build_lm_source
 
+    inputs = existing_paths(model, dataset)
+    check_output(out, CACHE_FOLDER, inputs, overwrite)  # before loading anything
     lm = load_model(model, device, backend=backend, bf16=bf16)
     store = build_lm_source(lm, dataset, hook, context_length, batch_size, seed, device, buffer_tokens=buffer_tokens)
-    write_activation_cache(store, tokens, out, overwrite=overwrite, progress=True)
+    write_activation_cache(store, tokens, out, overwrite=overwrite, progress=True, inputs=inputs)
     typer.echo(f"wrote {tokens} activations at {', '.join(store.hooks)} to {out}")
 
 
@@ -55,6 +58,7 @@ def lm_train(
     n_ctx: int | None = typer.Option(None, help="Context length, BOS included [128]."),
     batch_size: int | None = typer.Option(None, help="Contexts per step [32]."),
     device: str = typer.Option("cpu", help="Device to train on, e.g. cuda."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out that is not a saelab model folder."),
 ) -> None:
     """Train saelab's built-in language model from scratch on this Python's standard library.
 
@@ -75,7 +79,7 @@ def lm_train(
     budget = {"tokens": tokens, "minutes": minutes, "batch_size": batch_size}
     cfg = LMTrainConfig(model=model, seed=seed, **{name: value for name, value in budget.items() if value is not None})
     command = "saelab lm " + " ".join(sys.argv[sys.argv.index("train") :] if "train" in sys.argv else ["train"])
-    results = train_lm(cfg, Path(out), log=typer.echo, device=device, command=command)
+    results = train_lm(cfg, Path(out), log=typer.echo, device=device, command=command, overwrite=overwrite)
     typer.echo(
         f"held-out loss {results['heldout_loss']:.3f} nats/token vs unigram entropy {results['unigram_entropy']:.3f} "
         f"({results['tokens_trained']:,} tokens in {results['train_seconds'] / 60:.1f} min, "

@@ -16,8 +16,11 @@ activations of the same regular tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +33,33 @@ from saelab.stats import ReconstructionStats
 DEFAULT_EVAL_TOKENS = 2**15
 
 
+@dataclass(frozen=True)
+class LMEvalResult:
+    """What `lm_eval` measures. Scores that are undefined (the ablation changes nothing) are None, not NaN."""
+
+    ce_loss_clean: float
+    ce_loss_with_sae: float
+    ce_loss_with_ablation: float
+    ce_loss_recovered: float | None
+    kl_div_with_sae: float
+    kl_div_with_ablation: float
+    kl_div_score: float | None
+    predictions: int  # next-token predictions averaged over
+    explained_variance: float | None
+    l0: float
+    mse: float
+    reconstruction: dict[str, Any]  # every reconstruction metric (`ReconstructionStats.compute`), JSON-ready
+
+    def to_dict(self) -> dict[str, Any]:
+        """One flat JSON-ready dict: the LM metrics, then the reconstruction metrics."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "reconstruction"}
+        return {**fields, **{k: v for k, v in self.reconstruction.items() if k not in fields}}
+
+
+def _defined(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 @torch.no_grad()
 def lm_eval(
     sae: nn.Module,
@@ -40,7 +70,7 @@ def lm_eval(
     device: str = "cpu",
     model_batch_size: int = 8,
     context_length: int | None = None,
-) -> dict[str, float]:
+) -> LMEvalResult:
     """CE loss clean / with the SAE / zero-ablated, CE loss recovered, KL score and reconstruction metrics.
 
     The hook comes from the SAE's metadata (`hook_name`), and so do, unless given, the model (`model_name`; a
@@ -95,19 +125,24 @@ def lm_eval(
 
     ce = {name: sums[name] / predictions for name in ("clean", "sae", "abl")}
     kl_sae, kl_abl = sums["kl_sae"] / predictions, sums["kl_abl"] / predictions
-    recovered = (ce["abl"] - ce["sae"]) / (ce["abl"] - ce["clean"]) if ce["abl"] != ce["clean"] else math.nan
-    reconstruction = {k: float(v) for k, v in stats.compute().items() if isinstance(v, (int, float))}
-    return {
-        "ce_loss_clean": ce["clean"],
-        "ce_loss_with_sae": ce["sae"],
-        "ce_loss_with_ablation": ce["abl"],
-        "ce_loss_recovered": recovered,
-        "kl_div_with_sae": kl_sae,
-        "kl_div_with_ablation": kl_abl,
-        "kl_div_score": (kl_abl - kl_sae) / kl_abl if kl_abl > 0 else math.nan,
-        "predictions": float(predictions),
-        **reconstruction,
-    }
+    recovered = (ce["abl"] - ce["sae"]) / (ce["abl"] - ce["clean"]) if ce["abl"] != ce["clean"] else None
+    if not all(math.isfinite(v) for v in (*ce.values(), kl_sae, kl_abl)):
+        raise SaelabError("the model's loss is not finite on the eval contexts; check the model's and SAE's weights")
+    reconstruction = stats.compute()
+    return LMEvalResult(
+        ce_loss_clean=ce["clean"],
+        ce_loss_with_sae=ce["sae"],
+        ce_loss_with_ablation=ce["abl"],
+        ce_loss_recovered=recovered,
+        kl_div_with_sae=kl_sae,
+        kl_div_with_ablation=kl_abl,
+        kl_div_score=(kl_abl - kl_sae) / kl_abl if kl_abl > 0 else None,
+        predictions=predictions,
+        explained_variance=_defined(reconstruction["explained_variance"]),
+        l0=reconstruction["l0"],
+        mse=reconstruction["mse"],
+        reconstruction=reconstruction,
+    )
 
 
 def _model_name(name: str | None, sae_dir: str | Path | None) -> str | None:

@@ -24,7 +24,15 @@ from torch import Tensor, nn
 
 from saelab.config import config_to_dict, require_positive_ints
 from saelab.errors import SaelabError
-from saelab.io import atomic_directory, atomic_write_json, atomic_write_text, save_tensors
+from saelab.io import (
+    OutputKind,
+    atomic_write_json,
+    atomic_write_text,
+    check_output,
+    json_format_marker,
+    output_folder,
+    save_tensors,
+)
 from saelab.models.builtin import (
     BOS_TOKEN,
     CFG_FILE,
@@ -344,6 +352,7 @@ def train_lm(
     device: str = "cpu",
     command: str = "",
     corpus: tuple[list[str], list[str]] | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Train a tokenizer and a model, evaluate on held-out files, and write the model folder `out`.
 
@@ -351,6 +360,7 @@ def train_lm(
     results that also go into `out/cfg.json` (with `command`, the command line that ran it).
     """
     cfg.validate()
+    check_output(out, LM_FOLDER, overwrite=overwrite)  # before the work, not after it
     started = time.time()
     torch.manual_seed(cfg.seed)
     train_texts, heldout_texts = corpus or (list(builtin_texts("train")), list(builtin_texts("heldout")))
@@ -425,11 +435,24 @@ def train_lm(
         "total_seconds": round(time.time() - started, 1),
         "command": command,
     }
-    save_lm(out, model.cpu(), tokenizer, cfg, results, device)
+    save_lm(out, model.cpu(), tokenizer, cfg, results, device, overwrite)
     return results
 
 
-def save_lm(out: Path, model: FastLM, tokenizer, cfg: LMTrainConfig, results: dict, device: str = "cpu") -> None:
+LM_FOLDER = OutputKind(
+    "saelab language-model folder", (CFG_FILE, WEIGHTS_FILE, TOKENIZER_FILE), json_format_marker(CFG_FILE, FORMAT_NAME)
+)
+
+
+def save_lm(
+    out: Path,
+    model: FastLM,
+    tokenizer,
+    cfg: LMTrainConfig,
+    results: dict,
+    device: str = "cpu",
+    overwrite: bool = False,
+) -> None:
     """Write a model folder (cfg.json, model.safetensors, tokenizer.json) atomically."""
     import platform
 
@@ -439,7 +462,7 @@ def save_lm(out: Path, model: FastLM, tokenizer, cfg: LMTrainConfig, results: di
         "device": device,
         "threads": torch.get_num_threads(),
     }
-    with atomic_directory(out) as tmp:
+    with output_folder(out, LM_FOLDER, overwrite=overwrite) as tmp:
         save_tensors(tmp / WEIGHTS_FILE, tl_state_dict(model))
         atomic_write_text(tmp / TOKENIZER_FILE, tokenizer.to_str())
         atomic_write_json(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,8 @@ def _numbers(text: str | None, option: str) -> list[float]:
         raise SaelabError(f"{option} takes a number or a comma-separated list of numbers, got '{text}'") from None
     if not values:
         raise SaelabError(f"{option} is empty; give a number, e.g. {option} 4")
+    if not all(math.isfinite(v) for v in values):
+        raise SaelabError(f"{option} takes finite numbers, got '{text}'")
     return values
 
 
@@ -72,6 +75,14 @@ def _build_source(
     )
 
 
+def _input_paths(spec: str | None, model: str | None, dataset: str | None) -> tuple[Path, ...]:
+    """The files and folders a run reads (a toy model or cache named by --source, a local model or dataset)."""
+    from saelab.io import existing_paths
+
+    path = spec.split(":", 1)[1].rsplit("#", 1)[0] if spec and spec.startswith(("toy:", "cache:")) else None
+    return existing_paths(path, model, dataset)
+
+
 @app.command()
 def train(
     out: Path = typer.Option(..., help="Folder for the SAE(s), the JSONL log and checkpoints."),
@@ -104,6 +115,7 @@ def train(
     log_every: int = typer.Option(1, help="Write a JSONL log line every N steps."),
     device: str = typer.Option("cpu", help="cpu, cuda, mps, ... (under torchrun, cuda means each rank's own GPU)."),
     resume: bool = typer.Option(False, help="Continue the interrupted run in --out (same options)."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out that is not an SAE folder."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Train an SAE (or a sweep over --k / --sparsity-coefficient and --hook, all from the same batches).
@@ -133,7 +145,8 @@ def train(
         configs, sae_hooks = [], []
         for stream in activations.hooks:
             d_in = activations.d_ins[stream]
-            base: dict[str, Any] = {"architecture": architecture, "d_in": d_in, "d_sae": d_sae or 8 * d_in}
+            width = 8 * d_in if d_sae is None else d_sae
+            base: dict[str, Any] = {"architecture": architecture, "d_in": d_in, "d_sae": width}
             if matryoshka_widths is not None:
                 widths = _numbers(matryoshka_widths, "--matryoshka-widths")
                 if not all(w.is_integer() for w in widths):
@@ -159,7 +172,17 @@ def train(
             seed=seed,
             device=device,
         )
-        saes = train_saes(activations, configs, train_cfg, out, resume, progress=not quiet, hooks=sae_hooks)
+        saes = train_saes(
+            activations,
+            configs,
+            train_cfg,
+            out,
+            resume,
+            progress=not quiet,
+            hooks=sae_hooks,
+            overwrite=overwrite,
+            inputs=_input_paths(source, model, dataset),
+        )
         if distributed.is_main():
             labels = sae_labels(configs, sae_hooks)
             where = out if len(saes) == 1 else ", ".join(str(out / label) for label in labels)

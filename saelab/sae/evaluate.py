@@ -83,4 +83,4 @@ def _lm_eval(sae: SAE, sae_dir: Path, **options: Any) -> dict[str, Any]:
             f"{sae_dir} was trained on a language model, and evaluating it needs saelab.models.evals ({err})"
         ) from None
     accepted = inspect.signature(lm_eval).parameters
-    return lm_eval(sae, sae_dir, **{k: v for k, v in options.items() if k in accepted})
+    return lm_eval(sae, sae_dir, **{k: v for k, v in options.items() if k in accepted}).to_dict()

@@ -77,8 +77,8 @@ class SAEConfig:
     def validate(self) -> None:
         sae_class = self.sae_class
         require_positive_ints(self, ("d_in", "d_sae"))
-        if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not self.k > 0:
-            raise SaelabError(f"k must be a positive number, got {self.k!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not 0 < self.k < math.inf:
+            raise SaelabError(f"k must be a finite positive number, got {self.k!r}")
         if sae_class.whole_k and self.k != int(self.k):
             raise SaelabError(
                 f"a {self.architecture} SAE keeps a whole number of latents per token; k = {self.k} is fractional"

@@ -56,7 +56,7 @@ def run_toy_recovery(
     train_cfg = SAETrainConfig(
         steps=1000 if quick else 3000, batch_size=1024, lr=3e-3, dead_after_tokens=200_000, seed=seed
     )
-    saes = train_saes(source, configs, train_cfg, out=out_dir, progress=False)
+    saes = train_saes(source, configs, train_cfg, out=out_dir, progress=False, inputs=(Path(toy_dir),))
     results = {}
     for sae_cfg, sae in zip(configs, saes, strict=True):
         metrics = evaluate_sae(sae, ToySource(toy_dir, instance, EVAL_SEED), tokens=32768)

@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 from saelab import distributed
 from saelab.config import config_to_dict, require_positive_ints
 from saelab.errors import SaelabError
-from saelab.io import atomic_write_bytes
-from saelab.sae.io import CFG_FILE, save_sae
+from saelab.io import OutputKind, atomic_write_bytes, resumable_output
+from saelab.sae.io import CFG_FILE, WEIGHTS_FILE, save_sae
 from saelab.sae.model import SAE, SAEConfig, SAEOutput, build_sae
 from saelab.sae.sources import ActivationSource, as_source
 from saelab.stats import explained_variance_from_sums
@@ -52,6 +52,15 @@ CHECKPOINT_VERSION = 3  # 3: streams keyed by hook name
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 # Settings that do not change the trained weights, so a resumed run may use different values.
 RESUME_FREE_FIELDS = ("checkpoint_every", "log_every", "device")
+
+
+def _is_sae_folder(folder: Path) -> bool:
+    return (folder / CFG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
+
+# What `saelab sae train` writes: one SAE folder, or a sweep's folders (nested, per hook); recovery.json is the
+# report `saelab.sae.recovery` adds beside a sweep.
+SAE_RUN = OutputKind("saelab SAE folder", (CFG_FILE, WEIGHTS_FILE, LOG_FILE, "recovery.json"), _is_sae_folder, True)
 
 
 @dataclass
@@ -161,14 +170,40 @@ def train_saes(
     resume: bool = False,
     progress: bool = True,
     hooks: list[str] | None = None,
+    overwrite: bool = False,
+    inputs: tuple[Path, ...] = (),
 ) -> list[SAE]:
     """Train one SAE per config on the same batches of `source`; return them folded to raw activations.
 
     `hooks[i]` names the hook SAE i trains on (default: the source's only hook). With `out`, the run writes a JSONL log,
     checkpoints, and finally the SAE(s): directly into `out` for one SAE, else into `out/<label>` (see
-    `sae_labels`). `resume` continues from `out`'s checkpoint. Inside a process group (torchrun), `source` must
-    serve this rank's own rows (`RankSlice`, or a store built with rank and world_size).
+    `sae_labels`). It works in the hidden folder `.NAME.partial` beside `out`, which replaces `out` when the run
+    is complete (`saelab.io.resumable_output`: `out` is checked against `inputs`, the paths the run reads, and an
+    `out` that is not an SAE folder needs `overwrite`). `resume` continues from that folder's checkpoint. Inside a
+    process group (torchrun), `source` must serve this rank's own rows (`RankSlice`, or a store built with rank
+    and world_size).
     """
+    if out is None:
+        return _train(source, sae_configs, cfg, None, resume, progress, hooks)
+    if cfg is not None:
+        cfg.validate()  # bad settings are reported before anything is checked or written
+    writer = distributed.is_main()
+    with resumable_output(out, SAE_RUN, resume, CHECKPOINT_FILE, inputs, overwrite, writer) as work:
+        saes = _train(source, sae_configs, cfg, work, resume, progress, hooks)
+    distributed.barrier()  # no rank returns before rank 0 has written the SAEs
+    return saes
+
+
+def _train(
+    source: ActivationSource | Tensor | Any,
+    sae_configs: SAEConfig | list[SAEConfig],
+    cfg: SAETrainConfig | None,
+    out: Path | None,
+    resume: bool,
+    progress: bool,
+    hooks: list[str] | None,
+) -> list[SAE]:
+    """`train_saes` in the work folder `out` (None: write nothing)."""
     source = as_source(source)
     cfg = cfg or SAETrainConfig()
     cfg.validate()
@@ -187,10 +222,6 @@ def train_saes(
     if resume:
         state = load_checkpoint(out, source, sae_configs, cfg, device, streams)
     else:
-        if out is not None:
-            _check_fresh_out(out)
-            if rank == 0:
-                _clear_run_files(out, labels)
         state = _fresh_state(source, sae_configs, cfg, device, streams)
     log = _open_log(out, state.step) if out is not None and rank == 0 else None
 
@@ -251,9 +282,8 @@ def train_saes(
             }
             extra["train"]["world_size"] = world_size
             save_sae(sae, out if len(state.saes) == 1 else out / label, extra)
-    if out is not None and rank == 0:
-        (out / CHECKPOINT_FILE).unlink(missing_ok=True)
-    distributed.barrier()  # no rank returns before rank 0 has written the SAEs
+    if out is None:
+        distributed.barrier()
     return state.saes
 
 
@@ -566,22 +596,6 @@ def _first_difference(saved: Any, expected: Any, path: str = "") -> str:
             if a != b:
                 return _first_difference(a, b, f"{path}[{i}]")
     return f"{path or 'settings'}: checkpoint {saved!r}, now {expected!r}"
-
-
-def _check_fresh_out(out: Path) -> None:
-    """Refuse to start afresh where a file, or an unfinished run, already is (checked on every rank)."""
-    if out.exists() and not out.is_dir():
-        raise SaelabError(f"{out} exists and is not a directory; choose another --out")
-    if (out / CHECKPOINT_FILE).exists():
-        raise SaelabError(f"{out} holds an unfinished run; pass --resume to continue it, or choose another --out")
-
-
-def _clear_run_files(out: Path, labels: list[str]) -> None:
-    """Start afresh in `out`: drop the log, and the cfg.json of any SAE an earlier run left where ours will go."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / LOG_FILE).unlink(missing_ok=True)
-    for folder in [out] if len(labels) == 1 else [out / label for label in labels]:
-        (folder / CFG_FILE).unlink(missing_ok=True)  # until this run saves, no stale SAE can be loaded from here
 
 
 def _open_log(out: Path, step: int) -> io.TextIOWrapper:

@@ -75,6 +75,7 @@ def _counts(items: list[str]) -> dict[str, int]:
 @app.command()
 def train(
     out: Path = typer.Option(Path("toy_model"), help="Results folder (replaced atomically when done)."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out that is not a saelab toy-model folder."),
     n_features: int = typer.Option(5, help="Features per model."),
     d_hidden: int = typer.Option(2, help="Hidden dimensions per model."),
     n_instances: int | None = typer.Option(None, help="Models trained at once [default: 8, or one per probability]."),
@@ -121,23 +122,25 @@ def train(
         optimizer=optimizer,
         init_scale=init_scale,
     )
-    _print_summary(train_to_folder(model_cfg, train_cfg, out, progress=progress))
+    _print_summary(train_to_folder(model_cfg, train_cfg, out, progress=progress, overwrite=overwrite))
 
 
 @app.command()
 def analyze(
     directory: Path = typer.Argument(..., help="A folder written by `saelab toy train` or `phase-diagram`."),
     out: Path | None = typer.Option(None, help="Write the results here instead of refreshing DIRECTORY."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out that is not a saelab toy-model folder."),
 ) -> None:
-    """Recompute analysis.json and the figures of a saved toy model."""
+    """Recompute analysis.json and the figures of a saved toy model (in place, only saelab's files, or into --out)."""
     from saelab.toy.lab import analyze_folder
 
-    _print_summary(analyze_folder(directory, out))
+    _print_summary(analyze_folder(directory, out, overwrite))
 
 
 @app.command("phase-diagram")
 def phase_diagram(
     out: Path = typer.Option(Path("toy_phase"), help="Results folder (replaced atomically when done)."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out that is not a saelab toy-model folder."),
     n_features: int = typer.Option(2, help="Features; the last one is the extra feature whose importance varies."),
     d_hidden: int = typer.Option(1, help="Hidden dimensions."),
     grid: int = typer.Option(20, help="Cells per axis."),
@@ -167,7 +170,7 @@ def phase_diagram(
     )
     train_cfg = phase_train_config(seed)
     train_cfg.steps, train_cfg.batch_size, train_cfg.lr = steps, batch_size, lr
-    _print_summary(phase_diagram_to_folder(cfg, train_cfg, out, progress=progress))
+    _print_summary(phase_diagram_to_folder(cfg, train_cfg, out, progress=progress, overwrite=overwrite))
 
 
 @app.command()
@@ -186,6 +189,7 @@ def llc(
     seed: int = typer.Option(0, help="Seed for D_n and the chains."),
     instances: str | None = typer.Option(None, help="Comma-separated instances to draw [default: the first 16]."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out that saelab did not write."),
 ) -> None:
     """Estimate the local learning coefficient of every instance at every snapshot (SGLD, Lau et al. 2023)."""
     from saelab.toy.development import llc_folder  # plotting libraries load only for commands that plot
@@ -201,7 +205,7 @@ def llc(
         seed=seed,
     )
     shown = [int(v) for v in parse_floats(instances, "--instances")] if instances is not None else None
-    report = llc_folder(directory, cfg, out, progress=progress, shown=shown)
+    report = llc_folder(directory, cfg, out, progress=progress, shown=shown, overwrite=overwrite)
     typer.echo(f"wrote {report['out']}  ({', '.join(report['files'])})")
     last = report["snapshots"][-1]
     flagged = sum(not cell["stationary"] for row in report["snapshots"] for cell in row["instances"])
@@ -266,6 +270,7 @@ def sae_benchmark(
     seed: int | None = typer.Option(None, help=f"Seed of toy models, SAEs and data (default {_shown('seed')})."),
     quick: bool = typer.Option(False, help="A smoke-test grid (seconds); other options still apply on top."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out that saelab did not write."),
 ) -> None:
     """Train toy models over a grid, every SAE architecture on each, and report recovery per true feature against
     importance, probability and dimensionality, and feature absorption on hierarchical features."""
@@ -300,7 +305,7 @@ def sae_benchmark(
     for name, value in given.items():
         if value is not None:
             setattr(cfg, name, value)
-    results = run_sae_benchmark(cfg, out, progress=progress, log=typer.echo)
+    results = run_sae_benchmark(cfg, out, progress=progress, log=typer.echo, overwrite=overwrite)
     typer.echo(f"wrote {out}  (results.json, features.csv, instances.csv, figures) in {results['seconds']:.0f} s")
     typer.echo(f"{'architecture':<12} {'recovered':>9} {'best cos':>8} {'matched':>8} {'EV':>6} {'absorption':>10}")
     for arch, entry in results["summary"].items():

@@ -28,7 +28,15 @@ from tqdm.auto import tqdm
 
 from saelab.config import config_to_dict
 from saelab.errors import SaelabError
-from saelab.io import atomic_directory, atomic_write_bytes, atomic_write_json, save_tensors
+from saelab.io import (
+    OutputKind,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_output,
+    json_format_marker,
+    output_folder,
+    save_tensors,
+)
 from saelab.toy.analysis import kgon_name
 from saelab.toy.llc import LLCConfig, toy_dataset, toy_llc
 from saelab.toy.model import ToyModel, load_toy_model
@@ -36,6 +44,9 @@ from saelab.toy.plots import plot_features_2d
 from saelab.toy.snapshots import SNAPSHOTS_FILE, load_snapshot_into, load_snapshots
 
 FORMAT_NAME = "saelab.toy_llc"
+LLC_FOLDER = OutputKind(
+    "saelab LLC folder", ("llc.json", "llc_traces.safetensors", "*.png"), json_format_marker("llc.json", FORMAT_NAME)
+)
 
 
 def stationary(llc_mean: float, llc_std: float, drift: float) -> bool:
@@ -198,12 +209,19 @@ def _round(value: float) -> float | None:
     return float(f"{value:.6g}") if math.isfinite(value) else None
 
 
-def write_llc_folder(report: dict[str, Any], out: Path, shown: list[int] | None = None) -> list[str]:
+def write_llc_folder(
+    report: dict[str, Any],
+    out: Path,
+    shown: list[int] | None = None,
+    inputs: tuple[Path, ...] = (),
+    overwrite: bool = False,
+) -> list[str]:
     """Write llc.json, llc_traces.safetensors and the figures into `out`, atomically; return the file names.
-    The figures show the instances in `shown` (default: the first 16)."""
+    The figures show the instances in `shown` (default: the first 16). `out` is checked and replaced as
+    `saelab.io.output_folder` says (`inputs`: the toy run it was estimated on)."""
     tensors, model = report["_tensors"], report["_model"]
     json_ready = {key: value for key, value in report.items() if not key.startswith("_")}
-    with atomic_directory(Path(out)) as tmp:
+    with output_folder(out, LLC_FOLDER, inputs, overwrite) as tmp:
         atomic_write_json(tmp / "llc.json", json_ready)
         save_tensors(tmp / "llc_traces.safetensors", {"step": tensors["step"], "loss_trace": tensors["loss_trace"]})
         names = ["llc.json", "llc_traces.safetensors"]
@@ -308,17 +326,17 @@ def llc_folder(
     out: Path | None = None,
     progress: bool = True,
     shown: list[int] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """`saelab toy llc DIR`: estimate along training and write the results to `out` (default `DIR_llc`);
     the figures show the instances in `shown` (default: the first 16)."""
     directory = Path(directory)
     out = Path(out) if out is not None else directory.with_name(directory.name + "_llc")
-    if out.resolve() == directory.resolve() or directory.resolve() in out.resolve().parents:
-        raise SaelabError(f"--out {out} is inside the toy run {directory}; choose a folder outside it")
+    check_output(out, LLC_FOLDER, (directory,), overwrite)  # before the work, not after it
     model, _ = load_toy_model(directory)
     if shown is not None and (not shown or not all(0 <= i < model.cfg.n_instances for i in shown)):
         raise SaelabError(f"--instances must list instances from 0 to {model.cfg.n_instances - 1}, got {shown}")
     report = llc_over_training(directory, cfg, progress)
-    files = write_llc_folder(report, out, shown)
+    files = write_llc_folder(report, out, shown, (directory,), overwrite)
     summary = {key: value for key, value in report.items() if not key.startswith("_")}
     return {**summary, "out": str(out), "files": files}

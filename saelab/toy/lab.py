@@ -16,9 +16,16 @@ import torch
 
 from saelab.config import config_from_dict, config_to_dict, load_json
 from saelab.errors import SaelabError
-from saelab.io import atomic_directory, atomic_write_json
+from saelab.io import atomic_write_json, check_output, output_folder
 from saelab.toy.analysis import analyze_toy_model, is_regular_polygon
-from saelab.toy.model import ToyModel, ToyModelConfig, ToyTrainConfig, load_toy_model, write_toy_model_files
+from saelab.toy.model import (
+    TOY_FOLDER,
+    ToyModel,
+    ToyModelConfig,
+    ToyTrainConfig,
+    load_toy_model,
+    write_toy_model_files,
+)
 from saelab.toy.phase import PHASES, PhaseDiagramConfig, phase_grid, phase_train_config, run_phase_diagram
 from saelab.toy.plots import (
     plot_dimensionality,
@@ -76,17 +83,22 @@ def write_results(
     extra: dict[str, Any] | None = None,
     n_samples: int = 4096,
     snapshots: dict[str, torch.Tensor] | None = None,
+    overwrite: bool = False,
+    inputs: tuple[Path, ...] = (),
+    refresh: bool = False,
 ) -> dict[str, Any]:
     """Analyse `model` and write the whole results folder `out` atomically; return the analysis.
 
     `extra` goes into cfg.json; a `phase` entry there (a PhaseDiagramConfig) adds the phase diagram.
-    `snapshots` (see `saelab.toy.snapshots`) are written as `snapshots.safetensors`.
+    `snapshots` (see `saelab.toy.snapshots`) are written as `snapshots.safetensors`. `out` is checked and
+    replaced as `saelab.io.output_folder` says; `refresh` rewrites only saelab's files in it.
     """
     analysis = analyze_toy_model(model, n_samples=n_samples)
     if extra and "phase" in extra:
         phase_cfg = config_from_dict(PhaseDiagramConfig, extra["phase"], where="cfg.json:phase")
         analysis["phase_diagram"] = phase_grid(model, phase_cfg)
-    with atomic_directory(Path(out)) as tmp:
+    check_finite_analysis(analysis)
+    with output_folder(out, TOY_FOLDER, inputs, overwrite, refresh) as tmp:
         write_toy_model_files(model, tmp, train_cfg, extra)
         if history is not None:
             atomic_write_json(tmp / "history.json", history)
@@ -97,12 +109,23 @@ def write_results(
     return analysis
 
 
+def check_finite_analysis(analysis: dict[str, Any]) -> None:
+    """Refuse to write an analysis with NaN or inf in it: a diverged model is an error, not a result."""
+    try:
+        json.dumps(analysis, allow_nan=False)
+    except ValueError:
+        raise SaelabError(
+            "the toy model's weights or analysis are not finite (training diverged); lower --lr and retrain"
+        ) from None
+
+
 def train_to_folder(
-    model_cfg: ToyModelConfig, train_cfg: ToyTrainConfig, out: Path, progress: bool = True
+    model_cfg: ToyModelConfig, train_cfg: ToyTrainConfig, out: Path, progress: bool = True, overwrite: bool = False
 ) -> dict[str, Any]:
     """Train a batch of toy models and write its results folder; return a short summary."""
     model_cfg.validate()
     train_cfg.validate()
+    check_output(out, TOY_FOLDER, overwrite=overwrite)  # before training, not after it
     model = ToyModel(model_cfg)
     recorder = SnapshotRecorder(snapshot_steps(train_cfg.steps, train_cfg.snapshots)) if train_cfg.snapshots else None
     start = time.perf_counter()
@@ -110,21 +133,27 @@ def train_to_folder(
     seconds = time.perf_counter() - start
     snapshots = recorder.tensors() if recorder is not None else None
     extra = {"train_seconds": round(seconds, 2)}
-    analysis = write_results(out, model, train_cfg, history, extra, snapshots=snapshots)
+    analysis = write_results(out, model, train_cfg, history, extra, snapshots=snapshots, overwrite=overwrite)
     return summarize(model, analysis, out, seconds)
 
 
-def analyze_folder(directory: Path, out: Path | None = None) -> dict[str, Any]:
-    """Re-analyse a saved toy model; the results go to `out` (default: rebuild `directory` itself)."""
+def analyze_folder(directory: Path, out: Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Re-analyse a saved toy model; the results go to `out` (default: refresh saelab's files in `directory`)."""
     directory = Path(directory)
+    if out is not None:
+        check_output(out, TOY_FOLDER, (directory,), overwrite)
     model, train_cfg = load_toy_model(directory)
     raw = load_json(directory / "cfg.json")
     extra = {key: value for key, value in raw.items() if key not in SAVED_CFG_KEYS}
     history_path = directory / "history.json"
     history = load_json_list(history_path) if history_path.is_file() else None
     snapshots = load_snapshots(directory, model) if (directory / SNAPSHOTS_FILE).is_file() else None
-    out = directory if out is None else Path(out)
-    analysis = write_results(out, model, train_cfg, history, extra, snapshots=snapshots)
+    if out is None:
+        analysis = write_results(directory, model, train_cfg, history, extra, snapshots=snapshots, refresh=True)
+        return summarize(model, analysis, directory)
+    analysis = write_results(
+        out, model, train_cfg, history, extra, snapshots=snapshots, inputs=(directory,), overwrite=overwrite
+    )
     return summarize(model, analysis, out)
 
 
@@ -139,16 +168,17 @@ def load_json_list(path: Path) -> list:
 
 
 def phase_diagram_to_folder(
-    cfg: PhaseDiagramConfig, train_cfg: ToyTrainConfig, out: Path, progress: bool = True
+    cfg: PhaseDiagramConfig, train_cfg: ToyTrainConfig, out: Path, progress: bool = True, overwrite: bool = False
 ) -> dict[str, Any]:
     """Run one batched phase-diagram sweep and write its results folder; return a short summary."""
     cfg.validate()
     train_cfg.validate()
+    check_output(out, TOY_FOLDER, overwrite=overwrite)
     start = time.perf_counter()
     model, history = run_phase_diagram(cfg, train_cfg, progress=progress)
     seconds = time.perf_counter() - start
     extra = {"phase": config_to_dict(cfg), "train_seconds": round(seconds, 2)}
-    analysis = write_results(out, model, train_cfg, history, extra, n_samples=1024)
+    analysis = write_results(out, model, train_cfg, history, extra, n_samples=1024, overwrite=overwrite)
     summary = summarize(model, analysis, out, seconds)
     cells = [phase for row in analysis["phase_diagram"]["phase"] for phase in row]
     summary["phase_counts"] = {name: cells.count(i) for i, name in enumerate(PHASES)}

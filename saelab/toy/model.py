@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from saelab.config import config_from_dict, config_to_dict, load_json, require_positive_ints
 from saelab.errors import SaelabError
-from saelab.io import atomic_directory, atomic_write_json, load_tensors, save_tensors
+from saelab.io import OutputKind, atomic_write_json, json_format_marker, load_tensors, output_folder, save_tensors
 
 VARIANTS = ("relu", "linear", "neurons", "abs")
 FEATURE_GENERATORS = ("independent", "correlated", "anticorrelated", "hierarchical")
@@ -36,6 +36,26 @@ OPTIMIZERS = ("adam", "sgd")
 FORMAT_NAME = "saelab.toy_model"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+# A toy-model results folder: what `saelab toy train / analyze / phase-diagram` write, and nothing else.
+TOY_FOLDER = OutputKind(
+    "saelab toy-model folder",
+    (
+        "cfg.json",
+        WEIGHTS_FILE,
+        "analysis.json",
+        "history.json",
+        "snapshots.safetensors",
+        "*.png",
+        "*.html",
+        "plotly*.js",
+    ),
+    json_format_marker("cfg.json", FORMAT_NAME),
+)
+
+
+def _is_number(value: object) -> bool:
+    """A real number (a bool is not one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -87,22 +107,22 @@ class ToyModelConfig:
                 f"feature_probability lists {len(probs)} values; give one, or one per instance ({self.n_instances})"
             )
         for p in probs:
-            if not isinstance(p, (int, float)) or not 0 < p <= 1:
+            if not _is_number(p) or not 0 < p <= 1:
                 raise SaelabError(f"feature probability must be in (0, 1], got {p!r}")
             if self.features == "anticorrelated" and p > 0.5:
                 raise SaelabError(
                     f"anticorrelated pairs need feature probability <= 0.5 (a pair fires with 2p), got {p}"
                 )
-        if not self.importance_decay > 0:
-            raise SaelabError(f"importance_decay must be positive, got {self.importance_decay!r}")
+        if not (_is_number(self.importance_decay) and 0 < self.importance_decay < math.inf):
+            raise SaelabError(f"importance_decay must be a finite positive number, got {self.importance_decay!r}")
         if self.importance is not None:
             if len(self.importance) != self.n_features:
                 raise SaelabError(
                     f"importance lists {len(self.importance)} values but n_features is {self.n_features}; "
                     "give one importance per feature"
                 )
-            if any(not isinstance(v, (int, float)) or v < 0 for v in self.importance):
-                raise SaelabError("importance values must be non-negative numbers")
+            if any(not (_is_number(v) and 0 <= v < math.inf) for v in self.importance):
+                raise SaelabError(f"importance values must be finite non-negative numbers, got {list(self.importance)}")
 
     def importance_tensor(self) -> Tensor:
         """[instances, features]"""
@@ -150,8 +170,8 @@ class ToyTrainConfig:
         require_positive_ints(self, ("steps", "batch_size", "log_every"))
         if not isinstance(self.snapshots, int) or not 0 <= self.snapshots <= self.steps:
             raise SaelabError(f"snapshots must be an integer from 0 to steps ({self.steps}), got {self.snapshots!r}")
-        if not self.lr > 0:
-            raise SaelabError(f"lr must be positive, got {self.lr!r}")
+        if not (_is_number(self.lr) and 0 < self.lr < math.inf):
+            raise SaelabError(f"lr must be a finite positive number, got {self.lr!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise SaelabError(f"unknown lr_schedule '{self.lr_schedule}'; choose one of {', '.join(LR_SCHEDULES)}")
         if not isinstance(self.init_scale, (int, float)) or not 0 < self.init_scale < math.inf:
@@ -289,10 +309,14 @@ class ToyModel(nn.Module):
 
 
 def save_toy_model(
-    model: ToyModel, out: Path, train_cfg: ToyTrainConfig | None = None, extra: dict | None = None
+    model: ToyModel,
+    out: Path,
+    train_cfg: ToyTrainConfig | None = None,
+    extra: dict | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write `cfg.json` + `model.safetensors` into `out`, atomically."""
-    with atomic_directory(Path(out)) as tmp:
+    """Write `cfg.json` + `model.safetensors` into `out`, atomically (see `saelab.io.output_folder`)."""
+    with output_folder(out, TOY_FOLDER, overwrite=overwrite) as tmp:
         write_toy_model_files(model, tmp, train_cfg, extra)
     return Path(out)
 

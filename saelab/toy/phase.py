@@ -51,7 +51,7 @@ class PhaseDiagramConfig:
         require_positive_ints(self, ("n_features", "d_hidden", "grid", "replicas"))
         if self.n_features < 2:
             raise SaelabError(f"a phase diagram needs at least 2 features (one extra), got {self.n_features}")
-        if not 0 < self.min_importance <= self.max_importance:
+        if not 0 < self.min_importance <= self.max_importance < math.inf:
             raise SaelabError(
                 f"importance range must satisfy 0 < min <= max, got [{self.min_importance}, {self.max_importance}]"
             )

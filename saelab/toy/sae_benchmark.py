@@ -49,7 +49,7 @@ from torch import Tensor
 
 from saelab.config import config_to_dict, require_positive_ints
 from saelab.errors import SaelabError
-from saelab.io import atomic_directory, atomic_write_json, atomic_write_text
+from saelab.io import OutputKind, atomic_write_json, atomic_write_text, check_output, json_format_marker, output_folder
 from saelab.sae.evaluate import EVAL_SEED
 from saelab.sae.metrics import cosine_matrix
 from saelab.sae.model import ARCHITECTURES, SAE
@@ -63,6 +63,11 @@ from saelab.toy.train import train_toy_model
 FORMAT_NAME = "saelab.toy_sae_benchmark"
 RESULTS_FILE = "results.json"
 TOY_MODELS_DIR = "toy_models"
+BENCHMARK_FOLDER = OutputKind(
+    "saelab SAE-benchmark folder",
+    (RESULTS_FILE, TOY_MODELS_DIR, "*.csv", "*.png", "*.html", "plotly*.js"),
+    json_format_marker(RESULTS_FILE, FORMAT_NAME),
+)
 # Bins of the summary: D_i of represented features, and importance.
 DIMENSIONALITY_BINS = ((0.9, math.inf, "D >= 0.9"), (0.3, 0.9, "0.3 <= D < 0.9"), (-math.inf, 0.3, "D < 0.3"))
 IMPORTANCE_BINS = ((0.5, math.inf, "I >= 0.5"), (0.1, 0.5, "0.1 <= I < 0.5"), (-math.inf, 0.1, "I < 0.1"))
@@ -302,9 +307,12 @@ def run_sae_benchmark(
     out: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the grid; with `out`, write the results folder atomically. Return the results (see `write_results`)."""
     cfg.validate()
+    if out is not None:
+        check_output(out, BENCHMARK_FOLDER, overwrite=overwrite)  # before the work, not after it
     log = log or (lambda message: None)
     start = time.perf_counter()
     features: list[dict[str, Any]] = []
@@ -336,7 +344,7 @@ def run_sae_benchmark(
         "features": features,
     }
     if out is not None:
-        write_results(results, Path(out), toy_models, toy_train)
+        write_results(results, Path(out), toy_models, toy_train, overwrite)
     return results
 
 
@@ -515,12 +523,13 @@ def write_results(
     out: Path,
     toy_models: dict[str, ToyModel] | None = None,
     toy_train: ToyTrainConfig | None = None,
+    overwrite: bool = False,
 ) -> list[str]:
     """results.json, features.csv, instances.csv, absorption.csv, the figures and the trained toy models (each a
     `toy_models/<study>` folder that `load_toy_model` and `saelab toy analyze` read), written into `out` as a whole."""
     from saelab.toy.benchmark_plots import plot_absorption, plot_recovery  # matplotlib/plotly load only here
 
-    with atomic_directory(out) as tmp:
+    with output_folder(out, BENCHMARK_FOLDER, overwrite=overwrite) as tmp:
         atomic_write_json(tmp / RESULTS_FILE, results)
         names = [RESULTS_FILE]
         for name in ("features", "instances", "absorption"):
