@@ -4,9 +4,6 @@ directory, runs one writer per --out, cleans a killed run's temporaries and leav
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import os
 import subprocess
 import sys
@@ -15,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import one_line_error, saelab, snapshot
 
-from saelab.cli import main
 from saelab.errors import SaelabError
 from saelab.io import output_lock, partial_folder, remove_stale_temporaries
 from saelab.sae.io import load_sae
@@ -31,38 +28,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def saelab(*args: object) -> tuple[int, str, str]:
-    """Run the `saelab` command in this process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["saelab", *(str(a) for a in args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main()
-                status = 0
-            except SystemExit as exit_:
-                status = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = argv
-    return status, out.getvalue(), err.getvalue()
-
-
-def one_line_error(status: int, stderr: str, *fragments: str) -> str:
-    """Assert the run failed with exactly one `saelab: error:` line (no traceback) containing every fragment."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert status == 2 and len(lines) == 1 and lines[0].startswith("saelab: error: "), stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-def snapshot(path: Path) -> dict[str, str]:
-    """Every file under `path` (or `path` itself) with a hash of its contents."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 @pytest.fixture(scope="module")
@@ -224,11 +189,11 @@ def test_an_sae_stays_loadable_until_its_replacement_is_complete(made, tmp_path:
     class Crashing(ToySource):
         left = 25
 
-        def next_batch(self, batch_size: int) -> torch.Tensor:
+        def read(self, batch_size: int) -> torch.Tensor:
             self.left -= 1
             if self.left < 0:
                 raise RuntimeError("killed")
-            return super().next_batch(batch_size)
+            return super().read(batch_size)
 
     with pytest.raises(RuntimeError, match="killed"):
         train_saes(Crashing(made["toy"]), configs, cfg, out=out, progress=False)

@@ -83,6 +83,25 @@ def _input_paths(spec: str | None, model: str | None, dataset: str | None) -> tu
     return existing_paths(path, model, dataset)
 
 
+def _data_options(
+    spec: str | None, model: str | None, dataset: str | None, hooks: list[str], context_length: int, bf16: bool
+) -> dict[str, Any]:
+    """The options that choose a run's activations, by their command-line names (paths made absolute), so that
+    `--resume` with other data names the option that differs."""
+
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+    if spec is not None:
+        kind, _, rest = spec.partition(":")
+        if kind in ("toy", "cache"):
+            path, hash_, instance = rest.rpartition("#") if "#" in rest else (rest, "", "")
+            spec = f"{kind}:{absolute(path)}{hash_}{instance}"
+        return {"--source": spec, "--hook": hooks}
+    return {"--model": absolute(model), "--dataset": absolute(dataset), "--hook": hooks,
+            "--context-length": context_length, "--bf16": bf16}  # fmt: skip
+
+
 @app.command()
 def train(
     out: Path = typer.Option(..., help="Folder for the SAE(s), the JSONL log and checkpoints."),
@@ -182,6 +201,7 @@ def train(
             hooks=sae_hooks,
             overwrite=overwrite,
             inputs=_input_paths(source, model, dataset),
+            options=_data_options(source, model, dataset, hooks, context_length, bf16),
         )
         if distributed.is_main():
             labels = sae_labels(configs, sae_hooks)

@@ -48,7 +48,7 @@ from saelab.stats import explained_variance_from_sums
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "train_log.jsonl"
 CHECKPOINT_FORMAT = "saelab.sae_checkpoint"
-CHECKPOINT_VERSION = 3  # 3: streams keyed by hook name
+CHECKPOINT_VERSION = 4  # 3: streams keyed by hook name; 4: the data and options in the run identity
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 # Settings that do not change the trained weights, so a resumed run may use different values.
 RESUME_FREE_FIELDS = ("checkpoint_every", "log_every", "device")
@@ -172,6 +172,7 @@ def train_saes(
     hooks: list[str] | None = None,
     overwrite: bool = False,
     inputs: tuple[Path, ...] = (),
+    options: dict[str, Any] | None = None,
 ) -> list[SAE]:
     """Train one SAE per config on the same batches of `source`; return them folded to raw activations.
 
@@ -181,15 +182,17 @@ def train_saes(
     is complete (`saelab.io.resumable_output`: `out` is checked against `inputs`, the paths the run reads, and an
     `out` that is not an SAE folder needs `overwrite`). `resume` continues from that folder's checkpoint. Inside a
     process group (torchrun), `source` must serve this rank's own rows (`RankSlice`, or a store built with rank
-    and world_size).
+    and world_size). A checkpoint records the run's identity, checked on resume: every setting that changes the
+    SAEs or their data (the configs, the training settings, each stream's metadata: model, hook, dataset, context
+    length, source) and `options`, the command-line options that chose the data, by the names the user typed.
     """
     if out is None:
-        return _train(source, sae_configs, cfg, None, resume, progress, hooks)
+        return _train(source, sae_configs, cfg, None, resume, progress, hooks, options or {})
     if cfg is not None:
         cfg.validate()  # bad settings are reported before anything is checked or written
     writer = distributed.is_main()
     with resumable_output(out, SAE_RUN, resume, CHECKPOINT_FILE, inputs, overwrite, writer) as work:
-        saes = _train(source, sae_configs, cfg, work, resume, progress, hooks)
+        saes = _train(source, sae_configs, cfg, work, resume, progress, hooks, options or {})
     distributed.barrier()  # no rank returns before rank 0 has written the SAEs
     return saes
 
@@ -202,6 +205,7 @@ def _train(
     resume: bool,
     progress: bool,
     hooks: list[str] | None,
+    options: dict[str, Any],
 ) -> list[SAE]:
     """`train_saes` in the work folder `out` (None: write nothing)."""
     source = as_source(source)
@@ -220,7 +224,7 @@ def _train(
     device = _device(cfg.device)
 
     if resume:
-        state = load_checkpoint(out, source, sae_configs, cfg, device, streams)
+        state = load_checkpoint(out, source, sae_configs, cfg, device, streams, options)
     else:
         state = _fresh_state(source, sae_configs, cfg, device, streams)
     log = _open_log(out, state.step) if out is not None and rank == 0 else None
@@ -264,7 +268,7 @@ def _train(
             if log is not None:
                 log.flush()
             if out is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                save_checkpoint(out, state, source, sae_configs, cfg, streams)
+                save_checkpoint(out, state, source, sae_configs, cfg, streams, options)
     finally:
         bar.close()
         if log is not None:
@@ -503,12 +507,28 @@ def _step_record(
 # --- checkpoints -----------------------------------------------------------------------------------------------
 
 
-def _run_identity(sae_configs: list[SAEConfig], cfg: SAETrainConfig, streams: list[str]) -> dict[str, Any]:
+def _run_identity(
+    sae_configs: list[SAEConfig],
+    cfg: SAETrainConfig,
+    streams: list[str],
+    source: ActivationSource,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything that must match for a resumed run to continue the same run (JSON-plain values).
+
+    The user's own option names come first, so a mismatch is reported as the option they changed.
+    """
     train = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUME_FREE_FIELDS}
-    train["adam_betas"] = list(train["adam_betas"])
     train["hooks"] = streams
     train["world_size"] = distributed.world()[1]
-    return {"sae_configs": [config_to_dict(c) for c in sae_configs], "train_config": train}
+    data = {stream: source.metadata_for(stream) for stream in streams}
+    identity = {
+        "options": options or {},
+        "data": data,
+        "sae_configs": [config_to_dict(c) for c in sae_configs],
+        "train_config": train,
+    }
+    return json.loads(json.dumps(identity, default=str))
 
 
 def save_checkpoint(
@@ -518,6 +538,7 @@ def save_checkpoint(
     sae_configs: list[SAEConfig],
     cfg: SAETrainConfig,
     streams: list[str],
+    options: dict[str, Any] | None = None,
 ) -> None:
     """Write the whole run state to `out/checkpoint.pt` atomically (rank 0; every rank must call it)."""
     sources = distributed.gather_objects(source.state_dict())  # each rank's own position in its stream
@@ -527,7 +548,7 @@ def save_checkpoint(
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "step": state.step,
-        **_run_identity(sae_configs, cfg, streams),
+        **_run_identity(sae_configs, cfg, streams, source, options),
         "saes": [sae.state_dict() for sae in state.saes],
         "optimizers": [optimizer.state_dict() for optimizer in state.optimizers],
         "since_fired": state.since_fired,
@@ -547,6 +568,7 @@ def load_checkpoint(
     cfg: SAETrainConfig,
     device: torch.device,
     streams: list[str],
+    options: dict[str, Any] | None = None,
 ) -> TrainState:
     """The run state saved in `out`, checked against the settings of the run that resumes it."""
     path = out / CHECKPOINT_FILE
@@ -561,11 +583,11 @@ def load_checkpoint(
         raise SaelabError(f"{path} is not a saelab SAE checkpoint")
     if checkpoint.get("version") != CHECKPOINT_VERSION:
         raise SaelabError(f"{path} was written by another saelab version; delete it to start afresh")
-    identity = _run_identity(sae_configs, cfg, streams)
+    identity = _run_identity(sae_configs, cfg, streams, source, options)
     for key, expected in identity.items():
-        saved = checkpoint[key]
+        saved = checkpoint.get(key)
         if saved != expected:
-            differing = _first_difference(saved, expected, key)
+            differing = _first_difference(saved, expected, "" if key == "options" else key)
             raise SaelabError(
                 f"the checkpoint in {out} was written with other settings ({differing});"
                 " rerun the same command with --resume"
