@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -29,17 +30,19 @@ def _closest(name: str, options: typing.Iterable[str]) -> str:
     return f"; did you mean '{match[0]}'?" if match else f"; valid fields: {', '.join(sorted(options))}"
 
 
-def config_from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:
-    """Build `cls` from `data`, recursing into nested config dataclasses.
+def config_from_dict(cls: type[C], data: dict[str, Any], where: str = "config", extra_keys: bool = False) -> C:
+    """Build `cls` from `data`, checking every value against the field's type hint (see `_coerce`).
 
-    Raises SaelabError on an unknown field (with the closest valid name) or a missing required field.
+    This is the one validation path for everything saelab reads back (cfg.json files, cache manifests, source
+    specs). Raises SaelabError on a wrong-typed value, an unknown field (with the closest valid name; ignored with
+    `extra_keys`, for formats other tools extend) or a missing required field.
     """
     if not isinstance(data, dict):
         raise SaelabError(f"{where}: expected a JSON object for {cls.__name__}, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in data:
-        if key not in fields:
+        if key not in fields and not extra_keys:
             raise SaelabError(f"{where}: unknown field '{key}' for {cls.__name__}{_closest(key, fields)}")
     kwargs: dict[str, Any] = {}
     for name, field in fields.items():
@@ -53,18 +56,82 @@ def config_from_dict(cls: type[C], data: dict[str, Any], where: str = "config") 
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
-    """Recurse into nested dataclasses; JSON lists become tuples where the field is a tuple."""
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+    """`value` checked against the type hint `hint` (recursing into dataclasses, unions, tuples, lists, dicts and
+    Literals); JSON lists become tuples where the field is a tuple. A mismatch is a one-line SaelabError.
+
+    Strict where JSON makes mistakes easy: a bool is not a number, "false" is not a bool, "2" is not an int, and a
+    float must be finite; an integral float (2.0) is accepted as an int.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is object:
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            _mismatch(f"a JSON object ({hint.__name__})", value, where)
         return config_from_dict(hint, value, where)  # type: ignore[arg-type]
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
-                return config_from_dict(arg, value, where)
+        if value is None and type(None) in args:
+            return None
+        arms = [a for a in args if a is not type(None)]
+        structured = [a for a in arms if dataclasses.is_dataclass(a) or typing.get_origin(a) in (list, tuple, dict)]
+        if len(arms) == 1 and structured:  # Optional[a config or container]: its own error says what is wrong inside
+            return _coerce(arms[0], value, where)
+        for arm in arms:
+            try:
+                return _coerce(arm, value, where)
+            except SaelabError:
+                continue
+        _mismatch(" or ".join(_describe(a) for a in args), value, where)
+    if origin is typing.Literal:
+        if value not in args:
+            _mismatch("one of " + ", ".join(repr(a) for a in args), value, where)
         return value
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            _mismatch("true or false", value, where)
+        return value
+    if hint is int:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            _mismatch("an integer", value, where)
+        return value
+    if hint is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            _mismatch("a finite number", value, where)
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            _mismatch("a string", value, where)
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            _mismatch(f"a list ({_describe(hint)})", value, where)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                _mismatch(f"a list of {len(args)} values", value, where)
+            items = [_coerce(arm, item, f"{where}[{i}]") for i, (arm, item) in enumerate(zip(args, value, strict=True))]
+        else:
+            arm = args[0] if args else Any
+            items = [_coerce(arm, item, f"{where}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            _mismatch("a JSON object", value, where)
+        key_hint, value_hint = args if args else (Any, Any)
+        return {_coerce(key_hint, k, where): _coerce(value_hint, v, f"{where}.{k}") for k, v in value.items()}
     return value
+
+
+def _describe(hint: Any) -> str:
+    names = {type(None): "null", int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+    return names.get(hint) or getattr(hint, "__name__", str(hint))
+
+
+def _mismatch(expected: str, value: Any, where: str) -> typing.NoReturn:
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise SaelabError(f"{where} must be {expected}, got {shown}")
 
 
 def load_json(path: Path) -> dict[str, Any]:

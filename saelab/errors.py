@@ -9,3 +9,7 @@ class SaelabError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
+
+
+class DivergedError(SaelabError):
+    """Training stopped because the loss or the weights stopped being finite; nothing of the run is kept."""

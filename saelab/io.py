@@ -19,6 +19,7 @@ import errno
 import fcntl
 import fnmatch
 import json
+import math
 import os
 import re
 import shutil
@@ -32,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from saelab.errors import SaelabError
+from saelab.errors import DivergedError, SaelabError
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -113,8 +114,24 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(data: Any, indent: int | None = 2) -> str:
+    """Valid JSON for `data`: NaN and ±inf, which JSON cannot hold, become null ("undefined")."""
+    return json.dumps(finite_or_null(data), indent=indent, allow_nan=False)
+
+
+def finite_or_null(data: Any) -> Any:
+    """`data` with every non-finite float replaced by None, recursively through dicts, lists and tuples."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite_or_null(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_null(value) for value in data]
+    return data
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json_text(data) + "\n")
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -135,14 +152,18 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a missing or corrupt file is a one-line SaelabError."""
+    """Read a safetensors file; a missing or corrupt file, or weights with NaN or inf, is a one-line SaelabError."""
     path = Path(path)
     if not path.is_file():
         raise SaelabError(f"{path} not found")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise SaelabError(f"{path} is not a readable safetensors file ({err}); it is corrupt or truncated") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise SaelabError(f"{path}: tensor '{name}' holds NaN or inf; the run that wrote it diverged, retrain it")
+    return tensors
 
 
 # --- results folders -------------------------------------------------------------------------------------------
@@ -433,7 +454,8 @@ def resumable_output(
 
     The run writes its log and checkpoints (`resume_file`) there; when the block finishes, `resume_file` is dropped
     and the work folder replaces `out` in one rename, so a previous output in `out` stays whole until then. A run
-    that fails before writing `resume_file` leaves nothing; one killed later leaves its work folder for `resume`.
+    that fails before writing `resume_file`, or diverges (DivergedError), leaves nothing; one killed or stopped
+    later leaves its work folder for `resume`.
     `writer=False` (the other processes of a torchrun group) checks the same things but writes nothing.
     """
     out = Path(out).expanduser().resolve()
@@ -462,8 +484,8 @@ def resumable_output(
                 _publish_mode(partial, directory=True)
             try:
                 yield partial
-            except BaseException:
-                if not (partial / resume_file).exists():  # nothing to resume: leave nothing behind
+            except BaseException as err:
+                if isinstance(err, DivergedError) or not (partial / resume_file).exists():  # nothing to resume
                     shutil.rmtree(partial, ignore_errors=True)
                 raise
             (partial / resume_file).unlink(missing_ok=True)

@@ -54,6 +54,9 @@ COMMANDS: dict[str, Command] = {
     "toy phase-diagram": lambda m, out: ["toy", "phase-diagram", "--out", out, "--grid", "2", "--replicas", "1",
                                          "--steps", "20", "--no-progress"],
     "toy analyze": lambda m, out: ["toy", "analyze", m["toy"], "--out", out],
+    "toy llc": lambda m, out: ["toy", "llc", m["toy"], "--out", out, "--samples", "256", "--batch-size", "64",
+                               "--chains", "1", "--draws", "5", "--burnin", "2", "--no-progress"],
+    "toy sae-benchmark": lambda m, out: ["toy", "sae-benchmark", "--quick", "--out", out, "--no-progress"],
     "sae train": lambda m, out: ["sae", "train", "--source", f"toy:{m['toy']}", "--d-sae", "8", "--k", "1",
                                  "--steps", "5", "--batch-size", "64", "--quiet", "--out", out],
     "dashboard": lambda m, out: ["dashboard", m["sae"], "--out", out, "--sequences", "4", "--context", "8"],
@@ -66,7 +69,7 @@ COMMANDS: dict[str, Command] = {
 # The commands cheap enough to run to completion here (the others are refused before they do any work).
 RUNS = ("toy train", "toy phase-diagram", "toy analyze", "sae train", "dashboard")
 # The inputs each command reads.
-INPUTS = {"toy analyze": "toy", "sae train": "toy", "dashboard": "sae"}
+INPUTS = {"toy analyze": "toy", "toy llc": "toy", "sae train": "toy", "dashboard": "sae"}
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

@@ -89,7 +89,7 @@ def test_the_library_checks_the_data_a_source_describes(tmp_path: Path) -> None:
         train_saes(Crashing(SyntheticConfig(n_features=32, d_in=8)), sae_cfg, cfg, out=tmp_path / "r", progress=False)
     from saelab.errors import SaelabError
 
-    with pytest.raises(SaelabError, match=r"data\.activations\.source: checkpoint 'synthetic:n_features=32"):
+    with pytest.raises(SaelabError, match=r"data\.synthetic\.source: checkpoint 'synthetic:n_features=32"):
         train_saes(SyntheticSource(SyntheticConfig(n_features=48, d_in=8)), sae_cfg, cfg, out=tmp_path / "r",
                    resume=True, progress=False)  # fmt: skip
     train_saes(SyntheticSource(SyntheticConfig(n_features=32, d_in=8)), sae_cfg, cfg, out=tmp_path / "r",

@@ -313,7 +313,7 @@ def test_llc_bad_settings_are_one_line_errors_and_write_nothing(
 
 def test_llc_refuses_to_write_into_its_input(snapshot_run: Path) -> None:
     before = sorted(p.name for p in snapshot_run.iterdir())
-    with pytest.raises(SaelabError, match="inside the toy run"):
+    with pytest.raises(SaelabError, match=r"sits inside .*, an input of this run"):
         _invoke("toy", "llc", snapshot_run, "--out", snapshot_run / "llc", "--no-progress")
     assert sorted(p.name for p in snapshot_run.iterdir()) == before
 

@@ -131,6 +131,9 @@ def site_analyzer(info: dict) -> Callable[[], object] | None:
     on the first prompt, since loading takes a while); None for toy-model sites, which have no prompts."""
     if info.get("kind") != "lm":
         return None
+    for key in ("model", "sae_dir", "hook"):
+        if not isinstance(info.get(key), str) or not info[key]:
+            raise SaelabError(f"the site's site.json lacks '{key}', which the live view needs; rebuild the site")
 
     def load() -> object:
         from saelab.dashboard.live import PromptAnalyzer

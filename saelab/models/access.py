@@ -360,12 +360,18 @@ def _load_local(path: Path, device: str, backend: str, bf16: bool) -> LanguageMo
             f"{path} is not a model folder (no config.json or cfg.json); pass a folder written by save_pretrained "
             "or saelab lm train"
         )
+    if not any(path.glob("*.safetensors")):  # pickled weights can run code when loaded: never read them
+        pickled = ", ".join(sorted(p.name for p in path.glob("*.bin"))) or "no weights"
+        raise SaelabError(
+            f"{path} holds no .safetensors weights ({pickled}); saelab loads only safetensors. Convert the model "
+            "with save_pretrained(..., safe_serialization=True) where you trust it"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(path.resolve())
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        hf_model = AutoModelForCausalLM.from_pretrained(name)
+        hf_model = AutoModelForCausalLM.from_pretrained(name, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise SaelabError(f"cannot load the model in {path}: {_first_line(err)}") from None
     if backend != "transformer_lens":

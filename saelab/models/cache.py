@@ -11,8 +11,11 @@ Shards are numpy `.npy` files opened as memory maps, so a batch reads only its o
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from saelab.activations import OneHookView
-from saelab.config import load_json
+from saelab.config import config_from_dict, load_json
 from saelab.errors import SaelabError
 from saelab.io import OutputKind, atomic_write_json, json_format_marker, output_folder
 from saelab.models.store import ActivationStore
@@ -91,6 +94,18 @@ def write_activation_cache(
     return Path(out)
 
 
+@dataclass
+class CacheManifest:
+    """`manifest.json`, typed: read through `saelab.config.config_from_dict` like every other saved config."""
+
+    format: str
+    version: int
+    tokens: int
+    shards: list[int]
+    hooks: dict[str, int]
+    metadata: dict[str, dict[str, Any]]
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
     """The manifest of a cache folder, checked: a foreign or damaged folder is a one-line error."""
     folder = Path(folder)
@@ -107,10 +122,14 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise SaelabError(
             f"{folder / MANIFEST} has version {manifest.get('version')!r}; this saelab reads {FORMAT_VERSION}"
         )
-    shards, hooks = manifest.get("shards"), manifest.get("hooks")
-    if not isinstance(shards, list) or not isinstance(hooks, dict) or sum(shards) != manifest.get("tokens"):
+    typed = config_from_dict(CacheManifest, manifest, where=str(folder / MANIFEST))
+    if any(rows < 1 for rows in typed.shards) or sum(typed.shards) != typed.tokens or typed.tokens < 1:
         raise SaelabError(f"{folder / MANIFEST} is damaged (shards do not add up to tokens); write the cache again")
-    return manifest
+    if any(not re.fullmatch(r"[\w.\-]+", hook) or hook.startswith(".") for hook in typed.hooks):
+        raise SaelabError(f"{folder / MANIFEST} names a hook that is not a plain name; write the cache again")
+    if set(typed.metadata) != set(typed.hooks) or any(d_in < 1 for d_in in typed.hooks.values()):
+        raise SaelabError(f"{folder / MANIFEST} is damaged (hooks and metadata disagree); write the cache again")
+    return dataclasses.asdict(typed)
 
 
 class CachedActivations(OneHookView):

@@ -106,6 +106,10 @@ def lm_sample(
         raise SaelabError(f"--temperature must be >= 0, got {temperature}")
     if tokens < 0:
         raise SaelabError(f"--tokens must be >= 0, got {tokens}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SaelabError("--prompt is not valid text (it holds a lone surrogate or undecodable bytes)") from None
     lm = load_lm(Path(model) if model else BUILTIN_DIR)
     prompt_tokens = lm.to_tokens(prompt, prepend_bos=True)[0].tolist()
     out = generate(lm, prompt_tokens, lm.cfg.n_ctx, tokens, temperature, seed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from saelab.errors import SaelabError
+from saelab.io import json_text
 
 if TYPE_CHECKING:
     from saelab.activations import ActivationSource
@@ -225,7 +225,7 @@ def eval_(
 
     report = evaluate_saved(sae_dir, source, tokens, batch_size, device)
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(json_text(report))
         return
     for key, value in report.items():
         if key == "density_histogram":
@@ -237,7 +237,7 @@ def eval_(
                 f"recovered {truth['recovered']}/{truth['n_true_features']} (cos ≥ {truth['recovery_threshold']})"
             )
         elif isinstance(value, float):
-            typer.echo(f"{key}: {value:.6g}")
+            typer.echo(f"{key}: {value:.6g}" if math.isfinite(value) else f"{key}: undefined")
         elif not isinstance(value, (dict, list)):
             typer.echo(f"{key}: {value}")
 
@@ -272,7 +272,7 @@ def info(
         if key in sae.saved_info:
             summary[key] = sae.saved_info[key]
     if as_json:
-        typer.echo(json.dumps(summary, indent=2))
+        typer.echo(json_text(summary))
         return
     for key, value in summary.items():
         typer.echo(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")

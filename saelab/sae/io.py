@@ -11,6 +11,7 @@ as `standard` and a BatchTopK SAE as the `jumprelu` it behaves as in eval mode.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,34 @@ FORMAT_VERSION = 1
 SAELENS_FORMAT_VERSION = "6.0.0"
 # SAELens architecture name → saelab's, for SAEs that SAELens saved
 FROM_SAELENS = {cls.saelens_architecture: name for name, cls in SAE_CLASSES.items() if cls.loads_from_saelens}
+
+
+@dataclass
+class SaelabBlock:
+    """saelab's own block in cfg.json: its config, and its training record (kept as `SAE.saved_info`)."""
+
+    format: str
+    format_version: int
+    sae: SAEConfig
+    train: dict[str, Any] | None = None
+    normalization_scale: float | None = None
+    trained_steps: int | None = None
+
+
+@dataclass
+class SAELensFields:
+    """The cfg.json fields saelab reads, with their types (SAELens writes many more, which are ignored)."""
+
+    architecture: str
+    d_in: int
+    d_sae: int
+    dtype: str = "float32"
+    apply_b_dec_to_input: bool = True
+    normalize_activations: str = "none"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    k: int | None = None
+    rescale_acts_by_decoder_norm: bool = False
+    saelab: SaelabBlock | None = None
 
 
 def sae_cfg_dict(sae: SAE, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -86,13 +115,21 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> SAE:
     raw = load_json(cfg_path)
     if "format" in raw and "architecture" not in raw:
         raise SaelabError(f"{cfg_path} describes a '{raw['format']}', not an SAE")
-    cfg, rescale_by_decoder_norm = _read_config(raw, cfg_path)
+    for key in ("architecture", "d_in", "d_sae"):
+        if key not in raw:
+            raise SaelabError(f"{cfg_path} lacks '{key}'; it is not an SAE config (SAELens or saelab)")
+    fields = config_from_dict(SAELensFields, raw, where=str(cfg_path), extra_keys=True)
+    cfg, rescale_by_decoder_norm = _read_config(fields, cfg_path)
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise SaelabError(f"{directory} lacks {WEIGHTS_FILE}; the SAE is incomplete")
     tensors = load_tensors(weights_path)
     if "threshold" not in tensors and "log_threshold" in tensors:  # JumpReLU files from SAELens before 6.x
         tensors["threshold"] = tensors.pop("log_threshold").exp()
+    w_enc = tensors.get("W_enc")
+    if w_enc is None or tuple(w_enc.shape) != (cfg.d_in, cfg.d_sae):  # checked before building: no huge allocation
+        found = "no W_enc" if w_enc is None else f"W_enc of shape {tuple(w_enc.shape)}"
+        raise SaelabError(f"{weights_path} holds {found}, but cfg.json says d_in = {cfg.d_in}, d_sae = {cfg.d_sae}")
     sae = cfg.sae_class(cfg)
     with torch.no_grad():
         for name in sae.tensor_names:
@@ -106,47 +143,46 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> SAE:
             getattr(sae, name).copy_(tensors[name])
         if rescale_by_decoder_norm:
             _fold_decoder_norms(sae)
-    sae.metadata = dict(raw.get("metadata") or {})
+    sae.metadata = dict(fields.metadata)
     own = raw.get("saelab") or {}
     sae.saved_info = {k: v for k, v in own.items() if k not in ("format", "format_version", "sae")}
     return sae.to(device).eval()
 
 
-def _read_config(raw: dict[str, Any], cfg_path: Path) -> tuple[SAEConfig, bool]:
+def _read_config(fields: SAELensFields, cfg_path: Path) -> tuple[SAEConfig, bool]:
     """saelab's own config where present, else one built from the SAELens fields."""
-    own = raw.get("saelab")
-    if isinstance(own, dict) and own.get("format") == FORMAT_NAME:
-        if own.get("format_version", 0) > FORMAT_VERSION:
-            version = own["format_version"]
-            raise SaelabError(f"{cfg_path} has saelab format_version {version}; upgrade saelab to read it")
-        cfg = config_from_dict(SAEConfig, own.get("sae") or {}, where=f"{cfg_path}:saelab.sae")
-        cfg.validate()
-        return cfg, False
-    for key in ("architecture", "d_in", "d_sae"):
-        if key not in raw:
-            raise SaelabError(f"{cfg_path} lacks '{key}'; it is not an SAE config (SAELens or saelab)")
-    architecture = FROM_SAELENS.get(raw["architecture"])
+    own = fields.saelab
+    if own is not None:
+        if own.format != FORMAT_NAME:
+            raise SaelabError(f"{cfg_path}: saelab.format is '{own.format}', not '{FORMAT_NAME}'")
+        if own.format_version > FORMAT_VERSION:
+            raise SaelabError(f"{cfg_path} has saelab format_version {own.format_version}; upgrade saelab to read it")
+        own.sae.validate()
+        return own.sae, False
+    architecture = FROM_SAELENS.get(fields.architecture)
     if architecture is None:
         raise SaelabError(
-            f"{cfg_path}: SAE architecture '{raw['architecture']}' is not supported; saelab reads "
+            f"{cfg_path}: SAE architecture '{fields.architecture}' is not supported; saelab reads "
             f"{', '.join(FROM_SAELENS)}"
         )
-    if raw.get("normalize_activations", "none") not in ("none", "expected_average_only_in"):
+    if fields.normalize_activations not in ("none", "expected_average_only_in"):
         raise SaelabError(
-            f"{cfg_path}: normalize_activations '{raw['normalize_activations']}' is not supported; fold it into "
+            f"{cfg_path}: normalize_activations '{fields.normalize_activations}' is not supported; fold it into "
             "the weights first (SAELens: fold_activation_norm_scaling_factor)"
         )
-    dtype = str(raw.get("dtype", "float32")).removeprefix("torch.")
+    dtype = fields.dtype.removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise SaelabError(f"{cfg_path}: dtype '{fields.dtype}' is not supported; saelab reads {', '.join(DTYPES)}")
     cfg = SAEConfig(
         architecture=architecture,
-        d_in=raw["d_in"],
-        d_sae=raw["d_sae"],
-        k=raw.get("k", SAEConfig.k),
-        apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
-        dtype=dtype if dtype in DTYPES else "float32",
+        d_in=fields.d_in,
+        d_sae=fields.d_sae,
+        k=fields.k if fields.k is not None else SAEConfig.k,
+        apply_b_dec_to_input=fields.apply_b_dec_to_input,
+        dtype=dtype,
     )
     cfg.validate()
-    return cfg, architecture == "topk" and bool(raw.get("rescale_acts_by_decoder_norm", False))
+    return cfg, architecture == "topk" and fields.rescale_acts_by_decoder_norm
 
 
 @torch.no_grad()

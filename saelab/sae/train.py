@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from saelab import distributed
 from saelab.config import config_to_dict, require_positive_ints
-from saelab.errors import SaelabError
+from saelab.errors import DivergedError, SaelabError
 from saelab.io import OutputKind, atomic_write_bytes, resumable_output
 from saelab.sae.io import CFG_FILE, WEIGHTS_FILE, save_sae
 from saelab.sae.model import SAE, SAEConfig, SAEOutput, build_sae
@@ -274,6 +274,11 @@ def _train(
         if log is not None:
             log.close()
 
+    for sae, label in zip(state.saes, labels, strict=True):
+        if not all(torch.isfinite(p).all() for p in sae.parameters()):
+            raise DivergedError(
+                f"training diverged (SAE {label} has NaN or inf weights); nothing was saved; lower --lr"
+            )
     for sae, stream, label in zip(state.saes, streams, labels, strict=True):
         sae.fold_input_scale(state.scales[stream])
         sae.eval()
@@ -497,9 +502,9 @@ def _step_record(
         "sparsity_scale": sparsity_scale,
     }
     if not math.isfinite(record["loss"]):
-        raise SaelabError(
-            f"training diverged at step {step} (SAE {name}: loss {record['loss']});"
-            " lower --lr or the sparsity coefficient"
+        raise DivergedError(
+            f"training diverged at step {step} (SAE {name}: loss {record['loss']}); nothing was saved."
+            " Lower --lr or the sparsity coefficient and run again"
         )
     return record
 

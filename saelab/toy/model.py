@@ -344,6 +344,16 @@ def write_toy_model_files(
     atomic_write_json(directory / "cfg.json", cfg)
 
 
+@dataclass
+class ToyFolderHeader:
+    """The typed head of a toy folder's cfg.json (commands add more keys, such as `phase`, read where used)."""
+
+    format: str
+    format_version: int
+    model: ToyModelConfig
+    train: ToyTrainConfig | None = None
+
+
 def load_toy_model(directory: Path, device: str | torch.device = "cpu") -> tuple[ToyModel, ToyTrainConfig | None]:
     """Load a folder written by `save_toy_model`; anything else is a one-line SaelabError."""
     directory = Path(directory)
@@ -356,10 +366,13 @@ def load_toy_model(directory: Path, device: str | torch.device = "cpu") -> tuple
     if raw.get("format") != FORMAT_NAME:
         found = raw.get("format", raw.get("architecture", "no 'format' field"))
         raise SaelabError(f"{cfg_path} describes '{found}', not a saelab toy model (format '{FORMAT_NAME}')")
-    if raw.get("format_version", 0) > FORMAT_VERSION:
-        raise SaelabError(f"{cfg_path} has format_version {raw['format_version']}; upgrade saelab to read it")
-    model_cfg = config_from_dict(ToyModelConfig, raw.get("model") or {}, where=f"{cfg_path}:model")
-    train_cfg = config_from_dict(ToyTrainConfig, raw["train"], where=f"{cfg_path}:train") if raw.get("train") else None
+    header = config_from_dict(ToyFolderHeader, raw, where=str(cfg_path), extra_keys=True)
+    if header.format_version > FORMAT_VERSION:
+        raise SaelabError(f"{cfg_path} has format_version {header.format_version}; upgrade saelab to read it")
+    model_cfg, train_cfg = header.model, header.train
+    model_cfg.validate()
+    if train_cfg is not None:
+        train_cfg.validate()
     tensors = load_tensors(directory / WEIGHTS_FILE)
     expected = {
         "W": (model_cfg.n_instances, model_cfg.d_hidden, model_cfg.n_features),

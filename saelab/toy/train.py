@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
-from saelab.errors import SaelabError
+from saelab.errors import DivergedError
 from saelab.toy.fast import loss_and_grads, sample_nonempty
 from saelab.toy.model import ToyModel, ToyTrainConfig
 
@@ -70,12 +70,12 @@ def train_toy_model(
             mean_loss = loss_per_instance.detach().mean().item()
             if not math.isfinite(mean_loss):
                 bar.close()
-                raise SaelabError(
+                raise DivergedError(
                     f"toy training diverged at step {step} (loss {mean_loss}); nothing was written. Lower --lr"
                     " (and check --importance) and run again"
                 )
             history.append({"step": step, "lr": optimizer.param_groups[0]["lr"], "loss": mean_loss})
             bar.set_postfix(loss=f"{mean_loss:.4g}")
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise SaelabError("toy training diverged (the weights are not finite); nothing was written. Lower --lr")
+        raise DivergedError("toy training diverged (the weights are not finite); nothing was written. Lower --lr")
     return history
