@@ -304,6 +304,7 @@ def test_a_small_run_writes_consistent_results(tmp_path: Path) -> None:
         (["--dictionary-ratio", "0.5"], "dictionary_ratio must be >= 1"),
         (["--shapes", "none", "--hierarchical", "none"], "no toy model"),
         (["--importance-decays", "1,-1"], "importance decays must be positive"),
+        (["--shapes", "6x3,6x3"], "shapes repeat a shape"),
     ],
 )
 def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path: Path, args: list[str], expected: str) -> None:
@@ -326,3 +327,11 @@ def test_plan_covers_the_grid() -> None:
         torch.testing.assert_close(model.importance[inst], cell["importance_decay"] ** torch.arange(4.0))
         assert float(model.feature_probability[inst, 0]) == pytest.approx(cell["feature_probability"])
     assert isinstance(studies[2], Study) and studies[2].hierarchical and len(studies[2].instances) == 2
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_training(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    out.write_text("mine")
+    with pytest.raises(SaelabError, match="exists and is not a directory"):
+        _invoke("toy", "sae-benchmark", "--out", out, "--quick", "--no-progress")
+    assert out.read_text() == "mine"

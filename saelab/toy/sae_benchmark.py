@@ -113,6 +113,8 @@ class SAEBenchmarkConfig:
             for shape in shapes:
                 if len(shape) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
                     raise SaelabError(f"{option} are pairs of positive integers n_features x d_hidden, got {shape!r}")
+            if len({tuple(shape) for shape in shapes}) < len(shapes):
+                raise SaelabError(f"{option} repeat a shape ({shapes}); list each n_features x d_hidden once")
         for n, _ in self.hierarchical_shapes:
             if n % group:
                 raise SaelabError(
