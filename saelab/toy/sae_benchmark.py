@@ -192,7 +192,7 @@ def absorption(
     1 + children_per_parent), `fires [tokens, d_sae]` which latents are non-zero, `cosines [n_features, d_sae]`
     the cosine of each true direction with each decoder row.
     """
-    present, fires = present.bool(), fires.bool()
+    present, fires, cosines = present.bool(), fires.bool(), cosines.detach()
     group = children_per_parent + 1
     results = []
     for parent in range(0, present.shape[1], group):
