@@ -307,12 +307,13 @@ def sae_benchmark(
             setattr(cfg, name, value)
     results = run_sae_benchmark(cfg, out, progress=progress, log=typer.echo, overwrite=overwrite)
     typer.echo(f"wrote {out}  (results.json, features.csv, instances.csv, figures) in {results['seconds']:.0f} s")
-    typer.echo(f"{'architecture':<12} {'recovered':>9} {'best cos':>8} {'matched':>8} {'EV':>6} {'absorption':>10}")
+    width = max(len("architecture"), *map(len, results["summary"]))
+    columns = {"recovered": "recovered_fraction", "best cos": "mean_best_cosine", "matched": "mean_matched_cosine",
+               "EV": "mean_explained_variance", "absorption": "absorption_rate"}  # fmt: skip
+    typer.echo(f"{'architecture':<{width}} " + " ".join(f"{name:>10}" for name in columns))
     for arch, entry in results["summary"].items():
-        cells = [entry.get(key) for key in ("recovered_fraction", "mean_best_cosine", "mean_matched_cosine",
-                                             "mean_explained_variance", "absorption_rate")]  # fmt: skip
-        shown = ["—" if v is None else f"{v:.3f}" for v in cells]
-        typer.echo(f"{arch:<12} {shown[0]:>9} {shown[1]:>8} {shown[2]:>8} {shown[3]:>6} {shown[4]:>10}")
+        shown = ["—" if entry.get(key) is None else f"{entry[key]:.3f}" for key in columns.values()]
+        typer.echo(f"{arch:<{width}} " + " ".join(f"{value:>10}" for value in shown))
 
 
 def _maybe(value: float | None) -> str:
