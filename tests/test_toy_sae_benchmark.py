@@ -332,6 +332,6 @@ def test_plan_covers_the_grid() -> None:
 def test_an_out_that_is_a_file_is_refused_before_any_training(tmp_path: Path) -> None:
     out = tmp_path / "results"
     out.write_text("mine")
-    with pytest.raises(SaelabError, match="is a file .*choose a folder path"):
+    with pytest.raises(SaelabError, match=r"is a file .*choose a folder path"):
         _invoke("toy", "sae-benchmark", "--out", out, "--quick", "--no-progress")
     assert out.read_text() == "mine"
