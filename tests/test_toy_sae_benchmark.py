@@ -29,6 +29,7 @@ from saelab.toy.sae_benchmark import (
     evaluate_study,
     matched_cosines,
     plan_studies,
+    summarize,
 )
 
 
@@ -205,6 +206,8 @@ def _slow_absorption(present, fires, W, decoder, parent: int, cfg: SAEBenchmarkC
         "parent_latent": parent_latent,
         "child_active_inputs": child_active,
         "absorbed_inputs": absorbed,
+        "parent_missed_with_child": missed_child,
+        "parent_missed_alone": missed_alone,
         "absorption_rate": absorbed / child_active if child_active else None,
         "parent_miss_with_child": missed_child / child_active if child_active else None,
         "parent_miss_alone": missed_alone / alone if alone else None,
@@ -335,3 +338,53 @@ def test_an_out_that_is_a_file_is_refused_before_any_training(tmp_path: Path) ->
     with pytest.raises(SaelabError, match=r"is a file .*choose a folder path"):
         _invoke("toy", "sae-benchmark", "--out", out, "--quick", "--no-progress")
     assert out.read_text() == "mine"
+
+
+def test_the_summary_counts_what_it_says() -> None:
+    """Hand-made rows whose summary is known: which features count, the bins, and pooled absorption rates."""
+    cfg = SAEBenchmarkConfig(architectures=["topk"])
+
+    def feature(
+        d: float, importance: float, p: float, best: float, represented: bool = True, role: str = "independent"
+    ) -> dict:
+        return {"architecture": "topk", "role": role, "represented": represented, "dimensionality": d,
+                "importance": importance, "probability": p, "best_cosine": best, "matched_cosine": best - 0.1,
+                "recovered": best >= 0.9}  # fmt: skip
+
+    features = [
+        feature(1.0, 1.0, 0.1, 0.99),  # D >= 0.9, I >= 0.5: recovered
+        feature(0.5, 0.3, 0.1, 0.80),  # 0.3 <= D < 0.9, 0.1 <= I < 0.5: lost
+        feature(0.25, 0.05, 0.02, 0.95),  # D < 0.3, I < 0.1: recovered
+        feature(0.25, 1.0, 0.02, 0.50),  # D < 0.3, I >= 0.5: lost
+        feature(0.0, 0.01, 0.02, 0.99, represented=False),  # not represented: counted apart
+        feature(1.0, 1.0, 0.2, 0.95, role="parent"),
+        feature(1.0, 1.0, 0.05, 0.70, role="child"),
+    ]
+    instances = [{"architecture": "topk", "explained_variance": 0.5, "l0": 1.0},
+                 {"architecture": "topk", "explained_variance": 0.9, "l0": 2.0}]  # fmt: skip
+    absorptions = [
+        {"architecture": "topk", "child_active_inputs": 100, "absorbed_inputs": 10, "parent_missed_with_child": 20,
+         "parent_alone_inputs": 50, "parent_missed_alone": 5},
+        {"architecture": "topk", "child_active_inputs": 300, "absorbed_inputs": 90, "parent_missed_with_child": 100,
+         "parent_alone_inputs": 150, "parent_missed_alone": 5},
+    ]  # fmt: skip
+    entry = summarize(features, instances, absorptions, cfg)["topk"]
+    assert (entry["features"], entry["represented"], entry["not_represented_by_toy"]) == (5, 4, 1)
+    assert entry["recovered_fraction"] == 0.5
+    assert entry["mean_best_cosine"] == pytest.approx((0.99 + 0.80 + 0.95 + 0.50) / 4)
+    assert entry["mean_matched_cosine"] == pytest.approx((0.99 + 0.80 + 0.95 + 0.50) / 4 - 0.1)
+    assert entry["recovered_by_dimensionality"] == {
+        "D >= 0.9": {"features": 1, "recovered_fraction": 1.0},
+        "0.3 <= D < 0.9": {"features": 1, "recovered_fraction": 0.0},
+        "D < 0.3": {"features": 2, "recovered_fraction": 0.5},
+    }
+    assert entry["recovered_by_importance"] == {
+        "I >= 0.5": {"features": 2, "recovered_fraction": 0.5},
+        "0.1 <= I < 0.5": {"features": 1, "recovered_fraction": 0.0},
+        "I < 0.1": {"features": 1, "recovered_fraction": 1.0},
+    }
+    assert entry["recovered_by_probability"] == {"p = 0.1": 0.5, "p = 0.02": 0.5}
+    assert entry["mean_explained_variance"] == pytest.approx(0.7) and entry["mean_l0"] == 1.5
+    assert entry["absorption_rate"] == 100 / 400  # pooled over inputs, not a mean of the two rates (0.1, 0.3)
+    assert entry["parent_miss_with_child"] == 120 / 400 and entry["parent_miss_alone"] == 10 / 200
+    assert entry["hierarchical_recovered_parents"] == 1.0 and entry["hierarchical_recovered_children"] == 0.0

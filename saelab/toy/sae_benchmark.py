@@ -208,6 +208,7 @@ def absorption(
             absorbed |= present[:, child] & (fires & absorbing).any(dim=1)
         absorbed &= parent_silent
         n_child, n_alone = int(child_active.sum()), int(alone.sum())
+        missed_with_child, missed_alone = int((parent_silent & child_active).sum()), int((parent_silent & alone).sum())
         results.append(
             {
                 "parent": parent,
@@ -216,9 +217,11 @@ def absorption(
                 "child_active_inputs": n_child,
                 "absorbed_inputs": int(absorbed.sum()),
                 "absorption_rate": _rate(int(absorbed.sum()), n_child),
-                "parent_miss_with_child": _rate(int((parent_silent & child_active).sum()), n_child),
+                "parent_missed_with_child": missed_with_child,
+                "parent_miss_with_child": _rate(missed_with_child, n_child),
                 "parent_alone_inputs": n_alone,
-                "parent_miss_alone": _rate(int((parent_silent & alone).sum()), n_alone),
+                "parent_missed_alone": missed_alone,
+                "parent_miss_alone": _rate(missed_alone, n_alone),
             }
         )
     return results
@@ -491,12 +494,9 @@ def summarize(
             child_inputs = sum(r["child_active_inputs"] for r in arch_absorption)
             alone_inputs = sum(r["parent_alone_inputs"] for r in arch_absorption)
             entry["absorption_rate"] = _rate(sum(r["absorbed_inputs"] for r in arch_absorption), child_inputs)
-            missed_child = sum(r["parent_miss_with_child"] * r["child_active_inputs"] for r in arch_absorption
-                               if r["parent_miss_with_child"] is not None)  # fmt: skip
-            missed_alone = sum(r["parent_miss_alone"] * r["parent_alone_inputs"] for r in arch_absorption
-                               if r["parent_miss_alone"] is not None)  # fmt: skip
-            entry["parent_miss_with_child"] = _rate(round(missed_child), child_inputs)
-            entry["parent_miss_alone"] = _rate(round(missed_alone), alone_inputs)
+            missed_with_child = sum(r["parent_missed_with_child"] for r in arch_absorption)
+            entry["parent_miss_with_child"] = _rate(missed_with_child, child_inputs)
+            entry["parent_miss_alone"] = _rate(sum(r["parent_missed_alone"] for r in arch_absorption), alone_inputs)
             hier = [r for r in features if r["architecture"] == arch and r["role"] != "independent"]
             entry["hierarchical_recovered_parents"] = _mean(
                 [float(r["recovered"]) for r in hier if r["role"] == "parent"]
