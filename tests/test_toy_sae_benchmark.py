@@ -308,6 +308,7 @@ def test_a_small_run_writes_consistent_results(tmp_path: Path) -> None:
         (["--shapes", "none", "--hierarchical", "none"], "no toy model"),
         (["--importance-decays", "1,-1"], "importance decays must be positive"),
         (["--shapes", "6x3,6x3"], "shapes repeat a shape"),
+        (["--architectures", "topk,topk"], "architectures repeat a value"),
     ],
 )
 def test_bad_input_is_a_one_line_error_and_writes_nothing(tmp_path: Path, args: list[str], expected: str) -> None:

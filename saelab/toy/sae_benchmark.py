@@ -131,6 +131,14 @@ class SAEBenchmarkConfig:
         for value in [*self.feature_probabilities, *self.hierarchical_probabilities, self.child_given_parent]:
             if not _finite(value) or not 0 < value <= 1:
                 raise SaelabError(f"probabilities must be in (0, 1], got {value!r}")
+        for option, values in (
+            ("importance decays", self.importance_decays),
+            ("feature probabilities", self.feature_probabilities),
+            ("hierarchical probabilities", self.hierarchical_probabilities),
+            ("architectures", self.architectures),
+        ):
+            if len(set(values)) < len(values):
+                raise SaelabError(f"{option} repeat a value ({values}); list each once (--replicas repeats cells)")
         unknown = [a for a in self.architectures if a not in ARCHITECTURES]
         if unknown:
             raise SaelabError(f"unknown architecture '{unknown[0]}'; choose from {', '.join(ARCHITECTURES)}")
