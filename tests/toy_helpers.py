@@ -7,9 +7,6 @@ import math
 from collections.abc import Iterator
 
 import torch
-from typer.testing import CliRunner
-
-from saelab.cli import app
 
 
 @contextlib.contextmanager
@@ -38,6 +35,9 @@ def unit_vectors_2d(n: int, phase: float = 0.0) -> torch.Tensor:
 
 def invoke_cli(*args: object) -> str:
     """Run `saelab ARGS` in-process; raise what it raised (a SaelabError for bad input), else return its output."""
+    from typer.testing import CliRunner
+
+    from saelab.cli import app  # the whole CLI loads only for the tests that run it
     result = CliRunner().invoke(app, [str(a) for a in args])
     if result.exception is not None:
         raise result.exception
