@@ -38,6 +38,7 @@ def invoke_cli(*args: object) -> str:
     from typer.testing import CliRunner
 
     from saelab.cli import app  # the whole CLI loads only for the tests that run it
+
     result = CliRunner().invoke(app, [str(a) for a in args])
     if result.exception is not None:
         raise result.exception
