@@ -28,6 +28,10 @@ with contextlib.suppress(ImportError):
 
     USAGE_ERRORS = (click.UsageError, _TyperUsageError)
 
+OUT_OF_MEMORY = (
+    "out of memory; use smaller sizes (--batch-size, --tokens, --d-sae, --n-features, ...) or a machine with more"
+)
+
 app = typer.Typer(
     name="saelab",
     help="Toy models of superposition, sparse autoencoders and feature dashboards.",
@@ -79,11 +83,12 @@ def main() -> None:
         print(f"saelab: error: {describe_os_error(err)}", file=sys.stderr)
         sys.exit(2)
     except MemoryError:
-        print(
-            "saelab: error: out of memory; use smaller sizes (--features, --batch-size, --tokens, --d-sae) "
-            "or a machine with more memory",
-            file=sys.stderr,
-        )
+        print(f"saelab: error: {OUT_OF_MEMORY}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as err:  # torch reports a failed allocation as a RuntimeError
+        if not any(sign in str(err) for sign in ("can't allocate memory", "out of memory", "not enough memory")):
+            raise
+        print(f"saelab: error: {OUT_OF_MEMORY} ({str(err).splitlines()[0][:160]})", file=sys.stderr)
         sys.exit(2)
     sys.exit(status if isinstance(status, int) else 0)
 

@@ -416,6 +416,9 @@ def describe_os_error(err: OSError) -> str:
         errno.EISDIR: "that is a folder, not a file; give a file path",
         errno.ENAMETOOLONG: "the path is too long; choose a shorter one",
         errno.EMFILE: "too many open files; raise the limit (ulimit -n) or close other programs",
+        errno.EFBIG: "the file is larger than this system allows (see ulimit -f); write less or elsewhere",
+        errno.ENOENT: "no such file or folder",
+        errno.ENOMEM: "out of memory; use smaller sizes",
     }
     reason = hints.get(err.errno or -1, err.strerror or type(err).__name__)
     return f"cannot complete the operation on{where}: {reason} ({err.strerror or err})".replace(" on:", ":")
