@@ -78,14 +78,14 @@ def _run_demo(out: Path, quick: bool) -> dict[str, Any]:
     summary: dict[str, Any] = {"out": str(out), "quick": quick, "seconds": {}}
 
     started = _stage(1, "Toy models of superposition: 5 features in 2 dimensions, and a phase diagram")
-    toy = run_toy_lab(out / "toy", quick=quick)
+    toy = run_toy_lab(out / "toy", quick=quick, progress=True)
     summary["toy"] = toy
     summary["seconds"]["toy"] = _done(started)
     for instance in toy["pentagon"].get("instances", []):
         print(f"      pentagon instance: {json.dumps(instance)}")
 
     started = _stage(2, "SAEs on the toy model's hidden layer: do they recover the true features?")
-    recovery = run_toy_recovery(out / "toy" / "pentagon", out / "toy_sae", quick=quick)
+    recovery = run_toy_recovery(out / "toy" / "pentagon", out / "toy_sae", quick=quick, progress=True)
     summary["toy_sae"] = {name: {k: r[k] for k in ("mmcs", "mcc", "recovered")} for name, r in recovery["saes"].items()}
     summary["seconds"]["toy_sae"] = _done(started)
     print(f"      {'architecture':<12} {'MMCS':>6} {'MCC':>6}  recovered (cos > 0.9)")
@@ -97,7 +97,7 @@ def _run_demo(out: Path, quick: bool) -> dict[str, Any]:
     sae_cfg = SAEConfig("topk", source.d_in, 16 * source.d_in, k=32)
     train_cfg = SAETrainConfig(steps=sizes.lm_sae_steps, batch_size=sizes.lm_batch_size, lr=4e-4, seed=0)
     (sae,) = train_saes(source, sae_cfg, train_cfg, out=out / "lm_sae", progress=True)
-    lm_metrics = lm_eval(sae, out / "lm_sae", n_tokens=sizes.lm_eval_tokens)
+    lm_metrics = lm_eval(sae, out / "lm_sae", n_tokens=sizes.lm_eval_tokens, progress=True)
     summary["lm_sae"] = {"dir": str(out / "lm_sae"), "hook": DEMO_HOOK, "d_sae": sae_cfg.d_sae}
     summary["lm_sae"] |= lm_metrics.to_dict()
     summary["seconds"]["lm_sae"] = _done(started)

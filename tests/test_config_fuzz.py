@@ -93,48 +93,33 @@ def _mutated_copy(source: Path, tmp: Path, name: str, data: dict) -> Path:
     return folder
 
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def _use_sae(folder: Path) -> None:
+    sae = load_sae(folder)
+    assert torch.isfinite(sae.encode(torch.ones(2, sae.cfg.d_in, dtype=sae.W_enc.dtype))).all()  # loaded = works
 
 
-@SETTINGS
-@given(data=st.data())
-def test_a_mutated_sae_config_loads_or_is_one_line(saved, tmp_path: Path, data) -> None:
-    original = json.loads((saved["sae"] / "cfg.json").read_text())
-    folder = _mutated_copy(saved["sae"], tmp_path, "cfg.json", data.draw(mutations(original)))
-    try:
-        sae = load_sae(folder)
-    except SaelabError as error:
-        _one_line(error)
-        return
-    latents = sae.encode(torch.ones(2, sae.cfg.d_in, dtype=sae.W_enc.dtype))  # what loads also works
-    assert torch.isfinite(latents).all()
-
-
-@SETTINGS
-@given(data=st.data())
-def test_a_mutated_toy_config_loads_or_is_one_line(saved, tmp_path: Path, data) -> None:
-    original = json.loads((saved["toy"] / "cfg.json").read_text())
-    folder = _mutated_copy(saved["toy"], tmp_path, "cfg.json", data.draw(mutations(original)))
-    try:
-        model, _ = load_toy_model(folder)
-    except SaelabError as error:
-        _one_line(error)
-        return
+def _use_toy(folder: Path) -> None:
+    model, _ = load_toy_model(folder)
     assert torch.isfinite(model.hidden(model.generate_batch(4))).all()
 
 
-@SETTINGS
+def _use_cache(folder: Path) -> None:
+    assert all(batch.shape[0] == 3 for batch in CachedActivations(folder).next_batches(3).values())
+
+
+@pytest.mark.parametrize(
+    ("kind", "file", "use"), [("sae", "cfg.json", _use_sae), ("toy", "cfg.json", _use_toy),
+                              ("cache", "manifest.json", _use_cache)]
+)  # fmt: skip
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_a_mutated_cache_manifest_loads_or_is_one_line(saved, tmp_path: Path, data) -> None:
-    original = json.loads((saved["cache"] / "manifest.json").read_text())
-    folder = _mutated_copy(saved["cache"], tmp_path, "manifest.json", data.draw(mutations(original)))
+def test_a_mutated_config_or_manifest_loads_or_is_one_line(saved, tmp_path: Path, kind, file, use, data) -> None:
+    original = json.loads((saved[kind] / file).read_text())
+    folder = _mutated_copy(saved[kind], tmp_path, file, data.draw(mutations(original)))
     try:
-        cache = CachedActivations(folder)
-        batches = cache.next_batches(3)
+        use(folder)
     except SaelabError as error:
         _one_line(error)
-        return
-    assert all(batch.shape[0] == 3 for batch in batches.values())
 
 
 def test_typed_validation_refuses_what_json_makes_easy_to_get_wrong(saved, tmp_path: Path) -> None:

@@ -30,9 +30,12 @@ def _assert_figures(directory: Path, names: list[str]) -> None:
         data = (directory / name).read_bytes()
         if name.endswith(".png"):
             assert data.startswith(PNG_MAGIC) and len(data) > 5_000, name
-        else:  # self-contained: plotly.js inlined, no <script src=...> to fetch from a CDN
+        else:  # offline: the one script it loads is the folder's own shared copy of plotly.js, no CDN
             text = data.decode()
-            assert len(text) > 1_000_000 and re.search(r"<script[^>]*\bsrc=", text) is None, name
+            assert re.findall(r"<script[^>]*\bsrc=\"([^\"]*)\"", text) == ["plotly.min.js"], name
+            assert len(text) < 100_000, name  # the library is not embedded in every figure
+            library = (directory / "plotly.min.js").read_text()
+            assert len(library) > 1_000_000 and "plotly" in library[:2000].lower()
 
 
 def test_train_then_analyze(tmp_path: Path) -> None:
@@ -42,7 +45,7 @@ def test_train_then_analyze(tmp_path: Path) -> None:
     assert f"wrote {out}" in printed and printed.count(" p=") == 3
     figures = ["features_2d.png", "wtw.png", "loss_vs_importance.png", "dimensionality.png", "dimensionality.html"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["cfg.json", "model.safetensors", "analysis.json", "history.json", *figures]
+        ["cfg.json", "model.safetensors", "analysis.json", "history.json", "plotly.min.js", *figures]
     )
     _assert_figures(out, figures)
     model, train_cfg = load_toy_model(out)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from saelab.errors import SaelabError
 from saelab.models.access import BUILTIN, LanguageModel, load_model, sae_replacement, zero_ablation
@@ -70,6 +71,7 @@ def lm_eval(
     device: str = "cpu",
     model_batch_size: int = 8,
     context_length: int | None = None,
+    progress: bool = False,
 ) -> LMEvalResult:
     """CE loss clean / with the SAE / zero-ablated, CE loss recovered, KL score and reconstruction metrics.
 
@@ -104,7 +106,8 @@ def lm_eval(
         captured["x"] = x
         return x
 
-    for start in range(0, n_contexts, model_batch_size):
+    batches = range(0, n_contexts, model_batch_size)
+    for start in tqdm(batches, desc="LM evals", unit="batch", disable=not progress, dynamic_ncols=True):
         tokens = contexts.next(min(model_batch_size, n_contexts - start)).to(model.device)
         regular = model.regular_positions(tokens)  # [batch, pos]
         counted = regular[:, :-1] & regular[:, 1:]  # [batch, pos − 1]: the predictions that count

@@ -44,7 +44,12 @@ def toy_sae_configs(
 
 
 def run_toy_recovery(
-    toy_dir: str | Path, out_dir: str | Path, quick: bool = False, instance: int = 0, seed: int = 0
+    toy_dir: str | Path,
+    out_dir: str | Path,
+    quick: bool = False,
+    instance: int = 0,
+    seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Train the five architectures on instance `instance` of the toy model in `toy_dir`; report recovery.
 
@@ -56,7 +61,7 @@ def run_toy_recovery(
     train_cfg = SAETrainConfig(
         steps=1000 if quick else 3000, batch_size=1024, lr=3e-3, dead_after_tokens=200_000, seed=seed
     )
-    saes = train_saes(source, configs, train_cfg, out=out_dir, progress=False, inputs=(Path(toy_dir),))
+    saes = train_saes(source, configs, train_cfg, out=out_dir, progress=progress, inputs=(Path(toy_dir),))
     results = {}
     for sae_cfg, sae in zip(configs, saes, strict=True):
         metrics = evaluate_sae(sae, ToySource(toy_dir, instance, EVAL_SEED), tokens=32768)

@@ -229,7 +229,9 @@ def _train(
         state = _fresh_state(source, sae_configs, cfg, device, streams)
     log = _open_log(out, state.step) if out is not None and rank == 0 else None
 
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress or rank > 0, desc="sae", dynamic_ncols=True)
+    names = ", ".join(labels[:3]) + (", …" if len(labels) > 3 else "")
+    what = f"training {len(state.saes)} SAE{'s' if len(state.saes) > 1 else ''} ({names})"
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress or rank > 0, desc=what, dynamic_ncols=True)
     try:
         for step in range(state.step, cfg.steps):
             lr, sparsity_scale = cfg.lr_at(step), cfg.sparsity_scale_at(step)

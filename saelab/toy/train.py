@@ -51,7 +51,8 @@ def train_toy_model(
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True if fast else None)
     history: list[dict[str, float]] = []
-    bar = tqdm(range(cfg.steps), disable=not progress, desc="toy model", dynamic_ncols=True)
+    what = f"toy models ({model.cfg.n_instances} × {model.cfg.n_features} features in {model.cfg.d_hidden} dims)"
+    bar = tqdm(range(cfg.steps), disable=not progress, desc=what, dynamic_ncols=True)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(cfg.lr_schedule, step, cfg.steps)
