@@ -111,7 +111,7 @@ def _use_cache(folder: Path) -> None:
     ("kind", "file", "use"), [("sae", "cfg.json", _use_sae), ("toy", "cfg.json", _use_toy),
                               ("cache", "manifest.json", _use_cache)]
 )  # fmt: skip
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_a_mutated_config_or_manifest_loads_or_is_one_line(saved, tmp_path: Path, kind, file, use, data) -> None:
     original = json.loads((saved[kind] / file).read_text())

@@ -31,7 +31,7 @@ def test_the_quick_demo_runs_every_stage(tmp_path: Path) -> None:
     assert float(printed["CE loss, zero-ablated"]) == pytest.approx(lm["ce_loss_with_ablation"], abs=1e-4)
     assert lm["ce_loss_with_ablation"] > lm["ce_loss_with_sae"] > lm["ce_loss_clean"] > 0
     assert 0 < lm["ce_loss_recovered"] <= 1
-    assert set(summary["toy_sae"]) == {"relu", "topk", "batchtopk", "jumprelu", "gated"}
+    assert len(summary["toy_sae"]) >= 5 and all(0 < r["mmcs"] <= 1 for r in summary["toy_sae"].values())
     load_toy_model(out / "toy" / "pentagon")
     load_sae(out / "lm_sae")
     assert (out / "dashboard" / "index.html").is_file()
