@@ -8,6 +8,7 @@ a full disk or a read-only folder, running out of memory) into a one-line messag
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -80,13 +81,16 @@ def main() -> None:
         print("saelab: aborted", file=sys.stderr)
         sys.exit(130)
     except OSError as err:  # a full disk, a read-only folder, a path under a file, a port in use, ...
+        if os.environ.get("SAELAB_DEBUG"):
+            raise
         print(f"saelab: error: {describe_os_error(err)}", file=sys.stderr)
         sys.exit(2)
     except MemoryError:
         print(f"saelab: error: {OUT_OF_MEMORY}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as err:  # torch reports a failed allocation as a RuntimeError
-        if not any(sign in str(err) for sign in ("can't allocate memory", "out of memory", "not enough memory")):
+        signs = ("can't allocate memory", "out of memory", "not enough memory")
+        if os.environ.get("SAELAB_DEBUG") or not any(sign in str(err) for sign in signs):
             raise
         print(f"saelab: error: {OUT_OF_MEMORY} ({str(err).splitlines()[0][:160]})", file=sys.stderr)
         sys.exit(2)
