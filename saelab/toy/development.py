@@ -307,16 +307,19 @@ def plot_sgld_traces(trace: torch.Tensor, report: dict[str, Any], instances: lis
 
 
 def plot_plateaus(report: dict[str, Any], W: torch.Tensor, model: ToyModel, instances: list[int], path: Path) -> None:
-    """The features in 2D at the last snapshot of every stretch with one k-gon (a plateau), per instance."""
+    """The features in 2D at the last snapshot of every regular k-gon plateau, and at the end, per instance."""
+    rows = report["snapshots"]
+    steps = [row["step"] for row in rows]
     panels, titles, importance = [], [], []
     for i in instances:
-        cells = [row["instances"][i] for row in report["snapshots"]]
-        for index, cell in enumerate(cells):
-            if index == len(cells) - 1 or cells[index + 1]["kgon"] != cell["kgon"]:
-                panels.append(W[index, i])
-                step = report["snapshots"][index]["step"]
-                titles.append(f"#{i} step {step}: {cell['kgon']}, λ̂ {cell['llc']}")
-                importance.append(model.importance[i].detach().cpu())
+        ends = [stretch["step"] for stretch in plateaus(rows, i)]
+        for step in sorted({*ends, steps[-1]}):
+            index = steps.index(step)
+            cell = rows[index]["instances"][i]
+            llc = "n/a" if cell["llc"] is None else f"{cell['llc']:.3g}"
+            panels.append(W[index, i])
+            titles.append(f"#{i} step {step}\n{cell['kgon']}, λ̂ {llc}")
+            importance.append(model.importance[i].detach().cpu())
     plot_features_2d(torch.stack(panels), path, torch.stack(importance), titles, max_panels=len(panels))
 
 
