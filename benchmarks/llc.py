@@ -5,7 +5,8 @@ for the 6-feature / 2-dimension toy model of Chen et al. (18 parameters per inst
 (4 chains × 600 steps, minibatch 100):
 
 - `devinterp loop`: for each instance and chain, a single-instance ToyModel, `devinterp.optim.SGLD` and autograd
-  through the plain model — what one writes with devinterp (the reference; timed on a few instances, per instance);
+  through the plain model — what one writes with devinterp (the reference; one chain is timed and multiplied by
+  the number of chains, per instance);
 - `saelab batched`: `saelab.toy.llc.toy_llc`, all instances × chains as one batch with hand-derived gradients,
   at 1, 16, 64 and 256 instances.
 
@@ -41,29 +42,29 @@ def saelab_ms(instances: int, cfg: LLCConfig) -> float:
 
 
 def devinterp_ms(instances: int, cfg: LLCConfig) -> float:
+    """Milliseconds per instance for `cfg.chains` chains, from timing one chain per instance."""
     from devinterp.optim.sgld import SGLD
 
     model = model_with(instances)
     data = toy_dataset(model, cfg.n_samples, cfg.seed).permute(2, 0, 1)  # [n, instances, feat]
     start = time.perf_counter()
     for i in range(instances):
-        for _ in range(cfg.chains):
-            single = ToyModel(ToyModelConfig(n_features=6, d_hidden=2, n_instances=1, feature_probability=0.01))
-            with torch.no_grad():
-                single.W.copy_(model.W[i : i + 1])
-                single.b_final.copy_(model.b_final[i : i + 1])
-            rows = data[:, i : i + 1]
-            optimizer = SGLD(single.parameters(), lr=cfg.step_size, localization=cfg.localization, nbeta=cfg.nbeta)
-            losses = []
-            for _ in range(cfg.burnin + cfg.draws):
-                batch = rows[torch.randint(cfg.n_samples, (cfg.batch_size,))]
-                optimizer.zero_grad()
-                loss = single.loss_per_instance(batch).sum()
-                loss.backward()
-                losses.append(loss.detach())
-                optimizer.step()
-            torch.stack(losses).mean().item()
-    return 1000 * (time.perf_counter() - start) / instances
+        single = ToyModel(ToyModelConfig(n_features=6, d_hidden=2, n_instances=1, feature_probability=0.01))
+        with torch.no_grad():
+            single.W.copy_(model.W[i : i + 1])
+            single.b_final.copy_(model.b_final[i : i + 1])
+        rows = data[:, i : i + 1]
+        optimizer = SGLD(single.parameters(), lr=cfg.step_size, localization=cfg.localization, nbeta=cfg.nbeta)
+        losses = []
+        for _ in range(cfg.burnin + cfg.draws):
+            batch = rows[torch.randint(cfg.n_samples, (cfg.batch_size,))]
+            optimizer.zero_grad()
+            loss = single.loss_per_instance(batch).sum()
+            loss.backward()
+            losses.append(loss.detach())
+            optimizer.step()
+        torch.stack(losses).mean().item()
+    return 1000 * cfg.chains * (time.perf_counter() - start) / instances
 
 
 def main() -> None:
@@ -73,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = LLCConfig(draws=20, burnin=5) if args.smoke else LLCConfig()
     batched = (1, 4) if args.smoke else (1, 16, 64, 256)
-    loop_instances = 1 if args.smoke else 2
+    loop_instances = 1
     load = os.getloadavg()[0]
     print(f"LLC estimate per snapshot: {cfg.chains} chains × {cfg.burnin + cfg.draws} SGLD steps, minibatch "
           f"{cfg.batch_size}, 6 features / 2 dims; load average at start {load:.1f}")  # fmt: skip
