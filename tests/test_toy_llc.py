@@ -379,3 +379,22 @@ def test_development_summary_counts_plateau_transitions() -> None:
             "d_llc_sd": 0.0,
         }
     }
+
+
+def test_a_snapshot_far_from_a_minimum_is_flagged() -> None:
+    """At initialisation the chains slide downhill: λ̂ is negative, the loss still falls after the burn-in, and the
+    development summary does not count the point as settled; at a trained optimum λ̂ > 0 and the drift between the
+    halves of 1000 draws is small beside it."""
+    from saelab.toy.development import plateaus
+    from saelab.toy.train import train_toy_model
+
+    model = ToyModel(ToyModelConfig(n_features=5, d_hidden=2, n_instances=3, feature_probability=0.05))
+    model.reset_parameters(torch.Generator().manual_seed(0))
+    cfg = LLCConfig(chains=3, draws=300, burnin=50)
+    start = toy_llc(model, cfg)
+    assert (start.llc_mean < 0).all() and (start.drift < 0).all()
+    cell = {"kgon": "5-gon", "loss": 0.1, "llc": float(start.llc_mean[0]), "stationary": True}
+    assert not plateaus([{"step": 1, "instances": [cell]}], 0)[0]["settled"]
+    train_toy_model(model, ToyTrainConfig(steps=1000, batch_size=256), progress=False)
+    end = toy_llc(model, LLCConfig(chains=3, draws=1000, burnin=100))
+    assert (end.llc_mean > 0).all() and (end.drift.abs() < 0.2 * end.llc_mean).all()
