@@ -5,8 +5,8 @@ for the 6-feature / 2-dimension toy model of Chen et al. (18 parameters per inst
 (4 chains × 600 steps, minibatch 100):
 
 - `devinterp loop`: for each instance and chain, a single-instance ToyModel, `devinterp.optim.SGLD` and autograd
-  through the plain model — what one writes with devinterp (the reference; one chain is timed and multiplied by
-  the number of chains, per instance);
+  through the plain model — what one writes with devinterp (the reference; the first 300 steps of one chain are
+  timed and scaled to `chains × (burnin + draws)` steps, per instance: its cost per step is constant);
 - `saelab batched`: `saelab.toy.llc.toy_llc`, all instances × chains as one batch with hand-derived gradients,
   at 1, 16, 64 and 256 instances.
 
@@ -42,7 +42,7 @@ def saelab_ms(instances: int, cfg: LLCConfig) -> float:
 
 
 def devinterp_ms(instances: int, cfg: LLCConfig) -> float:
-    """Milliseconds per instance for `cfg.chains` chains, from timing one chain per instance."""
+    """Milliseconds per instance for `cfg.chains` chains, from timing up to 300 steps of one chain per instance."""
     from devinterp.optim.sgld import SGLD
 
     model = model_with(instances)
@@ -56,7 +56,8 @@ def devinterp_ms(instances: int, cfg: LLCConfig) -> float:
         rows = data[:, i : i + 1]
         optimizer = SGLD(single.parameters(), lr=cfg.step_size, localization=cfg.localization, nbeta=cfg.nbeta)
         losses = []
-        for _ in range(cfg.burnin + cfg.draws):
+        timed = min(cfg.burnin + cfg.draws, 300)
+        for _ in range(timed):
             batch = rows[torch.randint(cfg.n_samples, (cfg.batch_size,))]
             optimizer.zero_grad()
             loss = single.loss_per_instance(batch).sum()
@@ -64,7 +65,8 @@ def devinterp_ms(instances: int, cfg: LLCConfig) -> float:
             losses.append(loss.detach())
             optimizer.step()
         torch.stack(losses).mean().item()
-    return 1000 * cfg.chains * (time.perf_counter() - start) / instances
+    scale = cfg.chains * (cfg.burnin + cfg.draws) / timed
+    return 1000 * scale * (time.perf_counter() - start) / instances
 
 
 def main() -> None:
