@@ -178,7 +178,7 @@ def llc(
     directory: Path = typer.Argument(
         ..., help="A folder written by `saelab toy train` (with --snapshots N to follow training)."
     ),
-    out: Path | None = typer.Option(None, help="Results folder [default: DIRECTORY_llc beside it]."),
+    out: Path | None = typer.Option(None, help="Results folder (default: DIRECTORY_llc beside it)."),
     samples: int = typer.Option(LLCConfig.n_samples, help="n: rows in the dataset D_n (nβ = n / log n)."),
     batch_size: int = typer.Option(LLCConfig.batch_size, help="m: rows per SGLD step."),
     chains: int = typer.Option(LLCConfig.chains, help="SGLD chains per instance."),
@@ -187,7 +187,7 @@ def llc(
     step_size: float = typer.Option(LLCConfig.step_size, help="SGLD step size ε."),
     localization: float = typer.Option(LLCConfig.localization, help="Pull γ towards the snapshot's weights."),
     seed: int = typer.Option(0, help="Seed for D_n and the chains."),
-    instances: str | None = typer.Option(None, help="Comma-separated instances to draw [default: the first 16]."),
+    instances: str | None = typer.Option(None, help="Comma-separated instances to draw (default: the first 16)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out that saelab did not write."),
 ) -> None:
