@@ -96,6 +96,16 @@ def test_a_sweep_trains_each_sae_exactly_as_a_run_of_its_own(tmp_path: Path) -> 
     assert {r["sae"] for r in read_log(tmp_path)} == {"topk_k1", "topk_k3"}
 
 
+def test_without_an_lr_each_architecture_trains_at_its_own_default(tmp_path: Path) -> None:
+    configs = [SAEConfig("topk", 8, 32, k=2), SAEConfig("relu", 8, 32)]
+    train_saes(_source(), configs, _cfg(lr=None, steps=10, lr_decay=0.5), out=tmp_path, progress=False)
+    first = {r["sae"]: r["lr"] for r in read_log(tmp_path) if r["step"] == 0}
+    assert first == {"topk_k2": 2e-3, "relu_c5": 4e-4}  # TopKSAE.default_lr and the base SAE's
+    last = {r["sae"]: r["lr"] for r in read_log(tmp_path) if r["step"] == 9}
+    assert last == {"topk_k2": pytest.approx(2e-3 / 5), "relu_c5": pytest.approx(4e-4 / 5)}  # one schedule for both
+    assert load_sae(tmp_path / "topk_k2").saved_info["train"]["lr"] == 2e-3
+
+
 class _CrashingSource:
     """A source that dies (like a killed process) after `batches` batches."""
 

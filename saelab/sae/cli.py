@@ -124,7 +124,9 @@ def train(
     ),
     steps: int = typer.Option(5000, help="Training steps."),
     batch_size: int = typer.Option(4096, help="Activations per step (under torchrun: over all processes)."),
-    lr: float = typer.Option(4e-4, help="Adam learning rate."),
+    lr: float = typer.Option(
+        None, help="Adam learning rate (default: the architecture's; topk family 2e-3, else 4e-4)."
+    ),
     seed: int = typer.Option(0, help="Seed for initialisation and the data stream."),
     normalize: bool = typer.Option(True, help="Scale inputs to E‖x‖ = √d_in while training (folded in at save)."),
     b_dec_init: str = typer.Option("geometric_median", help="geometric_median | mean | zeros."),

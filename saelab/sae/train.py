@@ -65,11 +65,14 @@ SAE_RUN = OutputKind("saelab SAE folder", (CFG_FILE, WEIGHTS_FILE, LOG_FILE, "re
 
 @dataclass
 class SAETrainConfig:
-    """Optimisation settings shared by every SAE of a run. Fractions (`lr_warmup`, …) are of `steps`."""
+    """Optimisation settings shared by every SAE of a run. Fractions (`lr_warmup`, …) are of `steps`.
+
+    `lr` None gives every SAE its architecture's `default_lr`.
+    """
 
     steps: int = 5000
     batch_size: int = 4096
-    lr: float = 4e-4
+    lr: float | None = None
     lr_warmup: float = 0.0
     lr_decay: float = 0.2
     sparsity_warmup: float = 0.05
@@ -94,7 +97,7 @@ class SAETrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SaelabError(f"{name} must be a non-negative integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
             raise SaelabError(f"lr must be a positive number, got {self.lr!r}")
         for name in ("lr_warmup", "lr_decay", "sparsity_warmup"):
             if not 0 <= getattr(self, name) <= 1:
@@ -109,13 +112,19 @@ class SAETrainConfig:
         if self.b_dec_init not in B_DEC_INITS:
             raise SaelabError(f"unknown b_dec_init '{self.b_dec_init}'; choose one of {', '.join(B_DEC_INITS)}")
 
-    def lr_at(self, step: int) -> float:
+    def base_lr(self, sae: SAE) -> float:
+        """The learning rate of `sae` before the schedule: `lr`, else its architecture's default."""
+        return self.lr if self.lr is not None else sae.default_lr
+
+    def lr_at(self, step: int, lr: float | None = None) -> float:
+        """The scheduled learning rate at `step` for the base rate `lr` (default: this config's `lr`)."""
+        lr = self.lr if lr is None else lr
         warmup, decay = round(self.lr_warmup * self.steps), round(self.lr_decay * self.steps)
         if step < warmup:
-            return self.lr * (step + 1) / warmup
+            return lr * (step + 1) / warmup
         if step >= self.steps - decay:
-            return self.lr * (self.steps - step) / decay
-        return self.lr
+            return lr * (self.steps - step) / decay
+        return lr
 
     def sparsity_scale_at(self, step: int) -> float:
         warmup = round(self.sparsity_warmup * self.steps)
@@ -234,7 +243,7 @@ def _train(
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not progress or rank > 0, desc=what, dynamic_ncols=True)
     try:
         for step in range(state.step, cfg.steps):
-            lr, sparsity_scale = cfg.lr_at(step), cfg.sparsity_scale_at(step)
+            sparsity_scale = cfg.sparsity_scale_at(step)
             inputs = _scaled(_read(source, streams, local_batch, step), state.scales, device)
             resample_inputs = None
             if cfg.resamples_at(step):
@@ -242,6 +251,7 @@ def _train(
                 resample_inputs = _scaled(drawn, state.scales, device)
             for i, sae in enumerate(state.saes):
                 x = inputs[streams[i]]
+                lr = cfg.lr_at(step, cfg.base_lr(sae))
                 for group in state.optimizers[i].param_groups:
                     group["lr"] = lr
                 dead = state.since_fired[i] >= cfg.dead_after_tokens
@@ -292,6 +302,7 @@ def _train(
                 "trained_steps": state.step,
             }
             extra["train"]["world_size"] = world_size
+            extra["train"]["lr"] = cfg.base_lr(sae)  # the rate it trained at, also where the architecture chose it
             save_sae(sae, out if len(state.saes) == 1 else out / label, extra)
     if out is None:
         distributed.barrier()
@@ -406,7 +417,7 @@ def _fresh_state(
 
 
 def _adam(sae: SAE, cfg: SAETrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+    return torch.optim.Adam(sae.parameters(), lr=cfg.base_lr(sae), betas=cfg.adam_betas)
 
 
 def initial_b_dec(sample: Tensor, method: str) -> Tensor:
