@@ -61,7 +61,7 @@ seconds = time.perf_counter() - started
 out = Path(args["out"])
 size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.is_dir() else out.stat().st_size
 print("RESULT " + json.dumps({"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                              "bytes": size}))
+                              "bytes": size, **globals().get("extra", {})}))
 """
 
 SAELAB = (
@@ -77,6 +77,14 @@ started = time.perf_counter()
 board = compute_dashboard(lm, sae, tokens, hook, features=args["features"] or None)
 write_site(board, args["out"], {"kind": "lm", "model": "builtin", "hook": hook})
 print("saelab phases", json.dumps(board.meta["seconds"]), file=sys.stderr)
+# Precision of importance per token: the median relative half-width of its interval over latents with density
+# >= 0.5 % (and enough firings to be ranked).
+import statistics
+widths = [(p["importance"]["per_token"]["hi"] - p["importance"]["per_token"]["lo"]) / 2
+          / abs(p["importance"]["per_token"]["mean"]) for p in board.latents
+          if (p["density"] or 0) >= 0.005 and not p["importance"]["too_few"] and p["importance"]["per_token"]["mean"]]
+extra = {"half_width": statistics.median(widths) if widths else None, "dense": len(widths),
+         "gradient_r": board.meta["approximation"]["gradient"].get("pearson_r")}
 """
     + REPORT
 )
@@ -134,7 +142,7 @@ def prepare(work: Path, sae_dir: str | None, d_sae: int, sequences: int, context
     import torch
     from safetensors.torch import save_file
 
-    from saelab.models.data import ContextStream, iter_texts
+    from saelab.models.data import documents, iter_texts, spread_contexts
 
     if smoke:  # a small random model with the built-in architecture family, no trained weights needed
         import itertools
@@ -164,8 +172,8 @@ def prepare(work: Path, sae_dir: str | None, d_sae: int, sequences: int, context
               "positional_embedding_type", "default_prepend_bos")  # fmt: skip
     (work / "model_cfg.json").write_text(json.dumps({name: getattr(model.cfg, name) for name in fields}))
     save_file({k: v.detach().contiguous() for k, v in model.named_parameters()}, str(work / "model.safetensors"))
-    stream = ContextStream(lambda: iter_texts(None, "heldout"), tokenizer, context, tokenizer.bos_token_id)
-    save_file({"tokens": stream.next(sequences)}, str(work / "tokens.safetensors"))
+    tokens, _ = spread_contexts(documents(None, "heldout"), tokenizer, context, tokenizer.bos_token_id, sequences)
+    save_file({"tokens": tokens}, str(work / "tokens.safetensors"))
     if sae_dir is not None:
         import shutil
 
@@ -177,7 +185,7 @@ def prepare(work: Path, sae_dir: str | None, d_sae: int, sequences: int, context
     # A random ReLU SAE with encoder = decoderᵀ and a bias giving about 1 % density on these activations.
     d_model = model.cfg.d_model
     sae = build_sae(SAEConfig(architecture="relu", d_in=d_model, d_sae=d_sae), torch.Generator().manual_seed(0))
-    x = model.run_with_cache(stream.next(8), names_filter=hook)[1][hook].reshape(-1, d_model)
+    x = model.run_with_cache(tokens[:8], names_filter=hook)[1][hook].reshape(-1, d_model)
     with torch.no_grad():
         pre = (x - sae.b_dec) @ sae.W_enc
         sae.b_enc.copy_(-torch.quantile(pre[:, :512].flatten(), 0.99))
@@ -233,7 +241,8 @@ def main() -> None:
         prepare(work, args.sae, args.d_sae, args.sequences, args.context, args.smoke)
         d_sae = json.loads((work / "sae" / "cfg.json").read_text())["d_sae"]
         print(f"{args.sequences} sequences × {args.context} tokens, {args.features} of {d_sae} latents")
-        print(f"{'tool':<20} {'threads':>7} {'compute s':>10} {'process s':>10} {'peak MB':>9} {'output MB':>10}")
+        print(f"{'tool':<20} {'threads':>7} {'compute s':>10} {'process s':>10} {'peak MB':>9} {'output MB':>10}  "
+              "importance interval (saelab)")  # fmt: skip
         rows = [(name, python, code, out, args.features) for name, python, code, out in tools]
         if not args.skip_all_latents:
             rows.append((f"saelab, all {d_sae}", sys.executable, SAELAB, "site_all", 0))
@@ -244,8 +253,12 @@ def main() -> None:
                 if "error" in result:
                     print(f"{name:<20} {threads:>7}  failed: {result['error']}")
                     continue
+                width = ""
+                if result.get("half_width") is not None:
+                    width = (f"  median relative half-width {result['half_width']:.1%} over {result['dense']} latents "
+                             f"with density >= 0.5 %; gradient vs exact total r = {result['gradient_r']}")  # fmt: skip
                 print(f"{name:<20} {threads:>7} {result['seconds']:>10.2f} {result['process_seconds']:>10.2f} "
-                      f"{result['peak_mb']:>9.0f} {result['bytes'] / 1e6:>10.2f}")  # fmt: skip
+                      f"{result['peak_mb']:>9.0f} {result['bytes'] / 1e6:>10.2f}{width}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ def run_demo(out: str | Path, quick: bool = False, overwrite: bool = False) -> d
 
 def _run_demo(out: Path, quick: bool) -> dict[str, Any]:
     from saelab.dashboard.cli import build_dashboard
+    from saelab.dashboard.compute import Top
     from saelab.models.evals import lm_eval
     from saelab.models.store import build_lm_source
     from saelab.sae.model import SAEConfig
@@ -110,11 +111,11 @@ def _run_demo(out: Path, quick: bool) -> dict[str, Any]:
     ):
         print(f"      {label:<22} {'undefined' if value is None else f'{value:.4f}'}")
 
-    started = _stage(4, f"Feature dashboard for the first {sizes.dashboard_latents} latents")
+    started = _stage(4, f"Feature dashboard for the {sizes.dashboard_latents} most important latents")
     index = build_dashboard(
         out / "lm_sae",
         out / "dashboard",
-        features=sizes.dashboard_latents,
+        features=Top(sizes.dashboard_latents),
         n_sequences=sizes.dashboard_sequences,
         progress=True,
     )

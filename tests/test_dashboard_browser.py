@@ -6,6 +6,8 @@ Skipped only when /usr/bin/chromium is absent (CI installs it).
 
 from __future__ import annotations
 
+import copy
+import json
 import threading
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from dashboard_helpers import (
     TinySAE,
     brute_acts,
     brute_dce,
+    brute_final,
     make_adversarial_tokens,
     make_model,
     make_tokenizer,
@@ -28,6 +31,7 @@ from saelab.dashboard.export import export_html
 from saelab.dashboard.live import PromptAnalyzer
 from saelab.dashboard.server import make_server
 from saelab.dashboard.site import read_data_script, write_site
+from saelab.dashboard.text import token_strings
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")
@@ -145,9 +149,17 @@ def test_values_on_the_page_match_brute_force(world, browser):
         )
         assert int(rows["position"]) == pos
         assert abs(float(rows["activation"]) - acts[pos].item()) <= 1e-3 * max(1, acts[pos].item())
-        if "ΔCE exact" in rows:
+        if "ΔCE here (exact)" in rows:
             expected = brute_dce(lm, sae, row, pos, j)
-            assert abs(float(rows["ΔCE exact"]) - expected) <= 2e-3 * max(1, abs(expected))
+            assert abs(float(rows["ΔCE here (exact)"]) - expected) <= 2e-3 * max(1, abs(expected))
+            # The next token, and the logit change the latent makes for it through the final norm.
+            next_token = token_strings(world["tok"], row.tolist())[pos + 1]
+            assert rows["next token"] == json.dumps(next_token, ensure_ascii=False)
+            x = brute_final(lm, row)[pos]
+            d = acts[pos] * sae.W_dec[j].detach()
+            change = lm.model.ln_final(x[None]) - lm.model.ln_final((x - d)[None])
+            expected_logit = (change[0] @ lm.model.W_U.detach()[:, row[pos + 1]]).item()
+            assert abs(float(rows["its logit change"]) - expected_logit) <= 2e-3 * max(1, abs(expected_logit))
             checked += 1
     assert checked >= 2
     tab.assert_clean()
@@ -173,6 +185,49 @@ def test_live_view_runs_the_model_and_shows_the_prompt_as_written(world, browser
     assert abs(act - brute_acts(lm, sae, ids)[position, latent].item()) <= 1e-3
     expected = brute_dce(lm, sae, ids, position, latent)
     assert abs(dce - expected) <= 2e-3 * max(1, abs(expected))
+    # The selected latent's row is marked; a ΔCE colouring; the result survives leaving and coming Back.
+    assert tab.page.locator("#live-output tr.selected").count() == 1
+    tab.page.select_option("#live-output select", "loss")
+    tab.page.goto(world["server"].url + "#/")
+    tab.page.wait_for_selector("table.latents tbody tr")
+    tab.page.go_back()
+    tab.page.wait_for_selector("#live-output .tok")
+    assert tab.page.eval_on_selector_all("#live-output .window .tok", "ts => ts.map(t => t.textContent)") == texts
+    assert tab.page.input_value("#live-output select") == "loss"
+    tab.assert_clean()
+
+
+def test_page_fixes_seen_as_a_new_user_would(world, browser, tmp_path):
+    """Control characters as escapes, links to latents without a page, windows that open to more context,
+    index headers that explain themselves and sort from the keyboard, "too few firings" ranked last."""
+    board = copy.deepcopy(world["board"])
+    keep = [p["id"] for p in board.latents[:4]]
+    board.latents = [p for p in board.latents if p["id"] in keep]
+    board.meta["latents"] = keep
+    window = board.latents[0]["windows"]["top"][0]
+    window["tokens"][0] = "a\x07b\x7f"
+    site = write_site(board, tmp_path / "site", {"kind": "lm", "hook": HOOK})
+    tab = Page(browser, (site / "index.html").as_uri() + f"#/latent/{keep[0]}")
+    tab.page.wait_for_selector(".window")
+    first = tab.page.locator(".window").first
+    assert first.locator(".tok").first.text_content() == "a\\x07b\\x7f"
+    context = first.locator(".ctx")
+    assert context.count() == len(window["before"]) + len(window["after"]) > 0
+    assert context.first.is_hidden()
+    first.click()
+    assert "expanded" in first.get_attribute("class") and context.first.is_visible()
+    no_page = tab.page.locator(".no-page")
+    assert no_page.count() >= 1 and "(no page)" in no_page.first.text_content()
+    tab.page.goto((site / "index.html").as_uri())
+    tab.page.wait_for_selector("table.latents tbody tr")
+    header = tab.page.locator("th[data-key='totalLo']")
+    assert "lower end" in header.get_attribute("title")
+    header.focus()
+    tab.page.keyboard.press("Enter")
+    assert "sorted" in tab.page.locator("th[data-key='totalLo']").get_attribute("class")
+    shown = [int(t.lstrip("#")) for t in tab.page.locator("table.latents tbody tr td:first-child").all_text_contents()]
+    too_few = {p["id"] for p in board.latents if p["importance"]["too_few"]}
+    assert [i for i in shown if i in too_few] == shown[len(shown) - len(too_few) :]  # last, whatever the sort
     tab.assert_clean()
 
 

@@ -11,7 +11,7 @@ from models_helpers import LinearSAE, save_gpt2
 
 from saelab.errors import SaelabError
 from saelab.models.access import load_model
-from saelab.models.data import ContextStream, iter_texts
+from saelab.models.data import documents, spread_contexts
 from saelab.models.evals import lm_eval
 
 HOOK = "blocks.0.hook_resid_post"
@@ -44,7 +44,7 @@ def test_metrics_match_an_independent_computation(lm, dataset):
     metrics = evaluate(sae, lm, dataset, model_batch_size=5)
 
     n_contexts = math.ceil(TOKENS / (LENGTH - 1))
-    tokens = ContextStream(lambda: iter_texts(dataset, "heldout"), lm.tokenizer, LENGTH, 0).next(n_contexts)
+    tokens, _ = spread_contexts(documents(dataset, "heldout"), lm.tokenizer, LENGTH, 0, n_contexts, seed=0)
     keep = (tokens != 0)[..., None]  # BOS (id 0, also padding) keeps its clean activation
     model = lm.model
     splice = {

@@ -12,7 +12,7 @@ from models_helpers import LinearSAE, corpus, make_tl_model, save_gpt2, write_co
 
 from saelab.errors import SaelabError
 from saelab.models.access import LanguageModel, load_model, sae_replacement, zero_ablation
-from saelab.models.data import ContextStream, iter_texts
+from saelab.models.data import ContextStream, Documents, documents, iter_texts, spread_contexts
 
 HOOKS = [
     "blocks.0.hook_resid_pre",
@@ -230,3 +230,64 @@ def test_ranks_read_disjoint_interleaved_contexts(tokenizer):
         stream(tokenizer, texts, length=1)
     with pytest.raises(SaelabError, match="no documents"):
         stream(tokenizer, []).next(1)
+
+
+def test_documents_read_by_number_are_the_datasets_documents(tmp_path):
+    folder = write_corpus(tmp_path / "data")
+    docs = documents(str(folder))
+    assert isinstance(docs, Documents) and list(docs) == corpus()
+    assert [docs.name(i) for i in range(len(docs))][:1] == ["doc0.txt"] and docs.name(len(docs) - 1).startswith(
+        "rest.jsonl:"
+    )
+    builtin = documents(None, "heldout")
+    assert len(builtin) > 5 and builtin[0] == next(iter_texts(None, "heldout"))
+
+
+def small_documents(folder: Path) -> Documents:
+    """Nine short documents, six files and three JSON lines, so that a few dozen contexts span epochs."""
+    folder.mkdir()
+    snippets = [f"def f{i}(x):\n    return x + {i}\n" * (1 + i % 3) for i in range(9)]
+    for i, text in enumerate(snippets[:6]):
+        (folder / f"doc{i}.txt").write_text(text)
+    (folder / "more.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in snippets[6:]))
+    return documents(str(folder))
+
+
+def test_documents_are_read_in_a_seeded_order_reshuffled_every_epoch_and_resume_exactly(tokenizer, tmp_path):
+    docs = small_documents(tmp_path / "data")
+    bos = tokenizer.bos_token_id
+    first = ContextStream(docs, tokenizer, 16, bos, seed=5)
+    orders = [first.order(epoch) for epoch in range(3)]
+    assert all(sorted(order) == list(range(len(docs))) for order in orders)
+    assert orders[0] != orders[1] != orders[2] and ContextStream(docs, tokenizer, 16, bos, seed=6).order(0) != orders[0]
+    # Epoch 0's tokens are the documents in that order, each followed by BOS.
+    expected = [t for i in orders[0] for t in [*tokenizer.encode(docs[i], add_special_tokens=False), bos]]
+    n = len(expected) // 15 + 1
+    body = first.next(n)[:, 1:].flatten().tolist()
+    assert body[: len(expected)] == expected
+    assert first.documents[0] == [orders[0][0]] and first.epochs[-1] == 1
+    # Resuming from any saved position reads exactly what an uninterrupted stream reads, across epochs.
+    stream = ContextStream(docs, tokenizer, 16, bos, seed=5)
+    for step in (1, 7, n - 2):
+        stream.next(step)
+        state = json.loads(json.dumps(stream.state_dict()))
+        expected = stream.next(2 * n)
+        resumed = ContextStream(docs, tokenizer, 16, bos, seed=5)
+        resumed.load_state_dict(state)
+        assert torch.equal(resumed.next(2 * n), expected)
+
+
+def test_spread_contexts_are_a_seeded_random_subset_of_one_epoch(tokenizer, tmp_path):
+    docs = small_documents(tmp_path / "data")
+    bos = tokenizer.bos_token_id
+    every, sources = spread_contexts(docs, tokenizer, 16, bos, 10**6, seed=2)
+    stream = ContextStream(docs, tokenizer, 16, bos, seed=2)
+    whole = stream.next(len(every) + 1)
+    assert torch.equal(whole[: len(every)], every) and stream.epochs[len(every)] == 1  # all of epoch 0, no more
+    some, some_sources = spread_contexts(docs, tokenizer, 16, bos, 12, seed=2)
+    rows = [next(i for i in range(len(every)) if torch.equal(every[i], row)) for row in some]
+    assert len(some) == 12 and rows == sorted(rows) and rows != list(range(12))  # spread out, in stream order
+    assert some_sources == [sources[i] for i in rows]
+    assert not torch.equal(spread_contexts(docs, tokenizer, 16, bos, 12, seed=3)[0], some)
+    with pytest.raises(SaelabError, match="not one whole context"):
+        spread_contexts(docs, tokenizer, 2000, bos, 1)

@@ -12,26 +12,33 @@ from pathlib import Path
 
 import typer
 
-from saelab.dashboard.compute import DashboardConfig, compute_dashboard, sae_metadata
-from saelab.dashboard.site import SITE_FOLDER, read_site, write_site
+from saelab.dashboard.compute import DashboardConfig, Top, compute_dashboard, sae_metadata
+from saelab.dashboard.site import SITE_FOLDER, ScannedTokens, read_site, write_site
 from saelab.errors import SaelabError
 from saelab.io import check_output, existing_paths
 
 MAX_FEATURE_IDS = 2**24  # more latents than any SAE has; a longer list is a typo, not a request
 
 
-def parse_features(text: str | None) -> int | list[int] | None:
-    """'64' → the first 64 latents; '0,5,17' or '10-20' (inclusive) → those ids; None → all."""
+def parse_features(text: str | None) -> int | list[int] | Top | None:
+    """'64' → the first 64 latents; '0,5,17' or '10-20' (inclusive) → those ids; 'top:N' (optionally followed by
+    ',ids') → the N most important latents and those ids; None → all."""
     if text is None or text.strip().lower() in ("", "all"):
         return None
     text = text.strip()
     if text.isdigit():
         return int(text)
+    top = re.fullmatch(r"top:(\d+)\s*(?:,(.*))?", text)
+    if top:
+        named = parse_features(top.group(2)) if top.group(2) else []
+        if not isinstance(named, list) or int(top.group(1)) < 1:
+            raise SaelabError(f"--features '{text}': use top:N with N >= 1, optionally followed by ids like ,5,17")
+        return Top(int(top.group(1)), named)
     ids: list[int] = []
     for part in text.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if match is None:
-            raise SaelabError(f"--features '{text}': use a count N, ids like 0,5,17, or ranges like 10-20")
+            raise SaelabError(f"--features '{text}': use a count N, top:N, ids like 0,5,17, or ranges like 10-20")
         lo, hi = int(match.group(1)), int(match.group(2) or match.group(1))
         if hi < lo:
             raise SaelabError(f"--features range {lo}-{hi} is empty; write the smaller id first")
@@ -46,7 +53,7 @@ def build_dashboard(
     out: Path | str,
     model: str | None = None,
     dataset: str | None = None,
-    features: int | list[int] | None = None,
+    features: int | list[int] | Top | None = None,
     n_sequences: int = 512,
     context: int = 128,
     hook: str | None = None,
@@ -71,6 +78,7 @@ def build_dashboard(
     sae = load_sae(sae_dir, device)
     metadata = sae_metadata(sae)
     source = str(metadata.get("source") or "")
+    scanned = None  # toy dashboards draw fresh samples: no token contexts to keep
     if source.startswith("toy:"):
         from saelab.dashboard.toy import compute_toy_dashboard, parse_toy_source
         from saelab.toy.model import load_toy_model
@@ -82,19 +90,24 @@ def build_dashboard(
         info = {"kind": "toy", "sae_dir": str(sae_dir), "model": source, "hook": "hidden"}
     else:
         from saelab.models.access import load_model
-        from saelab.models.data import ContextStream, iter_texts
+        from saelab.models.data import Documents, documents, spread_contexts
 
         model_name = model or metadata.get("model_name") or "builtin"
         lm = load_model(model_name, device)
         hook = hook or metadata.get("hook_name")
         n_ctx = getattr(getattr(lm.model, "cfg", None), "n_ctx", None)
         length = min(context, n_ctx) if n_ctx else context
-        stream = ContextStream(lambda: iter_texts(dataset, "heldout"), lm.tokenizer, length, lm.bos_token_id)
-        tokens = stream.next(n_sequences)
+        docs = documents(dataset, "heldout")
+        seed = cfg.seed if cfg else 0
+        tokens, sources = spread_contexts(docs, lm.tokenizer, length, lm.bos_token_id, n_sequences, seed)
         board = compute_dashboard(lm, sae, tokens, hook, features, cfg, progress)
+        used = sorted({d for docs in sources for d in docs if d >= 0})
+        names = [docs.name(d) if isinstance(docs, Documents) else f"document {d}" for d in used]
+        board.meta["tokens"] |= {"split": "heldout", "seed": seed, "documents": len(used)}
         info = {"kind": "lm", "sae_dir": str(sae_dir), "model": model_name, "hook": board.meta["hook"],
                 "dataset": dataset, "device": device}  # fmt: skip
-    write_site(board, out, info, inputs, overwrite)
+        scanned = ScannedTokens(tokens, names, [[used.index(d) for d in ds if d >= 0] for ds in sources])
+    write_site(board, out, info, inputs, overwrite, scanned)
     return Path(out) / "index.html"
 
 
@@ -105,13 +118,17 @@ def dashboard(
     model: str = typer.Option(None, help="Model name or folder; default: the model in the SAE's cfg.json."),
     dataset: str = typer.Option(None, help="Text files/folder or dataset name; default: built-in held-out corpus."),
     features: str = typer.Option(
-        None, help="Latents: a count N (the first N), ids 0,5,17 or ranges 10-20; default all."
+        None,
+        help="Latents: top:N (the N most important by the cheap estimate, plus any ids after it: top:50,3,17), a "
+        "count N (the first N), ids 0,5,17 or ranges 10-20; default all.",
     ),
     hook: str = typer.Option(None, help="Hook name; default: the SAE's metadata.hook_name."),
     sequences: int = typer.Option(512, help="Number of token sequences to scan."),
     context: int = typer.Option(128, help="Tokens per sequence (BOS included)."),
     exact_firings: int = typer.Option(
-        64, help="Firings per latent whose total ΔCE is computed exactly (a uniform sample corrects the estimate)."
+        None,
+        help="Firings per latent whose total ΔCE is computed exactly (a uniform sample corrects the estimate); "
+        "default 64 for up to 256 latents, fewer (at least 8) for more.",
     ),
     top_windows: int = typer.Option(10, help="Top-activation windows per latent."),
     device: str = typer.Option("cpu", help="cpu, cuda, …"),

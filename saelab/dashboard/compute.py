@@ -43,6 +43,8 @@ from saelab.dashboard.text import token_label, token_strings
 from saelab.errors import SaelabError
 
 ENCODE_FLOATS = 4 * 2**20  # latent activations encoded at once (16 MB)
+EXACT_TOTAL = 16384  # exact total-ΔCE firings for all latents together, by default
+MORE_BEFORE, MORE_AFTER = 24, 12  # tokens of extra context a window shows when clicked
 
 
 @dataclass
@@ -54,7 +56,9 @@ class DashboardConfig:
     windows_per_interval: int = 3  # ... with this many windows sampled from each
     context_before: int = 12  # tokens shown before a window's centre
     context_after: int = 4  # and after it
-    exact_firings: int = 64  # firings per latent whose total ΔCE is computed exactly (a uniform sample if more)
+    # Firings per latent whose total ΔCE is computed exactly (a uniform sample if it fires more often); None: 64
+    # for up to 256 latents, fewer for more (at least 8), so that the exact re-runs cost about the same in total.
+    exact_firings: int | None = None
     confidence: float = 0.95  # of the importance intervals
     min_firings: int = 20  # below this many firings, or firing contexts, importance shows "too few firings"
     min_contexts: int = 5
@@ -67,8 +71,8 @@ class DashboardConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        for name in ("top_windows", "quantile_intervals", "exact_firings", "n_logits", "n_neighbours", "min_firings",
-                     "min_contexts"):  # fmt: skip
+        for name in ("top_windows", "quantile_intervals", "n_logits", "n_neighbours", "min_firings", "min_contexts",
+                     *(("exact_firings",) if self.exact_firings is not None else ())):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SaelabError(f"dashboard {name} must be a positive integer, got {value!r}")
@@ -87,6 +91,9 @@ class DashboardConfig:
     def window(self) -> int:
         return self.context_before + self.context_after + 1
 
+    def exact_budget(self, n_latents: int) -> int:
+        return self.exact_firings or min(64, max(8, EXACT_TOTAL // max(n_latents, 1)))
+
 
 @dataclass
 class Dashboard:
@@ -94,6 +101,15 @@ class Dashboard:
 
     meta: dict[str, Any]
     latents: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Top:
+    """`--features top:N`: the N latents with the largest cheap estimate of importance per token (among those with
+    at least `min_firings` firings), and the `also` named ones."""
+
+    n: int
+    also: list[int] = field(default_factory=list)
 
 
 def select_latents(features: int | list[int] | Tensor | None, d_sae: int) -> Tensor:
@@ -158,7 +174,7 @@ def compute_dashboard(
     sae,
     tokens: Tensor,
     hook: str | None = None,
-    features: int | list[int] | Tensor | None = None,
+    features: int | list[int] | Tensor | Top | None = None,
     cfg: DashboardConfig | None = None,
     progress: bool = False,
 ) -> Dashboard:
@@ -177,14 +193,23 @@ def compute_dashboard(
             "pick the model and hook the SAE was trained on"
         )
     tokens = check_tokens(tokens, len(lm.tokenizer))
-    latents = select_latents(features, sae.cfg.d_sae)
     n_seq, T = tokens.shape
     engine = downstream(lm, hook, fast=cfg.exact == "fast")
+    chosen = "top:" + ",".join(map(str, [features.n, *features.also])) if isinstance(features, Top) else None
+    if isinstance(features, Top):
+        ranking = rank_latents(lm, sae, tokens, hook, cfg, progress)
+        eligible = torch.tensor(ranking["firings"]) >= cfg.min_firings
+        score = torch.tensor([x if x is not None else -math.inf for x in ranking["per_token"]], dtype=torch.float64)
+        score[~eligible] = -math.inf
+        best = score.argsort(descending=True)[: features.n]
+        best = best[score[best] > -math.inf]
+        features = torch.cat([best, select_latents(features.also, sae.cfg.d_sae) if features.also else best[:0]])
+    latents = select_latents(features, sae.cfg.d_sae)
     generator = torch.Generator().manual_seed(cfg.seed)
 
     # ---- pass 1: statistics over every token ------------------------------------------------------------
     acc = StatsAccumulator(
-        latents, sae.cfg.d_sae, n_seq, T, cfg.window, 2 * cfg.top_windows + 4, cfg.exact_firings,
+        latents, sae.cfg.d_sae, n_seq, T, cfg.window, 2 * cfg.top_windows + 4, cfg.exact_budget(len(latents)),
         cfg.corr_tokens, generator,
     )  # fmt: skip
     # The second pass starts at the hooked block from residuals kept here, when they fit in memory.
@@ -192,22 +217,14 @@ def compute_dashboard(
     keep = engine.start_name is not None and n_seq * T * d_model * 4 <= cfg.resid_cache_mb * 2**20
     resid = torch.empty(n_seq, T, d_model) if keep else None
     W_dec = sae.W_dec.detach()
-    # Few sequences per batch: the latent activations [batch, T, d_sae] stay under ENCODE_FLOATS, so they are reused
-    # from the heap and stay in cache, where larger blocks would be freshly mapped (and page-faulted) memory each time.
-    batch_size = max(1, min(cfg.batch_size, ENCODE_FLOATS // (T * max(sae.cfg.d_sae, len(lm.tokenizer)))))
+    batch_size = _batch_size(lm, sae, T, cfg)
     _recycle_large_blocks()
-    for first in tqdm(range(0, n_seq, batch_size), desc="activations", disable=not progress, leave=False):
-        batch = tokens[first : first + batch_size]
-        valid = lm.regular_positions(batch).cpu()
-        eligible = eligible_positions(valid)
-        read = (engine.start_name,) if keep and not engine.hook_is_start else ()
-        found = loss_gradient(lm, hook, batch, eligible, read)
+    read = (engine.start_name,) if keep and not engine.hook_is_start else ()
+    for first, batch, found, acts, estimate in _attributed_batches(lm, sae, tokens, hook, batch_size, read, progress):
         if keep:
             resid[first : first + len(batch)] = found[read[0] if read else "x"].view(len(batch), T, d_model).cpu()
-        acts = _sae_encode(sae, found["x"])
-        # Attribution: the first-order change of the loss summed from each position on, −a_j · W_dec[j] · ∂L/∂x.
-        estimate = -acts * (found["grad"].to(W_dec.device, W_dec.dtype) @ W_dec.T).float()
-        acc.update(acts, first, valid, eligible, estimate)
+        valid = lm.regular_positions(batch).cpu()
+        acc.update(acts, first, valid, eligible_positions(valid), estimate)
     stats = acc.finish(cfg.top_windows, cfg.n_neighbours)
     pass1 = time.perf_counter() - started
 
@@ -215,7 +232,9 @@ def compute_dashboard(
     windows = _choose_windows(stats, cfg)
     eligible = eligible_positions(lm.regular_positions(tokens).cpu())
     effects = _Effects(stats, cfg, windows, eligible, d_model)
-    effects.evaluate(engine, tokens, resid, W_dec.float(), latents, eligible, _seqs_per_run(lm, engine, T), progress)
+    W_U = lm.model.W_U.detach().float().cpu() if isinstance(getattr(lm.model, "W_U", None), Tensor) else None
+    per_run = _seqs_per_run(lm, engine, T)
+    effects.evaluate(engine, tokens, resid, W_dec.float(), W_U, latents, eligible, per_run, progress)
     importance = effects.importance(stats, cfg)
     strings = _window_strings(lm.tokenizer, tokens, windows["center"], cfg)
     pass2 = time.perf_counter() - started - pass1
@@ -232,12 +251,52 @@ def compute_dashboard(
         "ranking": _ranking(stats),
         "seconds": {"statistics": round(pass1, 2), "loss_effects": round(pass2, 2)},
         "latents": latents.tolist(),
+        "chosen_by": chosen,
     }
     logits = _logit_effects(lm, effects, cfg.n_logits)
     neighbours = decoder_neighbours(sae.W_dec.detach().float().cpu(), latents, cfg.n_neighbours)
     pages = _assemble(stats, cfg, latents, windows, effects, importance, strings, tokens, logits, neighbours)
     meta["seconds"]["total"] = round(time.perf_counter() - started, 2)
     return Dashboard(meta=meta, latents=pages)
+
+
+def _batch_size(lm, sae, T: int, cfg: DashboardConfig) -> int:
+    """Few sequences per batch: the latent activations [batch, T, d_sae] and logits [batch, T, d_vocab] stay under
+    ENCODE_FLOATS, so they are reused from the heap and stay in cache, where larger blocks would be freshly mapped
+    (and page-faulted) memory each time."""
+    return max(1, min(cfg.batch_size, ENCODE_FLOATS // (T * max(sae.cfg.d_sae, len(lm.tokenizer)))))
+
+
+def _attributed_batches(lm, sae, tokens: Tensor, hook: str, batch_size: int, read: tuple[str, ...], progress: bool):
+    """Per batch of sequences: (first sequence, tokens, what `loss_gradient` found, latent activations [S, T, d_sae],
+    and their gradient attributions −a_j · W_dec[j] · ∂L/∂x: the first-order change of the loss summed from each
+    position on when latent j's contribution is removed there)."""
+    W_dec = sae.W_dec.detach()
+    for first in tqdm(range(0, len(tokens), batch_size), desc="activations", disable=not progress, leave=False):
+        batch = tokens[first : first + batch_size]
+        eligible = eligible_positions(lm.regular_positions(batch).cpu())
+        found = loss_gradient(lm, hook, batch, eligible, read)
+        acts = _sae_encode(sae, found["x"])
+        estimate = -acts * (found["grad"].to(W_dec.device, W_dec.dtype) @ W_dec.T).float()
+        yield first, batch, found, acts, estimate
+
+
+@torch.no_grad()
+def rank_latents(lm, sae, tokens: Tensor, hook: str, cfg: DashboardConfig, progress: bool = False) -> dict[str, list]:
+    """Every latent of the SAE by the cheap estimate of its importance per token (see `_ranking`), from one forward
+    and backward pass over the tokens; what `Top` chooses by."""
+    T = tokens.shape[1]
+    estimate = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    firings = torch.zeros(sae.cfg.d_sae, dtype=torch.int64)
+    n_tokens = 0
+    batches = _attributed_batches(lm, sae, tokens, hook, _batch_size(lm, sae, T, cfg), (), progress)
+    for _, batch, _, acts, est in batches:
+        valid = lm.regular_positions(batch).cpu()
+        firing = (acts.cpu() > 0) & eligible_positions(valid)[..., None]
+        estimate += torch.where(firing, est.cpu(), 0.0).sum((0, 1), dtype=torch.float64)
+        firings += firing.sum((0, 1))
+        n_tokens += int(valid.sum())
+    return {"per_token": _rounded(estimate / max(n_tokens, 1), 4), "firings": firings.tolist()}
 
 
 def _recycle_large_blocks() -> None:
@@ -248,15 +307,21 @@ def _recycle_large_blocks() -> None:
 
 
 def _choose_windows(stats: LatentStats, cfg: DashboardConfig) -> dict[str, Tensor]:
-    """Windows table: latent (column), centre (flat token index), kind (0 top, 1 + i for interval i), rank."""
+    """Windows table: latent (column), centre (flat token index), kind (0 top, 1 + i for interval i), rank. A sampled
+    window that would overlap one of the latent's top windows is left out, so each window shows once per latent."""
     k, lat = (stats.top_values > 0).nonzero(as_tuple=True)
     parts = [(lat, stats.top_index[k, lat], torch.zeros_like(lat), k)]
     if cfg.windows_per_interval:
         edges = stats.quantiles([i / cfg.quantile_intervals for i in range(1, cfg.quantile_intervals)])  # [L, n-1]
         values = stats.sample_values  # [R, L] in random (key) order
         interval = (values.T[:, :, None] >= edges[:, None, :].float()).sum(-1).T  # [R, L]
+        T = stats.n_positions // max(len(stats.context_tokens), 1)
+        top = torch.where(stats.top_values > 0, stats.top_index, -(10**12))  # [K, L]
+        same_seq = (stats.sample_index[:, None] // T) == (top[None] // T)  # [R, K, L]
+        near = (stats.sample_index[:, None] - top[None]).abs() < cfg.window
+        overlaps = (same_seq & near).any(1)  # [R, L]
         for i in range(cfg.quantile_intervals):
-            inside = (interval == i) & (stats.sample_index >= 0)
+            inside = (interval == i) & (stats.sample_index >= 0) & ~overlaps
             rank = inside.long().cumsum(0) - 1
             r, lat = (inside & (rank < cfg.windows_per_interval)).nonzero(as_tuple=True)
             parts.append((lat, stats.sample_index[r, lat], torch.full_like(lat, 1 + i), rank[r, lat]))
@@ -271,7 +336,7 @@ def _window_strings(tokenizer, tokens: Tensor, center: Tensor, cfg: DashboardCon
     runs: list[list[int]] = []  # [sequence, first, end] of merged windows
     for c in center.unique().tolist():  # sorted: by sequence, then position
         seq, pos = divmod(c, T)
-        first, end = max(0, pos - cfg.context_before), min(T, pos + cfg.context_after + 1)
+        first, end = max(0, pos - cfg.context_before - MORE_BEFORE), min(T, pos + cfg.context_after + 1 + MORE_AFTER)
         if runs and runs[-1][0] == seq and first <= runs[-1][2]:
             runs[-1][2] = end
         else:
@@ -327,6 +392,7 @@ class _Effects:
         self.is_sample[self.inverse[len(self.win_rows) :]] = True
         self.exact = torch.full((len(keys),), float("nan"))
         self.direct = torch.full((len(keys),), float("nan"))
+        self.next_logit = torch.full((len(keys),), float("nan"))
         self.normed_sum = torch.zeros(L, d_model, dtype=torch.float64)
         self.normed_n = torch.zeros(L, dtype=torch.int64)
         self.win_exact = torch.full(self.win_acts.shape, float("nan"))
@@ -336,7 +402,7 @@ class _Effects:
         self.eligible_flat = eligible.reshape(-1)
         self._err: dict[str, tuple[Tensor, Tensor]] | None = None
 
-    def evaluate(self, engine, tokens, resid, W_dec, latents, eligible, per_run: int, progress: bool) -> None:
+    def evaluate(self, engine, tokens, resid, W_dec, W_U, latents, eligible, per_run: int, progress: bool) -> None:
         """Run the model once over each chunk of the sequences holding pairs (from the cached residuals at the
         hooked block when `resid` [n_seq, T, d_model] is given), then every pair of the chunk: the total ΔCE
         (and with it the same-position one) for sampled pairs, the same-position ΔCE alone for the others."""
@@ -365,6 +431,8 @@ class _Effects:
             for part in torch.arange(len(rows)).split(1024):  # logits [1024, d_vocab] at a time: reused memory
                 direct, normed = engine.direct_effects(clean[part], targets[part], delta_res[part])
                 self.direct[rows[part]] = direct
+                if W_U is not None:  # the logit change the latent makes for the actual next token
+                    self.next_logit[rows[part]] = (normed * W_U[:, targets[part]].T).sum(-1)
                 sampled = self.is_sample[rows[part]]
                 lat = self.latent[rows[part]][sampled]
                 self.normed_sum.index_add_(0, lat, normed[sampled].double())
@@ -372,6 +440,8 @@ class _Effects:
         n_win = len(self.win_rows)
         self.win_exact[self.win_rows, self.win_cols] = self.exact[self.inverse[:n_win]]
         self.win_direct[self.win_rows, self.win_cols] = self.direct[self.inverse[:n_win]]
+        self.win_logit = torch.full(self.win_acts.shape, float("nan"))
+        self.win_logit[self.win_rows, self.win_cols] = self.next_logit[self.inverse[:n_win]]
         self.sample_exact[self.sample_r, self.sample_l] = self.exact[self.inverse[n_win:]]
         # The exactly computed firings, one entry each: context, latent column, total ΔCE, cheap estimate.
         pairs = self.is_sample.nonzero().squeeze(1)
@@ -492,7 +562,7 @@ def _assemble(stats, cfg, latents, windows, effects, importance, strings, tokens
     span = cfg.window
     grid: dict[str, list] = {"center": windows["center"].tolist(), "kind": windows["kind"].tolist()}
     for name, values in (("acts", effects.win_acts), ("loss", effects.win_exact), ("direct", effects.win_direct),
-                         ("grad", effects.win_grad)):  # fmt: skip
+                         ("grad", effects.win_grad), ("logit", effects.win_logit)):  # fmt: skip
         flat = _rounded(values.flatten())
         grid[name] = [flat[i : i + span] for i in range(0, len(flat), span)]
     by_latent = [[] for _ in range(len(latents))]
@@ -574,7 +644,10 @@ def _latent_windows(rows, grid, strings, cfg, T, edges) -> dict[str, Any]:
         lo, hi = start - (pos - cfg.context_before), end - (pos - cfg.context_before)
         tokens = [strings[seq, p] for p in range(start, end)]
         window = {"seq": seq, "start": start, "center": pos - start, "tokens": tokens}
-        window |= {name: grid[name][row][lo:hi] for name in ("acts", "loss", "direct", "grad")}
+        window |= {name: grid[name][row][lo:hi] for name in ("acts", "loss", "direct", "grad", "logit")}
+        # More context, shown when the window is clicked, and the token after it (the last one's next token).
+        window["before"] = [strings[seq, p] for p in range(max(0, start - MORE_BEFORE), start)]
+        window["after"] = [strings[seq, p] for p in range(end, min(T, end + MORE_AFTER))]
         kind = grid["kind"][row]
         (top if kind == 0 else intervals[kind - 1]["windows"]).append(window)
     return {"top": top, "intervals": intervals}

@@ -42,7 +42,8 @@ _NOT_PER_POSITION = ("hook_attn_scores", "hook_pattern")
 CLEAN_FLOATS = 2**21  # attention scores computed at once by a clean run (8 MB)
 POSITIONS_PER_RUN = 16  # nearby positions share a single-position run (fewer, larger runs)
 RUN_FLOATS = 2**20  # cached keys gathered for one single-position run, per block (4 MB)
-TOTAL_FLOATS = 2**22  # logits of one total-effect run (16 MB)
+TOTAL_POSITIONS = 8192  # positions re-run at once by a total-effect run
+CE_ROWS = 1024  # positions unembedded at once (logits [CE_ROWS, d_vocab])
 
 
 def next_token_ce(logits: Tensor, targets: Tensor) -> Tensor:
@@ -461,12 +462,11 @@ class Downstream:
             state["final"] = act
 
         group = pos // POSITIONS_PER_RUN
-        d_vocab = self.model.cfg.d_vocab
         with self.model.hooks(fwd_hooks=[(self.point, remove), (self.final_name, keep)]):
             for g in group.unique().tolist():
                 rows = (group == g).nonzero().squeeze(1)
                 first = g * POSITIONS_PER_RUN
-                per_run = max(1, TOTAL_FLOATS // (2 * d_vocab * (T - first)))  # half ablated rows, half clean
+                per_run = max(1, TOTAL_POSITIONS // (2 * (T - first)))  # at most half ablated rows, half clean
                 for part in rows.split(per_run):
                     total[part], same[part], clean.final[part], clean.ce[part] = self._total_run(
                         run, seq[part], pos[part], delta[part], eligible, first, state
@@ -492,14 +492,26 @@ class Downstream:
             entries, torch.ones(len(rows), first, dtype=torch.long, device=rows.device), frozen=True
         )
         resid = run.resid_start[rows, first:]  # [rows, T − first, d_model]
-        logits = self.model(resid, start_at_layer=self.start, past_kv_cache=past)[:, :-1]
-        ce = next_token_ce(logits, run.tokens[rows, first + 1 :]).double()  # [rows, T − first − 1]
-        ablated, clean_ce = ce[:n], ce[n:][which]
-        mask = later_loss_mask(eligible[seq, first:-1], pos - first)
-        total = ((ablated - clean_ce) * mask).sum(1)
+        self.model(resid, start_at_layer=self.start, past_kv_cache=past, return_type=None)  # no unembedding here:
+        final = state["final"][:, :-1]  # [rows, T − first − 1, d_model]
+        # ... the loss is only needed where it can change: from each row's own position on, where it counts (and at
+        # the position itself, for the same-position ΔCE); clean rows need it everywhere.
+        later = later_loss_mask(eligible[seq, first:-1], pos - first)
         at = torch.arange(n, device=pos.device), pos - first
-        final = state["final"][n:][which][at]
-        return total, (ablated[at] - clean_ce[at]).float(), final, clean_ce[at].float()
+        needed = torch.cat([later, torch.ones(len(clean_seqs), later.shape[1], dtype=torch.bool, device=later.device)])
+        needed[at] = True
+        where = needed.nonzero(as_tuple=True)
+        targets = run.tokens[rows, first + 1 :][where]
+        ce = torch.zeros(needed.shape, dtype=torch.float64, device=needed.device)
+        flat = final[where]
+        ce[where] = torch.cat([
+            self._ce_from_final(flat[i : i + CE_ROWS], targets[i : i + CE_ROWS]).double()
+            for i in range(0, len(flat), CE_ROWS)
+        ]) if len(flat) else ce[where]  # fmt: skip
+        ablated, clean_ce = ce[:n], ce[n:][which]
+        total = ((ablated - clean_ce) * later).sum(1)
+        clean_final = state["final"][n:][which][at]
+        return total, (ablated[at] - clean_ce[at]).float(), clean_final, clean_ce[at].float()
 
     # ---------------------------------------------------------------------------------------- direct path
 

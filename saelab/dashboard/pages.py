@@ -9,7 +9,7 @@ side) is a new optional field here and in `PageParts`, and nothing else needs to
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch import Tensor
@@ -50,7 +50,7 @@ class LatentPage:
     ground_truth: dict[str, Any] | None = None  # the matched true feature (toy models)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # shallow: the parts are JSON-ready already
 
 
 @dataclass

@@ -4,7 +4,9 @@
     SITE/static/dashboard.js     the hand-written renderer, and style.css
     SITE/data/index.js           the table of all latents and the run's metadata
     SITE/data/latents/<id>.js    one latent's page data, loaded only when that page opens
-    SITE/site.json               what `saelab serve` needs to run the live view (SAE folder, model, hook)
+    SITE/site.json               what `saelab serve` needs to run the live view (SAE folder, model, hook), and the
+                                 documents the scanned contexts come from
+    SITE/tokens.safetensors      the scanned token contexts, `tokens` [n_sequences, T] int32 (language models)
 
 Data files are JavaScript that call `SAELAB.receive(key, data)`: a script tag can load them from file://, where
 Chromium refuses fetch(). `data` is JSON with every `<`, `>`, `&`, U+2028 and U+2029 escaped, so no token text
@@ -14,6 +16,7 @@ can end a script element or break the JavaScript grammar, whatever the file is e
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,9 @@ from typing import Any
 from saelab.config import load_json
 from saelab.dashboard.compute import Dashboard
 from saelab.errors import SaelabError
-from saelab.io import OutputKind, atomic_write_json, json_format_marker, output_folder
+from saelab.io import OutputKind, atomic_write_json, json_format_marker, output_folder, save_tensors
 
+TOKENS_FILE = "tokens.safetensors"
 FORMAT_NAME = "saelab.dashboard"
 FORMAT_VERSION = 1
 STATIC_FILES = ("dashboard.js", "style.css")
@@ -94,14 +98,25 @@ def _fires_on(page: dict[str, Any], n: int = 3) -> list[str]:
     return out[:n]
 
 
+@dataclass
+class ScannedTokens:
+    """The token contexts a dashboard scanned, kept with the site so that every figure on it can be reproduced."""
+
+    tokens: Any  # [n_sequences, T] token ids
+    documents: list[str]  # where they come from (file names, file:line for JSON lines)
+    context_documents: list[list[int]]  # per context, indices into `documents`
+
+
 def write_site(
     dashboard: Dashboard,
     out: Path | str,
     source: dict[str, Any] | None = None,
     inputs: tuple[Path | str, ...] = (),
     overwrite: bool = False,
+    scanned: ScannedTokens | None = None,
 ) -> Path:
-    """Write the site folder atomically; `source` ({sae_dir, model, hook, dataset}) is kept for `saelab serve`.
+    """Write the site folder atomically; `source` ({sae_dir, model, hook, dataset}) is kept for `saelab serve`,
+    `scanned` as tokens.safetensors and the documents in site.json.
 
     `out` is checked and replaced as `saelab.io.output_folder` says (`inputs`: what the site was built from).
     """
@@ -116,7 +131,12 @@ def write_site(
         for page in dashboard.latents:
             path = tmp / "data" / "latents" / f"{int(page['id'])}.js"
             path.write_text(data_script(f"latent:{int(page['id'])}", page), encoding="ascii")
-        atomic_write_json(tmp / SITE_FILE, {"format": FORMAT_NAME, "version": FORMAT_VERSION, **(source or {})})
+        info = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **(source or {})}
+        if scanned is not None:
+            save_tensors(tmp / TOKENS_FILE, {"tokens": scanned.tokens.int().contiguous()})
+            info |= {"tokens": TOKENS_FILE, "documents": scanned.documents,
+                     "context_documents": scanned.context_documents}  # fmt: skip
+        atomic_write_json(tmp / SITE_FILE, info)
     return out
 
 

@@ -6,13 +6,19 @@ of such files, or a Hugging Face dataset name where the network allows.
 
 `ContextStream` packs documents into contexts `[BOS, t₁, …, t_{L−1}]`: documents are tokenised without special
 tokens and joined with BOS between them, so every context starts with BOS and every document start is marked.
+
+Documents are read in a seeded random order, reshuffled every epoch (`Documents`: the built-in corpus and local
+files, where a document can be read by its number), so that any stretch of the stream (an SAE's training run, a
+mixing buffer, an activation cache) draws from the whole dataset rather than from a few files that sort next to
+each other. A Hugging Face dataset streams in its own order. `spread_contexts` picks a seeded random spread of
+contexts from a whole split, for evals and dashboards.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +52,61 @@ def iter_texts(dataset: str | None, split: str = "train") -> Iterator[str]:
     return _hf_texts(dataset, "train" if split == "train" else "validation")
 
 
+class Documents(Sequence[str]):
+    """A dataset's documents, each read when asked for by number: a file (`.txt`, a built-in corpus file) or one
+    line of a `.jsonl` file (`offset` is its byte offset). `name(i)` says where document i comes from."""
+
+    def __init__(self, entries: list[tuple[Path, int | None, int]], root: Path | None = None) -> None:
+        self.entries = entries  # (file, byte offset of the jsonl line or None, line number)
+        self.root = root
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+        path, offset, line = self.entries[i]
+        if offset is None:
+            return path.read_text(encoding="utf-8", errors="replace")
+        with path.open("rb") as f:
+            f.seek(offset)
+            return _jsonl_text(path, line, f.readline().decode("utf-8", errors="replace"))
+
+    def name(self, i: int) -> str:
+        path, offset, line = self.entries[i]
+        shown = path.relative_to(self.root).as_posix() if self.root else str(path)
+        return shown if offset is None else f"{shown}:{line}"
+
+
+def documents(dataset: str | None, split: str = "train") -> Documents | Callable[[], Iterator[str]]:
+    """The documents of a dataset for `ContextStream`: a `Documents` (read in a seeded random order) for the
+    built-in corpus and local files, or a function returning an iterator for a Hugging Face dataset. Errors are
+    raised here, eagerly, as in `iter_texts`."""
+    if split not in SPLITS:
+        raise SaelabError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    if dataset is None or dataset == "builtin":
+        from saelab.models.builtin import stdlib_files, stdlib_root
+
+        return Documents([(path, None, 0) for path in stdlib_files(split)], stdlib_root())
+    path = Path(dataset).expanduser()
+    if path.exists():
+        entries: list[tuple[Path, int | None, int]] = []
+        for file in _local_files(path):
+            if file.suffix == ".txt":
+                entries.append((file, None, 0))
+                continue
+            offset = 0
+            with file.open("rb") as lines:
+                for number, line in enumerate(lines, 1):
+                    if line.strip():
+                        entries.append((file, offset, number))
+                    offset += len(line)
+        if not entries:
+            raise SaelabError(f"dataset {path} holds no documents; check the --dataset files")
+        return Documents(entries, path if path.is_dir() else None)
+    iter_texts(dataset, split)  # raises now if the dataset cannot be read
+    return lambda: iter_texts(dataset, split)
+
+
 def _local_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
@@ -63,17 +124,18 @@ def _file_texts(path: Path) -> Iterator[str]:
         return
     with path.open(encoding="utf-8", errors="replace") as lines:
         for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SaelabError(
-                    f"{path}:{number} is not valid JSON ({err.msg}); each line must be one object"
-                ) from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise SaelabError(f"{path}:{number} has no string 'text' field; each line must be {{\"text\": ...}}")
-            yield record["text"]
+            if line.strip():
+                yield _jsonl_text(path, number, line)
+
+
+def _jsonl_text(path: Path, number: int, line: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise SaelabError(f"{path}:{number} is not valid JSON ({err.msg}); each line must be one object") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise SaelabError(f"{path}:{number} has no string 'text' field; each line must be {{\"text\": ...}}")
+    return record["text"]
 
 
 def _hf_texts(name: str, split: str) -> Iterator[str]:
@@ -100,21 +162,25 @@ def _hf_texts(name: str, split: str) -> Iterator[str]:
 class ContextStream:
     """Contexts [n, context_length] of token ids, each `[BOS, t₁, …, t_{L−1}]`, packed from a dataset's documents.
 
-    When the dataset runs out the stream starts over (a new epoch). Contexts are dealt round-robin to
-    `world_size` ranks and this stream keeps those of `rank`, so data-parallel workers read disjoint tokens.
+    `texts` is a `Documents`, read in a random order seeded by (`seed`, epoch), or a function returning an iterator
+    of texts, read in its order. When the dataset runs out the stream starts over (a new epoch, newly shuffled).
+    Contexts are dealt round-robin to `world_size` ranks and this stream keeps those of `rank`, so data-parallel
+    workers read disjoint tokens. `documents` lists, for each context the last `next` returned, the numbers of
+    the documents its tokens come from (positions in `texts`), and `epochs` the epoch it ends in.
 
     The position is (epoch, documents read, offset into the last one, contexts dealt): `load_state_dict` restores
-    it by skipping documents untokenised and re-tokenising only the one it stopped in.
+    it by skipping documents unread and re-tokenising only the one it stopped in.
     """
 
     def __init__(
         self,
-        texts: Callable[[], Iterator[str]],
+        texts: Documents | Callable[[], Iterator[str]],
         tokenizer: Any,
         context_length: int,
         bos_token_id: int,
         rank: int = 0,
         world_size: int = 1,
+        seed: int = 0,
     ) -> None:
         if not isinstance(context_length, int) or context_length < 2:
             raise SaelabError(
@@ -128,44 +194,69 @@ class ContextStream:
         self.bos_token_id = bos_token_id
         self.rank = rank
         self.world_size = world_size
+        self.seed = seed
         self._contexts = 0  # contexts dealt to all ranks so far
+        self.documents: list[list[int]] = []
+        self.epochs: list[int] = []  # the epoch each of those contexts ends in
         self._start(epoch=0)
 
-    def _start(self, epoch: int) -> None:
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def order(self, epoch: int) -> list[int] | None:
+        """The document numbers in the order epoch `epoch` reads them (None for a plain iterator)."""
+        if not isinstance(self.texts, Documents):
+            return None
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.texts), generator=generator).tolist()
+
+    def _start(self, epoch: int, skip: int = 0) -> None:
         self._epoch = epoch
-        self._docs = iter(self.texts())
-        self._documents = 0  # documents read in this epoch; the last of them is in _tokens
+        order = self.order(epoch)
+        if order is None:
+            self._docs = enumerate(itertools.islice(self.texts(), skip, None), skip)
+        else:
+            self._docs = ((i, self.texts[i]) for i in order[skip:])  # read lazily, one document at a time
+        self._documents = skip  # documents read in this epoch; the last of them is in _tokens
+        self._doc = -1
         self._tokens: list[int] = []
         self._offset = 0
 
     def next(self, n: int) -> Tensor:
         """The next n contexts of this rank, [n, context_length] int64."""
-        rows = []
+        rows, self.documents, self.epochs = [], [], []
         while len(rows) < n:
-            row = [self.bos_token_id, *self._take(self.context_length - 1)]
+            sources: list[int] = []
+            row = [self.bos_token_id, *self._take(self.context_length - 1, sources)]
             if self._contexts % self.world_size == self.rank:
                 rows.append(row)
+                self.documents.append(sources)
+                self.epochs.append(self._epoch)
             self._contexts += 1
         return torch.tensor(rows, dtype=torch.long).reshape(n, self.context_length)
 
-    def _take(self, k: int) -> list[int]:
+    def _take(self, k: int, sources: list[int]) -> list[int]:
         out: list[int] = []
         while len(out) < k:
             if self._offset == len(self._tokens):
                 self._read_document()
             piece = self._tokens[self._offset : self._offset + k - len(out)]
+            if not sources or sources[-1] != self._doc:
+                sources.append(self._doc)
             out += piece
             self._offset += len(piece)
         return out
 
     def _read_document(self) -> None:
-        text = next(self._docs, None)
-        if text is None:  # the end of the dataset: start the next epoch
+        doc = next(self._docs, None)
+        if doc is None:  # the end of the dataset: start the next epoch
             self._start(self._epoch + 1)
-            text = next(self._docs, None)
-            if text is None:
+            doc = next(self._docs, None)
+            if doc is None:
                 raise SaelabError("the dataset holds no documents; check the --dataset files")
         self._documents += 1
+        self._doc, text = doc
         self._tokens = [*self.tokenizer.encode(text, add_special_tokens=False, verbose=False), self.bos_token_id]
         self._offset = 0
 
@@ -173,11 +264,40 @@ class ContextStream:
         return {"epoch": self._epoch, "documents": self._documents, "offset": self._offset, "contexts": self._contexts}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._start(state["epoch"])
         self._contexts = state["contexts"]
+        self._start(state["epoch"], skip=max(state["documents"] - 1, 0))
         if state["documents"] > 0:
-            for _ in itertools.islice(self._docs, state["documents"] - 1):
-                pass
             self._read_document()
-            self._documents = state["documents"]
             self._offset = state["offset"]
+
+
+def spread_contexts(
+    texts: Documents | Callable[[], Iterator[str]],
+    tokenizer: Any,
+    context_length: int,
+    bos_token_id: int,
+    n: int,
+    seed: int = 0,
+    max_contexts: int = 1 << 16,
+) -> tuple[Tensor, list[list[int]]]:
+    """A seeded random spread of min(n, available) contexts over a whole split: every context of one epoch (at
+    most `max_contexts`, for very large datasets) is packed, and n of them are chosen uniformly without
+    replacement, kept in stream order. Returns the contexts [n, context_length] and, per context, the numbers of
+    the documents it comes from."""
+    stream = ContextStream(texts, tokenizer, context_length, bos_token_id, seed=seed)
+    rows: list[Tensor] = []
+    sources: list[list[int]] = []
+    while len(rows) < max_contexts and stream.epoch == 0:
+        batch = stream.next(1)  # one at a time: the stream's epoch is checked after each
+        # A context that reaches into the next epoch reads documents a second time: leave it out.
+        for row, docs, epoch in zip(batch, stream.documents, stream.epochs, strict=True):
+            if epoch == 0 and len(rows) < max_contexts:
+                rows.append(row)
+                sources.append(docs)
+    if not rows:
+        raise SaelabError(
+            f"the dataset holds fewer than {context_length - 1} tokens, not one whole context; pass more text"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(rows), generator=generator)[: min(n, len(rows))].sort().values.tolist()
+    return torch.stack([rows[i] for i in chosen]), [sources[i] for i in chosen]

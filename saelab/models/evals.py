@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from saelab.errors import SaelabError
 from saelab.models.access import BUILTIN, LanguageModel, load_model, sae_replacement, zero_ablation
-from saelab.models.data import ContextStream, iter_texts
+from saelab.models.data import documents, spread_contexts
 from saelab.stats import ReconstructionStats
 
 DEFAULT_EVAL_TOKENS = 2**15
@@ -72,13 +72,15 @@ def lm_eval(
     model_batch_size: int = 8,
     context_length: int | None = None,
     progress: bool = False,
+    seed: int = 0,
 ) -> LMEvalResult:
     """CE loss clean / with the SAE / zero-ablated, CE loss recovered, KL score and reconstruction metrics.
 
     The hook comes from the SAE's metadata (`hook_name`), and so do, unless given, the model (`model_name`; a
     relative local path is tried against `sae_dir` too), the context length and the dataset. The built-in corpus is
     read from its held-out files; a local dataset has no split, so pass held-out text as `dataset`. About
-    `n_tokens` tokens are evaluated, `model_batch_size` contexts per forward pass; the SAE moves to the model's device.
+    `n_tokens` tokens are evaluated, in contexts spread at random (seeded by `seed`) over the whole split,
+    `model_batch_size` contexts per forward pass; the SAE moves to the model's device.
     """
     metadata = getattr(sae, "metadata", None) or getattr(sae.cfg, "metadata", None) or {}
     hook = metadata.get("hook_name")
@@ -94,21 +96,23 @@ def lm_eval(
     if model.n_ctx is not None:
         length = min(length, model.n_ctx)
     dataset = dataset if dataset is not None else metadata.get("dataset", BUILTIN)
-    contexts = ContextStream(lambda: iter_texts(dataset, "heldout"), model.tokenizer, length, model.bos_token_id)
+    n_contexts = max(1, math.ceil(n_tokens / (length - 1)))
+    # A seeded random spread of contexts over the whole held-out split (all of it when n_tokens covers it).
+    contexts, _ = spread_contexts(documents(dataset, "heldout"), model.tokenizer, length, model.bos_token_id,
+                                  n_contexts, seed)  # fmt: skip
 
     sums = {"clean": 0.0, "sae": 0.0, "abl": 0.0, "kl_sae": 0.0, "kl_abl": 0.0}
     predictions = 0
     stats = ReconstructionStats(sae.cfg.d_sae)
-    n_contexts = max(1, math.ceil(n_tokens / (length - 1)))
     captured: dict[str, Tensor] = {}
 
     def capture(x: Tensor) -> Tensor:
         captured["x"] = x
         return x
 
-    batches = range(0, n_contexts, model_batch_size)
+    batches = range(0, len(contexts), model_batch_size)
     for start in tqdm(batches, desc="LM evals", unit="batch", disable=not progress, dynamic_ncols=True):
-        tokens = contexts.next(min(model_batch_size, n_contexts - start)).to(model.device)
+        tokens = contexts[start : start + model_batch_size].to(model.device)
         regular = model.regular_positions(tokens)  # [batch, pos]
         counted = regular[:, :-1] & regular[:, 1:]  # [batch, pos − 1]: the predictions that count
         targets = tokens[:, 1:]

@@ -24,7 +24,7 @@ from torch import Tensor
 from saelab.activations import OneHookView
 from saelab.errors import SaelabError
 from saelab.models.access import BUILTIN, LanguageModel, load_model
-from saelab.models.data import ContextStream, iter_texts
+from saelab.models.data import ContextStream, documents
 
 DEFAULT_BUFFER_TOKENS = 2**17
 BUFFER_BATCHES = 16  # the buffer mixes at least this many training batches
@@ -166,7 +166,7 @@ def build_lm_source(
     """
     lm = model if isinstance(model, LanguageModel) else load_model(model, device, bf16=bf16)
     contexts = ContextStream(
-        lambda: iter_texts(dataset, "train"), lm.tokenizer, context_length, lm.bos_token_id, rank, world_size
+        documents(dataset, "train"), lm.tokenizer, context_length, lm.bos_token_id, rank, world_size, seed=seed
     )
     hooks = [hook] if isinstance(hook, str) else list(hook)
     buffer_tokens = buffer_tokens or max(DEFAULT_BUFFER_TOKENS, BUFFER_BATCHES * batch_size)

@@ -118,7 +118,7 @@
   /* A token in a table cell. Whitespace and invisible characters get a visible stand-in drawn by CSS (data-show),
      so the chip's text stays exactly the token. */
   function chip(text) {
-    const node = h("span", { class: "chip", title: JSON.stringify(text), text: text });
+    const node = h("span", { class: "chip", title: JSON.stringify(text), text: escapeControls(text) });
     if (/^[\s\p{Cf}]*$/u.test(text)) {
       node.classList.add("ws");
       const show = Array.from(text, (c) => ({ " ": "␣", "\n": "↵", "\t": "⇥" })[c] || "U+" + c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0"));
@@ -170,10 +170,18 @@
   // ------------------------------------------------------------------------------------------------ tokens
 
   const INVISIBLE = /^[\p{Cf}\p{Zl}\p{Zp}]+$/u;
+  const CONTROL = /[\u0000-\u0008\u000b-\u001f\u007f]/g; // C0 controls but newline and tab, and DEL
+
+  /* Control characters have no glyph (a blank box at best): write them as visible escapes, \x07. */
+  function escapeControls(text) {
+    return text.replace(CONTROL, (c) => "\\x" + c.charCodeAt(0).toString(16).padStart(2, "0"));
+  }
 
   /* One token as a span whose text is exactly the token's text; colour comes from data, never markup. */
   function tokenSpan(text, opts) {
-    const span = h("span", { class: "tok", text: text });
+    const shown = escapeControls(text);
+    const span = h("span", { class: "tok", text: shown });
+    if (shown !== text) span.classList.add("ctrl");
     if (text === "") span.classList.add("empty");
     else if (INVISIBLE.test(text)) {
       // Format characters (RTL marks, zero-width spaces, …) have no glyph: show their code points beside them.
@@ -200,18 +208,28 @@
   }
 
   function windowView(win, scale, mode) {
-    const div = h("div", { class: "window", dir: "ltr" });
+    const div = h("div", { class: "window", dir: "ltr", title: "click for more context" });
     div.append(h("span", { class: "meta", text: "seq " + win.seq + " · pos " + (win.start + win.center) }));
+    const before = win.before || [], after = win.after || [];
+    const more = (texts) => texts.map((text) => h("span", { class: "ctx", text: escapeControls(text) }));
+    if (before.length || after.length) {
+      div.addEventListener("click", () => div.classList.toggle("expanded"));
+      div.append(h("span", { class: "more" }, more(before)));
+    }
     win.tokens.forEach((text, i) => {
       const a = win.acts[i];
       const loss = win.loss[i];
       const direct = win.direct[i];
+      const next = i + 1 < win.tokens.length ? win.tokens[i + 1] : after[0];
       const rows = [
         ["position", String(win.start + i)],
         ["activation", num(a, 4)],
       ];
-      if (loss != null) rows.push(["ΔCE exact", signed(loss, 4)]);
-      if (direct != null) rows.push(["ΔCE direct path", signed(direct, 4)]);
+      if (next != null) rows.push(["next token", JSON.stringify(next)]);
+      if (win.logit && win.logit[i] != null) rows.push(["its logit change", signed(win.logit[i], 4)]);
+      if (loss != null) rows.push(["ΔCE here (exact)", signed(loss, 4)]);
+      if (direct != null) rows.push(["ΔCE here (direct path)", signed(direct, 4)]);
+      if (win.grad && win.grad[i] != null) rows.push(["total ΔCE (gradient)", signed(win.grad[i], 4)]);
       const opts = { rows: rows, center: i === win.center };
       if (mode === "loss") opts.background = lossColor(loss, scale.loss);
       else {
@@ -220,6 +238,7 @@
       }
       div.append(tokenSpan(text, opts));
     });
+    if (after.length) div.append(h("span", { class: "more" }, more(after)));
     return div;
   }
 
@@ -270,7 +289,7 @@
     const ytop = options.logy ? Math.round(Math.pow(10, ymax - 1)) : ymax;
     chart.append(svg("text", { x: pad.l - 6, y: pad.t + 8, "text-anchor": "end", text: String(ytop) }));
     chart.append(svg("text", { x: pad.l - 6, y: pad.t + H, "text-anchor": "end", text: "0" }));
-    chart.append(svg("text", { x: pad.l + W / 2, y: height, "text-anchor": "middle", text: "activation" + (logx ? " (log scale)" : "") }));
+    chart.append(svg("text", { x: pad.l + W / 2, y: height - 4, "text-anchor": "middle", text: "activation" + (logx ? " (log scale)" : "") }));
     return chart;
   }
 
@@ -639,9 +658,14 @@
     ]);
   }
 
+  /* A latent without a page on this site: say so rather than link to nothing. */
+  function noPage(id) {
+    return h("span", { class: "muted no-page", title: "no page: this site was built for other latents (saelab dashboard --features)", text: "#" + id + " (no page)" });
+  }
+
   function listPanel(title, entries, label, known) {
     const items = (entries || []).map((e) => h("li", {}, [
-      known.has(e[0]) ? link(e[0]) : h("span", { class: "muted", text: "#" + e[0] }),
+      known.has(e[0]) ? link(e[0]) : noPage(e[0]),
       h("span", { class: "mono", text: label + " " + num(e[1], 3) }),
     ]));
     return h("section", { class: "panel" }, [h("h2", { text: title }), items.length ? h("ul", { class: "plain" }, items) : h("p", { class: "muted", text: "none" })]);
@@ -731,7 +755,13 @@
       status.textContent = "running the model…";
       fetch("api/analyze", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ text: text.value }) })
         .then((r) => r.json().then((body) => (r.ok ? body : Promise.reject(new Error(body.error || r.statusText)))))
-        .then((result) => { status.textContent = result.tokens.length + " tokens · " + result.seconds + " s"; renderLiveResult(out, result, known); })
+        .then((result) => {
+          status.textContent = result.tokens.length + " tokens · " + result.seconds + " s";
+          liveState.result = result;
+          liveState.prompt = text.value;
+          liveState.token = null;
+          renderLiveResult(out, result, known);
+        })
         .catch((err) => { status.textContent = ""; out.replaceChildren(h("div", { class: "error", text: String(err.message || err) })); })
         .then(() => { button.disabled = false; });
     };
@@ -746,51 +776,90 @@
       ]),
       out,
     ]);
+    // Back to this view: the last result comes back as it was, without re-running the model.
+    if (liveState.result && liveState.prompt === text.value) renderLiveResult(out, liveState.result, known);
+  }
+
+  /* The live view's state survives leaving the page and coming Back: the last result and choices, per tab. */
+  const liveState = (() => {
+    try { return Object.assign({ mode: "act", sort: "loss", desc: true }, JSON.parse(sessionStorage.getItem("saelab-live") || "{}")); }
+    catch (e) { return { mode: "act", sort: "loss", desc: true }; }
+  })();
+  function saveLive() {
+    try { sessionStorage.setItem("saelab-live", JSON.stringify(liveState)); } catch (e) { /* storage full: keep going */ }
   }
 
   function renderLiveResult(out, result, known) {
     const perLatent = new Map();
     result.firing.forEach((list, pos) => list.forEach((f) => {
-      const e = perLatent.get(f[0]) || { id: f[0], max: 0, loss: 0, n: 0, acts: new Map() };
+      const e = perLatent.get(f[0]) || { id: f[0], max: 0, loss: 0, n: 0, acts: new Map(), losses: new Map() };
       e.max = Math.max(e.max, f[1]);
       e.loss += f[2] == null ? 0 : f[2];
       e.n += 1;
       e.acts.set(pos, f[1]);
+      if (f[2] != null) e.losses.set(pos, f[2]);
       perLatent.set(f[0], e);
     }));
-    const latents = Array.from(perLatent.values()).sort((a, b) => b.max - a.max);
-    let selected = latents.length ? latents[0].id : null;
-    let selectedToken = null;
+    const live = liveState;
+    const latents = Array.from(perLatent.values());
+    let selected = perLatent.has(live.selected) ? live.selected : latents.length ? latents.slice().sort((a, b) => b.max - a.max)[0].id : null;
+    let selectedToken = live.token != null && live.token < result.tokens.length ? live.token : null;
     const tokensBox = h("div", { class: "window", dir: "ltr" });
     const detail = h("div");
+    const tableBox = h("div", { class: "scroll" });
+    const remember = () => { live.selected = selected; live.token = selectedToken; saveLive(); };
     const draw = () => {
+      remember();
       tokensBox.replaceChildren();
       const e = perLatent.get(selected);
+      const lossMax = e ? Math.max(0, ...Array.from(e.losses.values(), Math.abs)) : 0;
       result.tokens.forEach((t, pos) => {
         const a = e ? e.acts.get(pos) || 0 : 0;
+        const loss = e ? e.losses.get(pos) : null;
         const rows = [["position", String(pos)], ["latents firing", String(result.firing[pos].length)]];
         if (e) rows.push(["latent " + selected, num(a, 4)]);
+        if (loss != null) rows.push(["its ΔCE here (exact)", signed(loss, 4)]);
         if (result.ce[pos] != null) rows.push(["next-token CE", num(result.ce[pos], 4)]);
-        const span = tokenSpan(t, { rows: rows, background: actColor(a, e ? e.max : 0), onclick: () => { selectedToken = pos; draw(); } });
+        const background = live.mode === "loss" ? lossColor(loss, lossMax) : actColor(a, e ? e.max : 0);
+        const span = tokenSpan(t, { rows: rows, background: background, onclick: () => { selectedToken = pos; draw(); } });
         if (pos === selectedToken) span.classList.add("sel");
         tokensBox.append(span);
       });
       detail.replaceChildren(selectedToken == null ? h("p", { class: "muted", text: "Click a token to list the latents firing on it." }) : tokenTable(result, selectedToken, known, (id) => { selected = id; draw(); }));
+      drawTable();
     };
-    const table = h("table", { class: "latents live-latents" }, [
-      h("thead", {}, h("tr", {}, [h("th", { text: "Latent" }), h("th", { class: "num", text: "Max act" }), h("th", { class: "num", text: "Σ ΔCE" }), h("th", { class: "num", text: "Tokens" })])),
-      h("tbody", {}, latents.slice(0, 200).map((e) => h("tr", { onclick: () => { selected = e.id; draw(); } }, [
-        h("td", {}, known.has(e.id) ? link(e.id) : h("span", { text: "#" + e.id })),
-        h("td", { class: "num", text: num(e.max) }),
-        h("td", { class: "num", text: signed(e.loss) }),
-        h("td", { class: "num", text: String(e.n) }),
-      ]))),
+    const LIVE_COLUMNS = [["id", "Latent", ""], ["max", "Max act", "num"], ["loss", "Σ ΔCE", "num"], ["n", "Tokens", "num"]];
+    const drawTable = () => {
+      const key = live.sort;
+      const rows = latents.slice().sort((a, b) => (key === "id" ? a.id - b.id : b[key] - a[key]) * (live.desc ? 1 : -1) || a.id - b.id);
+      const head = h("tr", {}, LIVE_COLUMNS.map((c) => h("th", {
+        class: (c[2] + (c[0] === key ? " sorted" : "")).trim() || null,
+        text: c[1] + (c[0] === key ? (live.desc ? " ▼" : " ▲") : ""),
+        tabindex: "0",
+        onclick: () => { live.desc = live.sort === c[0] ? !live.desc : true; live.sort = c[0]; draw(); },
+        onkeydown: (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); live.desc = live.sort === c[0] ? !live.desc : true; live.sort = c[0]; draw(); } },
+      })));
+      tableBox.replaceChildren(h("table", { class: "latents live-latents" }, [
+        h("thead", {}, head),
+        h("tbody", {}, rows.slice(0, 200).map((e) => h("tr", { class: e.id === selected ? "selected" : null, onclick: () => { selected = e.id; draw(); } }, [
+          h("td", {}, known.has(e.id) ? link(e.id) : noPage(e.id)),
+          h("td", { class: "num", text: num(e.max) }),
+          h("td", { class: "num", text: signed(e.loss) }),
+          h("td", { class: "num", text: String(e.n) }),
+        ]))),
+      ]));
+    };
+    const modeBox = h("select", { "aria-label": "colour tokens by" }, [
+      h("option", { value: "act", text: "colour: the selected latent's activation" }),
+      h("option", { value: "loss", text: "colour: its ΔCE (blue helps, red hurts)" }),
     ]);
+    modeBox.value = live.mode;
+    modeBox.addEventListener("change", () => { live.mode = modeBox.value; draw(); });
     draw();
     out.replaceChildren(
-      h("section", { class: "panel" }, [h("h2", { text: "Tokens (coloured by the selected latent)" }), tokensBox]),
+      h("section", { class: "panel" }, [h("h2", { text: "Tokens (coloured by the selected latent)" }), h("div", { class: "controls" }, [modeBox]), tokensBox]),
       h("div", { class: "grid two" }, [
-        h("section", { class: "panel" }, [h("h2", { text: "Latents on this prompt" }), h("div", { class: "scroll" }, table)]),
+        h("section", { class: "panel" }, [h("h2", { text: "Latents on this prompt" }), tableBox]),
         h("section", { class: "panel" }, [h("h2", { text: "On the selected token" }), detail]),
       ]),
     );
@@ -803,7 +872,7 @@
       h("table", { class: "latents live-latents" }, [
         h("thead", {}, h("tr", {}, [h("th", { text: "Latent" }), h("th", { class: "num", text: "Activation" }), h("th", { class: "num", text: "ΔCE exact" }), h("th", { class: "num", text: "ΔCE direct" })])),
         h("tbody", {}, list.map((f) => h("tr", { onclick: () => onSelect(f[0]) }, [
-          h("td", {}, known.has(f[0]) ? link(f[0]) : h("span", { text: "#" + f[0] })),
+          h("td", {}, known.has(f[0]) ? link(f[0]) : noPage(f[0])),
           h("td", { class: "num", text: num(f[1], 4) }),
           h("td", { class: "num", text: signed(f[2], 4) }),
           h("td", { class: "num", text: signed(f[3], 4) }),
