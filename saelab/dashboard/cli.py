@@ -128,7 +128,7 @@ def dashboard(
     exact_firings: int = typer.Option(
         None,
         help="Firings per latent whose total ΔCE is computed exactly (a uniform sample corrects the estimate); "
-        "default 64 for up to 256 latents, fewer (at least 8) for more.",
+        "default 16 for up to 64 latents, fewer (at least 2) for more.",
     ),
     top_windows: int = typer.Option(10, help="Top-activation windows per latent."),
     device: str = typer.Option("cpu", help="cpu, cuda, …"),

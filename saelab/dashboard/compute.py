@@ -43,7 +43,7 @@ from saelab.dashboard.text import token_label, token_strings
 from saelab.errors import SaelabError
 
 ENCODE_FLOATS = 4 * 2**20  # latent activations encoded at once (16 MB)
-EXACT_TOTAL = 16384  # exact total-ΔCE firings for all latents together, by default
+EXACT_TOTAL = 1024  # exact total-ΔCE firings for all latents together, by default
 MORE_BEFORE, MORE_AFTER = 24, 12  # tokens of extra context a window shows when clicked
 
 
@@ -56,8 +56,9 @@ class DashboardConfig:
     windows_per_interval: int = 3  # ... with this many windows sampled from each
     context_before: int = 12  # tokens shown before a window's centre
     context_after: int = 4  # and after it
-    # Firings per latent whose total ΔCE is computed exactly (a uniform sample if it fires more often); None: 64
-    # for up to 256 latents, fewer for more (at least 8), so that the exact re-runs cost about the same in total.
+    # Firings per latent whose total ΔCE is computed exactly (a uniform sample if it fires more often); None: 16 for
+    # up to 64 latents, fewer for more (at least 2), so that the exact re-runs cost about the same in total. The
+    # gradient attribution is close (r ≈ 0.99 on the demo SAE), so the exact correction adds little variance.
     exact_firings: int | None = None
     confidence: float = 0.95  # of the importance intervals
     min_firings: int = 20  # below this many firings, or firing contexts, importance shows "too few firings"
@@ -92,7 +93,7 @@ class DashboardConfig:
         return self.context_before + self.context_after + 1
 
     def exact_budget(self, n_latents: int) -> int:
-        return self.exact_firings or min(64, max(8, EXACT_TOTAL // max(n_latents, 1)))
+        return self.exact_firings or min(16, max(2, EXACT_TOTAL // max(n_latents, 1)))
 
 
 @dataclass
