@@ -19,6 +19,7 @@ from saelab.dashboard.cli import dashboard, export, serve
 from saelab.errors import SaelabError
 from saelab.io import describe_os_error
 from saelab.models.cli import activations_app, lm_app
+from saelab.models.zoo.cli import app as zoo_app
 from saelab.sae.cli import app as sae_app
 from saelab.toy.cli import app as toy_app
 
@@ -58,6 +59,7 @@ app.add_typer(toy_app, name="toy")
 app.add_typer(sae_app, name="sae")
 app.add_typer(lm_app, name="lm")
 app.add_typer(activations_app, name="activations")
+app.add_typer(zoo_app, name="zoo")
 app.command()(dashboard)
 app.command()(serve)
 app.command()(export)
