@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from saelab.errors import SaelabError
 
 BUILTIN = "builtin"
+ZOO_PREFIX = "zoo:"  # zoo:NAME (a shipped zoo model) or zoo:DIR (one written by `saelab zoo train`)
 BACKENDS = ("auto", "transformer_lens", "hf")
 
 Replace = Callable[[Tensor], Tensor]
@@ -109,8 +110,10 @@ class LanguageModel:
         kind: str,
         n_ctx: int | None = None,
         bf16: bool = False,
+        task: Any = None,
     ) -> None:
         self.name = name
+        self.task = task  # a zoo Task: scored positions and labels replace next-token prediction
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.points = points
@@ -120,15 +123,18 @@ class LanguageModel:
         self._logits_fn = logits_fn
         self._d: dict[str, int] = {}
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if bos is None:
+        if bos is None and task is None:
             raise SaelabError(f"the tokenizer of {name} has neither a BOS nor an EOS token; give it a bos_token")
-        self.bos_token_id: int = bos
+        self.bos_token_id: int = bos if bos is not None else 0  # a zoo task has no special tokens
         self.pad_token_id: int | None = tokenizer.pad_token_id
 
     @classmethod
-    def from_transformer_lens(cls, model: nn.Module, name: str, bf16: bool = False) -> LanguageModel:
-        """Wrap a `HookedTransformer` (its tokenizer must be set)."""
-        if model.tokenizer is None:
+    def from_transformer_lens(
+        cls, model: nn.Module, name: str, bf16: bool = False, tokenizer: Any = None, task: Any = None
+    ) -> LanguageModel:
+        """Wrap a `HookedTransformer` (its tokenizer must be set, or passed as `tokenizer`)."""
+        tokenizer = tokenizer or model.tokenizer
+        if tokenizer is None:
             raise SaelabError(f"the TransformerLens model {name} has no tokenizer; pass tokenizer= when creating it")
         points = {
             hook: HookPoint(module, "output")
@@ -136,7 +142,7 @@ class LanguageModel:
             if not hook.endswith(_NOT_PER_POSITION)
         }
         logits = model.forward
-        return cls(name, model, model.tokenizer, points, logits, "HookedTransformer", model.cfg.n_ctx, bf16)
+        return cls(name, model, tokenizer, points, logits, "HookedTransformer", model.cfg.n_ctx, bf16, task)
 
     @classmethod
     def from_hf(cls, model: nn.Module, tokenizer: Any, name: str, bf16: bool = False) -> LanguageModel:
@@ -165,7 +171,9 @@ class LanguageModel:
     @property
     def special_token_ids(self) -> list[int]:
         """Token ids whose positions are excluded from activations and losses: BOS (also the document separator)
-        and padding."""
+        and padding. A zoo task has none."""
+        if self.task is not None:
+            return []
         return sorted({self.bos_token_id} | ({self.pad_token_id} if self.pad_token_id is not None else set()))
 
     def regular_positions(self, tokens: Tensor) -> Tensor:
@@ -316,7 +324,8 @@ def _input_hook(fn: Replace) -> Callable:
 def load_model(
     name: str | None = None, device: str = "cpu", backend: str = "auto", bf16: bool = False
 ) -> LanguageModel:
-    """Load a model by TransformerLens name, Hugging Face name or local folder; None or "builtin" is saelab's own.
+    """Load a model by TransformerLens name, Hugging Face name or local folder; None or "builtin" is saelab's own,
+    `zoo:NAME` a model of the algorithmic-problem zoo.
 
     A local folder is either a saelab language-model folder (`saelab lm train --out DIR`) or a Hugging Face
     `save_pretrained` folder (model and tokenizer). The latter loads as an `AutoModelForCausalLM` unless
@@ -330,6 +339,10 @@ def load_model(
         from saelab.models.builtin import load_builtin_model
 
         return LanguageModel.from_transformer_lens(load_builtin_model(device), BUILTIN, bf16)
+    if name.startswith(ZOO_PREFIX):
+        from saelab.models.zoo.model import zoo_language_model
+
+        return zoo_language_model(name, device, bf16)
     path = Path(name).expanduser()
     if path.exists():
         return _load_local(path, device, backend, bf16)

@@ -92,6 +92,8 @@ def lm_eval(
     sae = sae.to(model.device)
     if model.d_hook(hook) != sae.cfg.d_in:
         raise SaelabError(f"the SAE reads d_in = {sae.cfg.d_in} but {hook} of {model.name} has {model.d_hook(hook)}")
+    if model.task is not None:
+        return task_eval(sae, model, hook, n_tokens, model_batch_size * 64)
     length = context_length or metadata.get("context_length") or metadata.get("context_size") or 128
     if model.n_ctx is not None:
         length = min(length, model.n_ctx)
@@ -150,6 +152,73 @@ def lm_eval(
         mse=reconstruction["mse"],
         reconstruction=reconstruction,
     )
+
+
+ZOO_EVAL_SEED = 2_000_003  # fresh task samples, distinct from training and from `saelab zoo eval`
+
+
+@torch.no_grad()
+def task_eval(sae: nn.Module, model: LanguageModel, hook: str, n_tokens: int, batch_size: int = 512) -> dict:
+    """The LM evals on a zoo model: its task's labels at the scored positions stand in for the next token.
+
+    On fresh task samples (about `n_tokens` positions): CE clean / with the SAE / zero-ablated and CE loss
+    recovered, mean KL(p_clean ‖ p_spliced) and the KL score, all over the scored positions; the task's accuracy
+    on its judged positions in each of the three runs; and the reconstruction metrics over every position (the SAE
+    splices in at every position, as it was trained).
+    """
+
+    task = model.task
+    n_sequences = max(1, math.ceil(n_tokens / task.n_ctx))
+    data = task.sample(n_sequences, ZOO_EVAL_SEED, "heldout")
+    sums = {"clean": 0.0, "sae": 0.0, "abl": 0.0, "kl_sae": 0.0, "kl_abl": 0.0}
+    right = {"clean": 0, "sae": 0, "abl": 0}
+    n_scored = n_judged = 0
+    stats = ReconstructionStats(sae.cfg.d_sae)
+    captured: dict[str, Tensor] = {}
+
+    def capture(x: Tensor) -> Tensor:
+        captured["x"] = x
+        return x
+
+    for start in range(0, n_sequences, batch_size):
+        tokens = data.tokens[start : start + batch_size].to(model.device)
+        labels = data.labels[start : start + batch_size].to(model.device)
+        scored = data.scored[start : start + batch_size].to(model.device)
+        judged = data.judged[start : start + batch_size].to(model.device)
+        clean = torch.log_softmax(model.logits(tokens, {hook: capture}), -1)
+        x = captured["x"].flatten(0, 1).to(next((p.dtype for p in sae.parameters()), captured["x"].dtype))
+        latents = sae.encode(x)
+        stats.update(x, sae.decode(latents), latents)
+        runs = {"clean": clean}
+        runs["sae"] = torch.log_softmax(model.logits(tokens, {hook: sae_replacement(sae)}), -1)
+        runs["abl"] = torch.log_softmax(model.logits(tokens, {hook: zero_ablation()}), -1)
+        safe_labels = labels.clamp_min(0)[..., None]
+        for name, log_probs in runs.items():
+            sums[name] += -log_probs.gather(-1, safe_labels)[..., 0][scored].sum().item()
+            right[name] += int(((log_probs.argmax(-1) == labels) & judged).sum())
+            if name != "clean":
+                sums[f"kl_{name}"] += (clean.exp() * (clean - log_probs)).sum(-1)[scored].sum().item()
+        n_scored += int(scored.sum())
+        n_judged += int(judged.sum())
+    ce = {name: sums[name] / n_scored for name in ("clean", "sae", "abl")}
+    kl_sae, kl_abl = sums["kl_sae"] / n_scored, sums["kl_abl"] / n_scored
+    recovered = (ce["abl"] - ce["sae"]) / (ce["abl"] - ce["clean"]) if ce["abl"] != ce["clean"] else math.nan
+    reconstruction = {k: float(v) for k, v in stats.compute().items() if isinstance(v, (int, float))}
+    return {
+        "task": task.name,
+        "ce_loss_clean": ce["clean"],
+        "ce_loss_with_sae": ce["sae"],
+        "ce_loss_with_ablation": ce["abl"],
+        "ce_loss_recovered": recovered,
+        "kl_div_with_sae": kl_sae,
+        "kl_div_with_ablation": kl_abl,
+        "kl_div_score": (kl_abl - kl_sae) / kl_abl if kl_abl > 0 else math.nan,
+        "accuracy_clean": right["clean"] / n_judged,
+        "accuracy_with_sae": right["sae"] / n_judged,
+        "accuracy_with_ablation": right["abl"] / n_judged,
+        "predictions": float(n_scored),
+        **reconstruction,
+    }
 
 
 def _model_name(name: str | None, sae_dir: str | Path | None) -> str | None:

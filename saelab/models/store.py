@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +30,18 @@ DEFAULT_BUFFER_TOKENS = 2**17
 BUFFER_BATCHES = 16  # the buffer mixes at least this many training batches
 
 
+class TokenStream(Protocol):
+    """Where the store's token contexts come from: a corpus (`ContextStream`) or a zoo task's generator."""
+
+    context_length: int
+
+    def next(self, n: int) -> Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class ActivationStore(OneHookView):
     """Shuffled activations from `model` at `hooks` over the token contexts of `contexts`.
 
@@ -39,7 +51,7 @@ class ActivationStore(OneHookView):
     def __init__(
         self,
         model: LanguageModel,
-        contexts: ContextStream,
+        contexts: TokenStream,
         hooks: Sequence[str],
         buffer_tokens: int = DEFAULT_BUFFER_TOKENS,
         model_batch_size: int = 32,
@@ -77,7 +89,7 @@ class ActivationStore(OneHookView):
             "dataset_path": self.dataset,
             "context_length": length,
             "context_size": length,
-            "prepend_bos": True,
+            "prepend_bos": self.model.task is None,
             "exclude_special_tokens": self.model.special_token_ids,
             "d_in": self.d_ins[hook],
         }
@@ -165,9 +177,16 @@ def build_lm_source(
     every world_size-th context starting at `rank`.
     """
     lm = model if isinstance(model, LanguageModel) else load_model(model, device, bf16=bf16)
+    hooks = [hook] if isinstance(hook, str) else list(hook)
+    buffer_tokens = buffer_tokens or max(DEFAULT_BUFFER_TOKENS, BUFFER_BATCHES * batch_size)
+    if lm.task is not None:  # a zoo model reads its task's generator: every position of fresh sequences
+        from saelab.models.zoo.model import TaskStream
+
+        if dataset is not None:
+            raise SaelabError(f"{lm.name} reads its task's generator; leave out --dataset")
+        stream = TaskStream(lm.task, seed, rank)
+        return ActivationStore(lm, stream, hooks, buffer_tokens, model_batch_size, seed, f"{lm.name} generator")
     contexts = ContextStream(
         documents(dataset, "train"), lm.tokenizer, context_length, lm.bos_token_id, rank, world_size, seed=seed
     )
-    hooks = [hook] if isinstance(hook, str) else list(hook)
-    buffer_tokens = buffer_tokens or max(DEFAULT_BUFFER_TOKENS, BUFFER_BATCHES * batch_size)
     return ActivationStore(lm, contexts, hooks, buffer_tokens, model_batch_size, seed, dataset)

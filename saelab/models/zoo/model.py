@@ -206,6 +206,30 @@ class TaskTokenizer:
         return " ".join(self.convert_ids_to_tokens([int(i) for i in ids]))
 
 
+class TaskStream:
+    """Fresh task sequences for the activation store, in place of a text corpus's token contexts.
+
+    Call k draws from a generator seeded by (seed, rank, k), so the stream's state is the number of calls, and
+    each rank of a data-parallel run reads its own sequences.
+    """
+
+    def __init__(self, task: Task, seed: int = 0, rank: int = 0) -> None:
+        self.task = task
+        self.context_length = task.n_ctx
+        self.seed, self.rank, self.calls = seed, rank, 0
+
+    def next(self, n: int) -> Tensor:
+        seed = int.from_bytes(f"{self.seed}/{self.rank}/{self.calls}".encode(), "big") % (2**63)
+        self.calls += 1
+        return self.task.sample(n, seed).tokens
+
+    def state_dict(self) -> dict[str, int]:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.calls = int(state["calls"])
+
+
 def zoo_language_model(spec: str, device: str = "cpu", bf16: bool = False) -> Any:
     """`zoo:NAME` or `zoo:DIR` as a `LanguageModel` that carries its task (`lm.task`)."""
     from saelab.models.access import LanguageModel
