@@ -124,3 +124,55 @@ def test_sae_eval_on_a_zoo_model_matches_a_slow_computation(zoo_lm):
         assert fast[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     assert fast["accuracy_clean"] > 0.95 and fast["accuracy_with_ablation"] < 0.7
     assert not math.isnan(fast["kl_div_score"])
+
+
+@torch.no_grad()
+def test_best_matching_latent_is_the_most_correlated_one(zoo_lm):
+    import numpy as np
+
+    sae = build_sae(SAEConfig(architecture="relu", d_in=24, d_sae=32), torch.Generator().manual_seed(1))
+    sae.metadata = {"hook_name": HOOK, "model_name": "zoo:cumsum"}
+    report = lm_eval(sae, model=zoo_lm, n_tokens=40 * 20)
+    data = zoo_lm.task.sample(40, ZOO_EVAL_SEED, "heldout")
+    acts = zoo_lm.activations(data.tokens, [HOOK])[HOOK][data.variable_mask]
+    latents = sae.encode(acts).double().numpy()
+    running_sum = data.variable[data.variable_mask].double().numpy()
+    corr = [
+        np.corrcoef(latents[:, i], running_sum)[0, 1] if latents[:, i].std() > 0 else 0.0
+        for i in range(latents.shape[1])
+    ]
+    (match,) = report["variable_latents"]
+    assert report["variable"] == "running_sum" and match["value"] == "running_sum"
+    assert match["latent"] == int(np.argmax(corr))
+    assert match["correlation"] == pytest.approx(max(corr), abs=1e-9)
+
+
+def run_cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "saelab", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_end_to_end_sae_on_a_zoo_model(tmp_path):
+    out = tmp_path / "sae"
+    trained = run_cli(
+        "sae", "train", "--model", "zoo:cumsum", "--hook", HOOK, "--architecture", "topk", "--d-sae", "48",
+        "--k", "4", "--steps", "150", "--batch-size", "512", "--quiet", "--out", str(out),
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    evaluated = run_cli("sae", "eval", str(out), "--tokens", "20000", "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    import json
+
+    report = json.loads(evaluated.stdout)
+    assert report["task"] == "cumsum" and report["predictions"] == 20000
+    assert report["accuracy_clean"] > 0.99 and report["accuracy_with_ablation"] < 0.7
+    assert report["ce_loss_recovered"] > 0.8 and report["accuracy_with_sae"] > 0.8
+    assert report["variable_latents"][0]["correlation"] > 0.3
+    text = run_cli("sae", "eval", str(out), "--tokens", "2000")
+    assert "best latent for running_sum" in text.stdout
+    refused = run_cli("dashboard", str(out), "--features", "4", "--out", str(tmp_path / "site"))
+    assert refused.returncode == 2 and "do not read zoo models yet" in refused.stderr
+    assert not (tmp_path / "site").exists()

@@ -94,6 +94,8 @@ def build_dashboard(
 
         model_name = model or metadata.get("model_name") or "builtin"
         lm = load_model(model_name, device)
+        if lm.task is not None:
+            raise SaelabError(f"dashboards do not read zoo models yet; `saelab sae eval {sae_dir}` measures this SAE")
         hook = hook or metadata.get("hook_name")
         n_ctx = getattr(getattr(lm.model, "cfg", None), "n_ctx", None)
         length = min(context, n_ctx) if n_ctx else context

@@ -222,6 +222,11 @@ class LanguageModel:
 
     def loss_per_token(self, tokens: Tensor, replace: dict[str, Replace] | None = None) -> Tensor:
         """Next-token cross-entropy [batch, pos − 1]: entry t is −log p(tokens[t+1] | tokens[≤t])."""
+        if self.task is not None:
+            raise SaelabError(
+                f"{self.name} predicts task labels, not next tokens; for its losses and accuracy use "
+                "`saelab sae eval` or `saelab zoo eval` (dashboards do not read zoo models yet)"
+            )
         logits = self.logits(tokens, replace)[:, :-1]
         targets = tokens[:, 1:].to(logits.device)
         return torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")

@@ -163,8 +163,9 @@ def task_eval(sae: nn.Module, model: LanguageModel, hook: str, n_tokens: int, ba
 
     On fresh task samples (about `n_tokens` positions): CE clean / with the SAE / zero-ablated and CE loss
     recovered, mean KL(p_clean ‖ p_spliced) and the KL score, all over the scored positions; the task's accuracy
-    on its judged positions in each of the three runs; and the reconstruction metrics over every position (the SAE
-    splices in at every position, as it was trained).
+    on its judged positions in each of the three runs; the reconstruction metrics over every position (the SAE
+    splices in at every position, as it was trained); and, for the task's intermediate variable, the latent whose
+    activation correlates best with it where it is defined (`variable_latents`).
     """
 
     task = model.task
@@ -174,6 +175,7 @@ def task_eval(sae: nn.Module, model: LanguageModel, hook: str, n_tokens: int, ba
     right = {"clean": 0, "sae": 0, "abl": 0}
     n_scored = n_judged = 0
     stats = ReconstructionStats(sae.cfg.d_sae)
+    matcher = LatentMatcher(sae.cfg.d_sae, variable_targets(task, data.variable[:1, :1])[1])
     captured: dict[str, Tensor] = {}
 
     def capture(x: Tensor) -> Tensor:
@@ -189,6 +191,9 @@ def task_eval(sae: nn.Module, model: LanguageModel, hook: str, n_tokens: int, ba
         x = captured["x"].flatten(0, 1).to(next((p.dtype for p in sae.parameters()), captured["x"].dtype))
         latents = sae.encode(x)
         stats.update(x, sae.decode(latents), latents)
+        defined = data.variable_mask[start : start + batch_size].flatten()
+        targets, _ = variable_targets(task, data.variable[start : start + batch_size].flatten()[defined])
+        matcher.update(latents.cpu()[defined], targets)
         runs = {"clean": clean}
         runs["sae"] = torch.log_softmax(model.logits(tokens, {hook: sae_replacement(sae)}), -1)
         runs["abl"] = torch.log_softmax(model.logits(tokens, {hook: zero_ablation()}), -1)
@@ -216,9 +221,60 @@ def task_eval(sae: nn.Module, model: LanguageModel, hook: str, n_tokens: int, ba
         "accuracy_clean": right["clean"] / n_judged,
         "accuracy_with_sae": right["sae"] / n_judged,
         "accuracy_with_ablation": right["abl"] / n_judged,
+        "variable": task.probe.name,
+        "variable_latents": matcher.best(),
         "predictions": float(n_scored),
         **reconstruction,
     }
+
+
+def variable_targets(task, variable: Tensor) -> tuple[Tensor, list[str]]:
+    """The task's probe variable as columns to correlate latents with: the value itself (a real variable), the
+    indicator of the second class (two classes), or one indicator per class."""
+    classes = task.probe.classes
+    if not classes:
+        return variable.double()[:, None], [task.probe.name]
+    if len(classes) == 2:
+        return (variable == 1).double()[:, None], [classes[1]]
+    return torch.nn.functional.one_hot(variable.long(), len(classes)).double(), list(classes)
+
+
+class LatentMatcher:
+    """Streaming Pearson correlation of every latent with every target column; `best()` names the top latent."""
+
+    def __init__(self, d_sae: int, names: list[str]) -> None:
+        self.names = names
+        self.n = 0
+        k = len(names)
+        self.sum_a, self.sum_aa = torch.zeros(d_sae, dtype=torch.float64), torch.zeros(d_sae, dtype=torch.float64)
+        self.sum_y, self.sum_yy = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+        self.sum_ay = torch.zeros(d_sae, k, dtype=torch.float64)
+
+    def update(self, latents: Tensor, targets: Tensor) -> None:
+        a = latents.double()
+        self.n += len(a)
+        self.sum_a += a.sum(0)
+        self.sum_aa += (a * a).sum(0)
+        self.sum_y += targets.sum(0)
+        self.sum_yy += (targets * targets).sum(0)
+        self.sum_ay += a.T @ targets
+
+    def correlations(self) -> Tensor:
+        """[d_sae, k]; 0 where a latent or a target never varies."""
+        n = self.n
+        cov = self.sum_ay - self.sum_a[:, None] * self.sum_y[None, :] / n
+        var_a = (self.sum_aa - self.sum_a**2 / n).clamp_min(0)
+        var_y = (self.sum_yy - self.sum_y**2 / n).clamp_min(0)
+        denominator = (var_a[:, None] * var_y[None, :]).sqrt()
+        return torch.where(denominator > 0, cov / denominator.clamp_min(1e-300), 0.0)
+
+    def best(self) -> list[dict]:
+        corr = self.correlations()
+        latent = corr.argmax(0)
+        return [
+            {"value": name, "latent": int(latent[j]), "correlation": float(corr[latent[j], j])}
+            for j, name in enumerate(self.names)
+        ]
 
 
 def _model_name(name: str | None, sae_dir: str | Path | None) -> str | None:

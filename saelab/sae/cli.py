@@ -238,6 +238,9 @@ def eval_(
                 f"ground truth: MMCS {truth['mmcs']:.4f}  MCC {truth['mcc']:.4f}  "
                 f"recovered {truth['recovered']}/{truth['n_true_features']} (cos ≥ {truth['recovery_threshold']})"
             )
+        elif key == "variable_latents":  # a zoo model: the latent that tracks the task's intermediate variable
+            for match in value:
+                typer.echo(f"best latent for {match['value']}: {match['latent']} (r = {match['correlation']:.3f})")
         elif isinstance(value, float):
             typer.echo(f"{key}: {value:.6g}" if math.isfinite(value) else f"{key}: undefined")
         elif not isinstance(value, (dict, list)):

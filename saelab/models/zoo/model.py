@@ -300,7 +300,7 @@ def probe_report(task: Task, model: HookedTransformer, n_samples: int = 2000, se
     y_fit, y_test = (h.variable[h.variable_mask] for h in halves)
     baseline = y_test.bincount(minlength=n_classes).max().item() / len(y_test) if n_classes else 0.0
     scores = {}
-    for hook in hooks:
+    for hook in [hook for hook in hooks if hook in caches[0].cache_dict]:  # some hooks are off (hook_result, ...)
         x_fit, x_test = (c[hook].flatten(2)[h.variable_mask] for c, h in zip(caches, halves, strict=True))
         scores[hook] = fit_linear_probe(x_fit, y_fit, x_test, y_test, n_classes)
     return {
