@@ -59,10 +59,11 @@ def test_shipped_model_reaches_its_stated_accuracy_on_fresh_samples(name):
 
 
 def test_shipped_models_solve_their_tasks():
-    """The originals were near-perfect except caesar (letter statistics) and trigrams (only planted ones)."""
+    """The originals were near-perfect except caesar (letter statistics). Ours are too, except unique_char, whose
+    2-CPU recipe stops at about 0.91 (the README says so)."""
     for name in TASKS:
         accuracy = load_json(shipped_folder(name) / "cfg.json")["results"]["accuracy"]
-        assert accuracy >= {"caesar": 0.7, "trigrams": 0.6}.get(name, 0.98), (name, accuracy)
+        assert accuracy >= {"caesar": 0.75, "unique_char": 0.9}.get(name, 0.995), (name, accuracy)
 
 
 def test_accuracy_and_loss_match_a_slow_position_by_position_computation():
@@ -89,7 +90,10 @@ def test_probe_fits_a_planted_linear_variable_and_not_noise():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4000, 8, generator=g)
     classes = (x @ torch.randn(8, 3, generator=g)).argmax(1)
-    assert fit_linear_probe(x[:2000], classes[:2000], x[2000:], classes[2000:], 3) > 0.95
+    # A least-squares classifier (argmax of ridge fits to one-hot targets) is near, not at, the linear optimum.
+    assert fit_linear_probe(x[:2000], classes[:2000], x[2000:], classes[2000:], 3) > 0.9
+    shuffled = classes[torch.randperm(4000, generator=g)]
+    assert fit_linear_probe(x[:2000], shuffled[:2000], x[2000:], shuffled[2000:], 3) < 0.42
     value = x @ torch.randn(8, generator=g)
     assert fit_linear_probe(x[:2000], value[:2000], x[2000:], value[2000:], 0) > 0.99
     noise = torch.randn(4000, generator=g)
@@ -101,9 +105,10 @@ def test_probe_report_finds_the_running_sum_after_attention_in_cumsum():
     report = probe_report(zoo.task, zoo.model, n_samples=300)
     hooks = report["hooks"]
     assert report["metric"] == "r2" and "blocks.0.hook_resid_post" in hooks
-    # The embedding alone knows only the current value; after attention the running sum is linear.
-    assert hooks["hook_embed"] < 0.5
-    assert hooks["blocks.0.hook_resid_mid"] > 0.8
+    # The embedding knows only the current value (R² about 1/20 of the sum's variance); attention averages the
+    # prefix, i.e. the running sum divided by the position, so the sum becomes partly linear after it.
+    assert hooks["hook_embed"] < 0.2
+    assert hooks["blocks.0.hook_resid_mid"] > hooks["hook_embed"] + 0.3
 
 
 def test_folder_round_trip_and_refusals(tmp_path):
