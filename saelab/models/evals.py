@@ -50,11 +50,13 @@ class LMEvalResult:
     l0: float
     mse: float
     reconstruction: dict[str, Any]  # every reconstruction metric (`ReconstructionStats.compute`), JSON-ready
+    task: dict[str, Any] | None = None  # a zoo model: task, accuracy clean / with SAE / ablated, variable_latents
 
     def to_dict(self) -> dict[str, Any]:
-        """One flat JSON-ready dict: the LM metrics, then the reconstruction metrics."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "reconstruction"}
-        return {**fields, **{k: v for k, v in self.reconstruction.items() if k not in fields}}
+        """One flat JSON-ready dict: the task's metrics (a zoo model), the LM metrics, the reconstruction metrics."""
+        skip = ("reconstruction", "task")
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        return {**(self.task or {}), **fields, **{k: v for k, v in self.reconstruction.items() if k not in fields}}
 
 
 def _defined(value: float) -> float | None:
@@ -158,7 +160,7 @@ ZOO_EVAL_SEED = 2_000_003  # fresh task samples, distinct from training and from
 
 
 @torch.no_grad()
-def task_eval(sae: nn.Module, model: LanguageModel, hook: str, n_tokens: int, batch_size: int = 512) -> dict:
+def task_eval(sae: nn.Module, model: LanguageModel, hook: str, n_tokens: int, batch_size: int = 512) -> LMEvalResult:
     """The LM evals on a zoo model: its task's labels at the scored positions stand in for the next token.
 
     On fresh task samples (about `n_tokens` positions): CE clean / with the SAE / zero-ablated and CE loss
@@ -207,25 +209,31 @@ def task_eval(sae: nn.Module, model: LanguageModel, hook: str, n_tokens: int, ba
         n_judged += int(judged.sum())
     ce = {name: sums[name] / n_scored for name in ("clean", "sae", "abl")}
     kl_sae, kl_abl = sums["kl_sae"] / n_scored, sums["kl_abl"] / n_scored
-    recovered = (ce["abl"] - ce["sae"]) / (ce["abl"] - ce["clean"]) if ce["abl"] != ce["clean"] else math.nan
-    reconstruction = {k: float(v) for k, v in stats.compute().items() if isinstance(v, (int, float))}
-    return {
-        "task": task.name,
-        "ce_loss_clean": ce["clean"],
-        "ce_loss_with_sae": ce["sae"],
-        "ce_loss_with_ablation": ce["abl"],
-        "ce_loss_recovered": recovered,
-        "kl_div_with_sae": kl_sae,
-        "kl_div_with_ablation": kl_abl,
-        "kl_div_score": (kl_abl - kl_sae) / kl_abl if kl_abl > 0 else math.nan,
-        "accuracy_clean": right["clean"] / n_judged,
-        "accuracy_with_sae": right["sae"] / n_judged,
-        "accuracy_with_ablation": right["abl"] / n_judged,
-        "variable": task.probe.name,
-        "variable_latents": matcher.best(),
-        "predictions": float(n_scored),
-        **reconstruction,
-    }
+    if not all(math.isfinite(v) for v in (*ce.values(), kl_sae, kl_abl)):
+        raise SaelabError("the model's loss is not finite on the task samples; check the model's and SAE's weights")
+    reconstruction = stats.compute()
+    return LMEvalResult(
+        ce_loss_clean=ce["clean"],
+        ce_loss_with_sae=ce["sae"],
+        ce_loss_with_ablation=ce["abl"],
+        ce_loss_recovered=(ce["abl"] - ce["sae"]) / (ce["abl"] - ce["clean"]) if ce["abl"] != ce["clean"] else None,
+        kl_div_with_sae=kl_sae,
+        kl_div_with_ablation=kl_abl,
+        kl_div_score=(kl_abl - kl_sae) / kl_abl if kl_abl > 0 else None,
+        predictions=n_scored,
+        explained_variance=_defined(reconstruction["explained_variance"]),
+        l0=reconstruction["l0"],
+        mse=reconstruction["mse"],
+        reconstruction=reconstruction,
+        task={
+            "task": task.name,
+            "accuracy_clean": right["clean"] / n_judged,
+            "accuracy_with_sae": right["sae"] / n_judged,
+            "accuracy_with_ablation": right["abl"] / n_judged,
+            "variable": task.probe.name,
+            "variable_latents": matcher.best(),
+        },
+    )
 
 
 def variable_targets(task, variable: Tensor) -> tuple[Tensor, list[str]]:

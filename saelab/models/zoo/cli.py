@@ -41,15 +41,10 @@ def train(
     overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
 ) -> None:
     """Train a task's transformer from scratch with its recipe, evaluate it on 10k fresh samples, save it."""
-    from saelab.errors import SaelabError
     from saelab.models.zoo.model import train_zoo
-    from saelab.models.zoo.tasks import get_task
 
-    get_task(name)
     out = out or Path("zoo_runs") / name
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SaelabError(f"{out} already exists and is not empty; pass --overwrite or choose another --out")
-    results = train_zoo(name, out, seed=seed, steps=steps, progress=True)
+    results = train_zoo(name, out, seed=seed, steps=steps, progress=True, overwrite=overwrite)
     typer.echo(
         f"{name}: accuracy {results['accuracy']:.4f}, loss {results['loss']:.4f} on {results['samples']} fresh "
         f"samples; trained in {results['train_seconds']:.0f} s; wrote {out}"

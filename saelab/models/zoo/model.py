@@ -24,7 +24,15 @@ from torch import Tensor
 
 from saelab.config import config_from_dict, config_to_dict, load_json
 from saelab.errors import SaelabError
-from saelab.io import atomic_directory, atomic_write_json, load_tensors, save_tensors
+from saelab.io import (
+    OutputKind,
+    atomic_write_json,
+    check_output,
+    json_format_marker,
+    load_tensors,
+    output_folder,
+    save_tensors,
+)
 from saelab.models.zoo.tasks import IGNORE, TASKS, Recipe, Task, TaskBatch, ZooArchitecture, get_task
 
 if TYPE_CHECKING:
@@ -130,8 +138,22 @@ def evaluate(
 # ------------------------------------------------------------------------------------------------------- folders
 
 
+ZOO_FOLDER = OutputKind(
+    "saelab zoo model folder",
+    ("cfg.json", "model.safetensors"),
+    json_format_marker("cfg.json", FORMAT_NAME),
+    replace_quietly=False,  # minutes of training: replaced only with --overwrite
+)
+
+
 def save_zoo_model(
-    out: Path, task: Task, model: HookedTransformer, seed: int, recipe: Recipe, results: dict[str, Any]
+    out: Path,
+    task: Task,
+    model: HookedTransformer,
+    seed: int,
+    recipe: Recipe,
+    results: dict[str, Any],
+    overwrite: bool = False,
 ) -> None:
     cfg = {
         "format": FORMAT_NAME,
@@ -142,7 +164,7 @@ def save_zoo_model(
         "recipe": config_to_dict(recipe),
         "results": results,
     }
-    with atomic_directory(Path(out)) as tmp:
+    with output_folder(out, ZOO_FOLDER, overwrite=overwrite) as tmp:
         save_tensors(tmp / "model.safetensors", dict(model.named_parameters()))
         atomic_write_json(tmp / "cfg.json", cfg)
 
@@ -239,19 +261,22 @@ def zoo_language_model(spec: str, device: str = "cpu", bf16: bool = False) -> An
     return LanguageModel.from_transformer_lens(zoo.model, name, bf16, tokenizer=TaskTokenizer(zoo.task), task=zoo.task)
 
 
-def train_zoo(name: str, out: Path, seed: int = 0, steps: int | None = None, progress: bool = False) -> dict[str, Any]:
+def train_zoo(
+    name: str, out: Path, seed: int = 0, steps: int | None = None, progress: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
     """`saelab zoo train`: train (the task's recipe, `steps` if given), evaluate on fresh samples, write the
     folder; returns its results."""
     task = get_task(name)
     recipe = task.recipe if steps is None else dataclasses.replace(task.recipe, steps=steps)
     if recipe.steps <= 0:
         raise SaelabError(f"--steps must be positive, got {recipe.steps}")
+    check_output(out, ZOO_FOLDER, overwrite=overwrite)  # before the work, not after it
     start = time.perf_counter()
     model = train_task_model(task, recipe, seed=seed, progress=progress)
     seconds = time.perf_counter() - start
     results = evaluate(task, model)
     results |= {"train_seconds": round(seconds, 1), "torch_threads": torch.get_num_threads()}
-    save_zoo_model(out, task, model, seed, recipe, results)
+    save_zoo_model(out, task, model, seed, recipe, results, overwrite)
     return results
 
 
