@@ -246,7 +246,7 @@
 
   /* Activation histogram: the site stores counts on fine log-spaced bins; draw them re-binned. */
   function histogram(hist, meta, options) {
-    const width = 560, height = 200, pad = { l: 44, r: 10, t: 8, b: 28 };
+    const width = 560, height = 214, pad = { l: 44, r: 10, t: 8, b: 42 }; // room for tick labels and the axis title
     const chart = svg("svg", { class: "chart", viewBox: "0 0 " + width + " " + height, role: "img" });
     if (!hist) {
       chart.append(svg("text", { x: width / 2, y: height / 2, "text-anchor": "middle", text: "never fires" }));
@@ -284,12 +284,12 @@
     (logx && decades.length >= 2 ? decades : ticks(x0, x1, 5)).forEach((v) => {
       const label = logx ? num(Math.pow(10, v), 2) : num(v, 2);
       chart.append(svg("line", { class: "axis", x1: X(v), x2: X(v), y1: pad.t + H, y2: pad.t + H + 4 }));
-      chart.append(svg("text", { x: X(v), y: height - 10, "text-anchor": "middle", text: label }));
+      chart.append(svg("text", { x: X(v), y: pad.t + H + 16, "text-anchor": "middle", text: label }));
     });
     const ytop = options.logy ? Math.round(Math.pow(10, ymax - 1)) : ymax;
     chart.append(svg("text", { x: pad.l - 6, y: pad.t + 8, "text-anchor": "end", text: String(ytop) }));
     chart.append(svg("text", { x: pad.l - 6, y: pad.t + H, "text-anchor": "end", text: "0" }));
-    chart.append(svg("text", { x: pad.l + W / 2, y: height - 4, "text-anchor": "middle", text: "activation" + (logx ? " (log scale)" : "") }));
+    chart.append(svg("text", { x: pad.l + W / 2, y: height - 6, "text-anchor": "middle", text: "activation" + (logx ? " (log scale)" : "") }));
     return chart;
   }
 
@@ -415,7 +415,7 @@
       stat("architecture", m.sae.architecture, "d_in " + m.sae.d_in),
     ];
     if (m.kind === "lm") {
-      figures.push(stat("tokens", String(m.tokens.counted), m.tokens.sequences + " × " + m.tokens.length));
+      figures.push(stat("tokens", String(m.tokens.counted), m.tokens.sequences + " × " + m.tokens.length + (m.tokens.documents ? " from " + m.tokens.documents + " documents" : "")));
       const a = (m.approximation || {}).direct_path || {};
       if (a.mean_abs_error != null) {
         figures.push(stat("direct-path error", num(a.mean_abs_error, 3), "mean |error| vs same-position ΔCE (mean |ΔCE| " + num(a.mean_abs_exact, 3) + "), r = " + num(a.pearson_r, 3) + ", " + a.positions + " positions"));
