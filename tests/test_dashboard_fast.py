@@ -21,7 +21,7 @@ from tokenizers.decoders import WordPiece
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from saelab.dashboard.compute import DashboardConfig, compute_dashboard
+from saelab.dashboard.compute import DashboardConfig, attribution, compute_dashboard
 from saelab.dashboard.effects import Downstream, _pads_safely, reference_loss_effects
 from saelab.dashboard.stats import flat_nonzero
 from saelab.dashboard.text import _byte_level_decodes, token_strings
@@ -141,3 +141,13 @@ def _close(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return abs(a - b) <= 1e-4 * max(1.0, abs(b))
     return a == b
+
+
+def test_attribution_at_firing_latents_equals_the_dense_product():
+    """The sparse attribution (only where a latent fires) against the plain dense −a · (grad @ W_decᵀ)."""
+    g = torch.Generator().manual_seed(0)
+    acts = torch.relu(torch.randn(4, 16, 300, generator=g) - 1.5)
+    grad, W_dec = torch.randn(4, 16, 32, generator=g), torch.randn(300, 32, generator=g)
+    dense = -acts * (grad @ W_dec.T)
+    assert (acts > 0).any() and (acts == 0).any()
+    assert torch.allclose(attribution(acts, grad, W_dec, chunk=100), dense, atol=1e-5)

@@ -130,7 +130,7 @@ def dashboard(
     exact_firings: int = typer.Option(
         None,
         help="Firings per latent whose total ΔCE is computed exactly (a uniform sample corrects the estimate); "
-        "default 16 for up to 64 latents, fewer (at least 2) for more.",
+        "default 512 in all, spread over the latents (8 each for 64, at least 2).",
     ),
     top_windows: int = typer.Option(10, help="Top-activation windows per latent."),
     device: str = typer.Option("cpu", help="cpu, cuda, …"),
