@@ -44,6 +44,7 @@ from saelab.errors import SaelabError
 
 ENCODE_FLOATS = 4 * 2**20  # latent activations encoded at once (16 MB)
 EXACT_TOTAL = 512  # exact total-ΔCE firings for all latents together, by default
+LOGIT_SAMPLE = 64  # uniformly sampled firings per latent for logit effects and quantile windows (the exact ones first)
 MORE_BEFORE, MORE_AFTER = 24, 12  # tokens of extra context a window shows when clicked
 
 
@@ -210,7 +211,8 @@ def compute_dashboard(
 
     # ---- pass 1: statistics over every token ------------------------------------------------------------
     acc = StatsAccumulator(
-        latents, sae.cfg.d_sae, n_seq, T, cfg.window, 2 * cfg.top_windows + 4, cfg.exact_budget(len(latents)),
+        latents, sae.cfg.d_sae, n_seq, T, cfg.window, 2 * cfg.top_windows + 4,
+        max(cfg.exact_budget(len(latents)), LOGIT_SAMPLE),
         cfg.corr_tokens, generator,
     )  # fmt: skip
     # The second pass starts at the hooked block from residuals kept here, when they fit in memory.
@@ -405,6 +407,11 @@ class _Effects:
         self.estimate = stats.estimate(self.latent, self.flat)
         self.is_sample = torch.zeros(len(keys), dtype=torch.bool)
         self.is_sample[self.inverse[len(self.win_rows) :]] = True
+        # The sample is in key order, so its first `budget` rows are themselves a uniform sample: those get the
+        # exact total ΔCE, the rest the same-position one (for logit effects and windows).
+        self.is_exact = torch.zeros(len(keys), dtype=torch.bool)
+        budget = cfg.exact_budget(L)
+        self.is_exact[self.inverse[len(self.win_rows) :][self.sample_r < budget]] = True
         self.exact = torch.full((len(keys),), float("nan"))
         self.direct = torch.full((len(keys),), float("nan"))
         self.next_logit = torch.full((len(keys),), float("nan"))
@@ -430,8 +437,8 @@ class _Effects:
             local = torch.searchsorted(chunk, seq[rows])
             pos = self.flat[rows] % self.T
             delta = self.act[rows, None] * W_dec[latents[self.latent[rows]]].cpu()
-            sampled = self.is_sample[rows]
-            s, w = sampled.nonzero().squeeze(1), (~sampled).nonzero().squeeze(1)
+            exact = self.is_exact[rows]
+            s, w = exact.nonzero().squeeze(1), (~exact).nonzero().squeeze(1)
             self.total[rows[s]], self.exact[rows[s]], clean_s = engine.total_effects(
                 run, local[s], pos[s], delta[s], eligible[chunk]
             )
@@ -459,7 +466,7 @@ class _Effects:
         self.win_logit[self.win_rows, self.win_cols] = self.next_logit[self.inverse[:n_win]]
         self.sample_exact[self.sample_r, self.sample_l] = self.exact[self.inverse[n_win:]]
         # The exactly computed firings, one entry each: context, latent column, total ΔCE, cheap estimate.
-        pairs = self.is_sample.nonzero().squeeze(1)
+        pairs = self.is_exact.nonzero().squeeze(1)
         self.sample_context, self.sample_latent = self.flat[pairs] // self.T, self.latent[pairs]
         self.sample_total = self.total[pairs]
         self.sample_estimate = self.estimate[pairs].double()
