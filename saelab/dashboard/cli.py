@@ -94,9 +94,15 @@ def build_dashboard(
 
         model_name = model or metadata.get("model_name") or "builtin"
         lm = load_model(model_name, device)
-        if lm.task is not None:
-            raise SaelabError(f"dashboards do not read zoo models yet; `saelab sae eval {sae_dir}` measures this SAE")
         hook = hook or metadata.get("hook_name")
+        if lm.task is not None:
+            if dataset is not None:
+                raise SaelabError(f"{model_name} reads its task's generator, not a dataset; drop --dataset")
+            board = compute_zoo_dashboard(lm, sae, hook, features, cfg, n_sequences, progress)
+            info = {"kind": "lm", "sae_dir": str(sae_dir), "model": model_name, "hook": board.meta["hook"],
+                    "device": device}  # fmt: skip
+            write_site(board, out, info, inputs, overwrite, None)
+            return Path(out) / "index.html"
         n_ctx = getattr(getattr(lm.model, "cfg", None), "n_ctx", None)
         length = min(context, n_ctx) if n_ctx else context
         docs = documents(dataset, "heldout")
@@ -111,6 +117,27 @@ def build_dashboard(
         scanned = ScannedTokens(tokens, names, [[used.index(d) for d in ds if d >= 0] for ds in sources])
     write_site(board, out, info, inputs, overwrite, scanned)
     return Path(out) / "index.html"
+
+
+def compute_zoo_dashboard(lm, sae, hook, features, cfg: DashboardConfig | None, n_sequences: int, progress: bool):
+    """The dashboard of an SAE on a zoo model, on `n_sequences` fresh task sequences (seeded by cfg.seed), with the
+    best-matching latent per value of the task's probe variable in its meta (shown on the index page)."""
+    from saelab.dashboard.zoo import DASHBOARD_SEED, zoo_variable_latents
+
+    seed = cfg.seed if cfg else 0
+    data = lm.task.sample(n_sequences, DASHBOARD_SEED + seed, "heldout")
+    board = compute_dashboard(lm, sae, data.tokens, hook, features, cfg, progress, data.labels)
+    board.meta["tokens"] |= {"source": f"task generator ({lm.task.name}, heldout split)", "seed": DASHBOARD_SEED + seed,
+                             "scored": int(data.scored.sum())}  # fmt: skip
+    board.meta["task"] = {
+        "name": lm.task.name,
+        "summary": lm.task.summary,
+        "variable": lm.task.probe.name,
+        "variable_description": lm.task.probe.description,
+        "variable_latents": zoo_variable_latents(lm, sae, board.meta["hook"], data),
+        "example": lm.tokenizer.decode(data.tokens[0]),  # the live view's first input
+    }
+    return board
 
 
 def dashboard(

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,9 @@ from saelab.dashboard.pages import pairs as _pairs
 from saelab.dashboard.pages import round_float as _round
 from saelab.dashboard.stats import BINS_PER_DECADE, LOG10_LO, LatentStats, StatsAccumulator, flat_nonzero
 from saelab.dashboard.text import token_label, token_strings
+from saelab.dashboard.zoo import with_targets
 from saelab.errors import SaelabError
+from saelab.models.zoo.tasks import IGNORE
 
 ENCODE_FLOATS = 4 * 2**20  # latent activations encoded at once (16 MB)
 EXACT_TOTAL = 512  # exact total-ΔCE firings for all latents together, by default
@@ -149,6 +151,12 @@ def eligible_positions(valid: Tensor) -> Tensor:
     return out
 
 
+def firing_positions(lm, valid: Tensor) -> Tensor:
+    """[S, T] positions where a firing has a loss effect: with a next-token loss from there on (`eligible_positions`)
+    for a language model; every position of a zoo model, whose scored positions may all lie later."""
+    return valid if lm.task is not None else eligible_positions(valid)
+
+
 def _rounded(values: Tensor, digits: int = 5) -> list[float | None]:
     """`_round` for a whole tensor at once (vectorised: pages hold millions of numbers); NaN becomes None."""
     a = values.double().numpy()
@@ -179,11 +187,17 @@ def compute_dashboard(
     features: int | list[int] | Tensor | Top | None = None,
     cfg: DashboardConfig | None = None,
     progress: bool = False,
+    labels: Tensor | None = None,
 ) -> Dashboard:
     """Dashboards for the chosen latents of `sae` at `hook` of `lm` (a `saelab.models.LanguageModel`), on
-    tokens [n_sequences, T] (each starting with BOS, as `saelab.models.data.ContextStream` makes them)."""
+    tokens [n_sequences, T] (each starting with BOS, as `saelab.models.data.ContextStream` makes them).
+
+    A zoo model (`lm.task`) needs its task's `labels` [n_sequences, T] (IGNORE where not scored): the losses are
+    the task's (`saelab.dashboard.zoo`), a firing counts at every position, and each window is a whole sequence."""
     cfg = cfg or DashboardConfig()
     cfg.validate()
+    if (lm.task is None) != (labels is None):
+        raise SaelabError("a zoo model's dashboard needs its task labels, and only a zoo model's takes them")
     started = time.perf_counter()
     hook = hook or sae_metadata(sae).get("hook_name")
     if not hook:
@@ -196,10 +210,19 @@ def compute_dashboard(
         )
     tokens = check_tokens(tokens, len(lm.tokenizer))
     n_seq, T = tokens.shape
-    engine = downstream(lm, hook, fast=cfg.exact == "fast")
+    if labels is not None:
+        from saelab.dashboard.zoo import TaskDownstream
+
+        if labels.shape != tokens.shape:
+            raise SaelabError(f"task labels {tuple(labels.shape)} do not match the tokens {tuple(tokens.shape)}")
+        labels = labels.long().cpu()
+        cfg = replace(cfg, context_before=T - 1, context_after=T - 1)  # windows: whole (short) task sequences
+        engine: LossEffectEngine = TaskDownstream(lm, hook)
+    else:
+        engine = downstream(lm, hook, fast=cfg.exact == "fast")
     chosen = "top:" + ",".join(map(str, [features.n, *features.also])) if isinstance(features, Top) else None
     if isinstance(features, Top):
-        ranking = rank_latents(lm, sae, tokens, hook, cfg, progress)
+        ranking = rank_latents(lm, sae, tokens, hook, cfg, progress, labels)
         eligible = torch.tensor(ranking["firings"]) >= cfg.min_firings
         score = torch.tensor([x if x is not None else -math.inf for x in ranking["per_token"]], dtype=torch.float64)
         score[~eligible] = -math.inf
@@ -223,23 +246,30 @@ def compute_dashboard(
     batch_size = _batch_size(lm, sae, T, cfg)
     _recycle_large_blocks()
     read = (engine.start_name,) if keep and not engine.hook_is_start else ()
-    for first, batch, found, acts, estimate in _attributed_batches(lm, sae, tokens, hook, batch_size, read, progress):
+    batches = _attributed_batches(lm, sae, tokens, hook, batch_size, read, progress, labels)
+    for first, batch, found, acts, estimate in batches:
         if keep:
             resid[first : first + len(batch)] = found[read[0] if read else "x"].view(len(batch), T, d_model).cpu()
         valid = lm.regular_positions(batch).cpu()
-        acc.update(acts, first, valid, eligible_positions(valid), estimate)
+        acc.update(acts, first, valid, firing_positions(lm, valid), estimate)
     stats = acc.finish(cfg.top_windows, cfg.n_neighbours)
     pass1 = time.perf_counter() - started
 
     # ---- pass 2: loss effects where they are shown or sampled ------------------------------------------------
     windows = _choose_windows(stats, cfg)
-    eligible = eligible_positions(lm.regular_positions(tokens).cpu())
+    valid = lm.regular_positions(tokens).cpu()
+    eligible = firing_positions(lm, valid)
     effects = _Effects(stats, cfg, windows, eligible, d_model)
+    scored = eligible if labels is None else labels != IGNORE  # where a loss is counted
     W_U = lm.model.W_U.detach().float().cpu() if isinstance(getattr(lm.model, "W_U", None), Tensor) else None
     per_run = _seqs_per_run(lm, engine, T)
-    effects.evaluate(engine, tokens, resid, W_dec.float(), W_U, latents, eligible, per_run, progress)
+    effects.evaluate(engine, tokens, resid, W_dec.float(), W_U, latents, scored, per_run, progress, labels)
     importance = effects.importance(stats, cfg)
-    strings = _window_strings(lm.tokenizer, tokens, windows["center"], cfg)
+    if lm.task is None:
+        strings = _window_strings(lm.tokenizer, tokens, windows["center"], cfg)
+    else:  # each token is a label of the task's vocabulary
+        strings = {(seq, p): lm.task.vocab[t] for seq in (windows["center"] // T).unique().tolist()
+                   for p, t in enumerate(tokens[seq].tolist())}  # fmt: skip
     pass2 = time.perf_counter() - started - pass1
 
     meta = {
@@ -285,7 +315,9 @@ def _batch_size(lm, sae, T: int, cfg: DashboardConfig) -> int:
     return max(1, min(cfg.batch_size, ENCODE_FLOATS // (T * max(sae.cfg.d_sae, len(lm.tokenizer)))))
 
 
-def _attributed_batches(lm, sae, tokens: Tensor, hook: str, batch_size: int, read: tuple[str, ...], progress: bool):
+def _attributed_batches(
+    lm, sae, tokens: Tensor, hook: str, batch_size: int, read: tuple[str, ...], progress: bool, labels: Tensor | None
+):
     """Per batch of sequences: (first sequence, tokens, what `loss_gradient` found, latent activations [S, T, d_sae],
     and their gradient attributions −a_j · W_dec[j] · ∂L/∂x: the first-order change of the loss summed from each
     position on when latent j's contribution is removed there)."""
@@ -293,23 +325,26 @@ def _attributed_batches(lm, sae, tokens: Tensor, hook: str, batch_size: int, rea
     for first in tqdm(range(0, len(tokens), batch_size), desc="activations", disable=not progress, leave=False):
         batch = tokens[first : first + batch_size]
         eligible = eligible_positions(lm.regular_positions(batch).cpu())
-        found = loss_gradient(lm, hook, batch, eligible, read)
+        targets = None if labels is None else labels[first : first + batch_size]
+        found = loss_gradient(lm, hook, batch, eligible, read, targets)
         acts = _sae_encode(sae, found["x"])
         yield first, batch, found, acts, attribution(acts, found["grad"], W_dec)
 
 
 @torch.no_grad()
-def rank_latents(lm, sae, tokens: Tensor, hook: str, cfg: DashboardConfig, progress: bool = False) -> dict[str, list]:
+def rank_latents(
+    lm, sae, tokens: Tensor, hook: str, cfg: DashboardConfig, progress: bool = False, labels: Tensor | None = None
+) -> dict[str, list]:
     """Every latent of the SAE by the cheap estimate of its importance per token (see `_ranking`), from one forward
     and backward pass over the tokens; what `Top` chooses by."""
     T = tokens.shape[1]
     estimate = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     firings = torch.zeros(sae.cfg.d_sae, dtype=torch.int64)
     n_tokens = 0
-    batches = _attributed_batches(lm, sae, tokens, hook, _batch_size(lm, sae, T, cfg), (), progress)
+    batches = _attributed_batches(lm, sae, tokens, hook, _batch_size(lm, sae, T, cfg), (), progress, labels)
     for _, batch, _, acts, est in batches:
         valid = lm.regular_positions(batch).cpu()
-        firing = (acts.cpu() > 0) & eligible_positions(valid)[..., None]
+        firing = (acts.cpu() > 0) & firing_positions(lm, valid)[..., None]
         estimate += torch.where(firing, est.cpu(), 0.0).sum((0, 1), dtype=torch.float64)
         firings += firing.sum((0, 1))
         n_tokens += int(valid.sum())
@@ -424,7 +459,9 @@ class _Effects:
         self.eligible_flat = eligible.reshape(-1)
         self._err: dict[str, tuple[Tensor, Tensor]] | None = None
 
-    def evaluate(self, engine, tokens, resid, W_dec, W_U, latents, eligible, per_run: int, progress: bool) -> None:
+    def evaluate(
+        self, engine, tokens, resid, W_dec, W_U, latents, eligible, per_run: int, progress: bool, labels=None
+    ) -> None:
         """Run the model once over each chunk of the sequences holding pairs (from the cached residuals at the
         hooked block when `resid` [n_seq, T, d_model] is given), then every pair of the chunk: the total ΔCE
         (and with it the same-position one) for sampled pairs, the same-position ΔCE alone for the others."""
@@ -433,6 +470,7 @@ class _Effects:
         self.total = torch.full((len(self.flat),), float("nan"), dtype=torch.float64)
         for chunk in tqdm(needed.split(per_run), desc="loss effects", disable=not progress, leave=False):
             run = engine.clean(tokens[chunk], None if resid is None else resid[chunk])
+            run = with_targets(run, None if labels is None else labels[chunk])
             rows = ((seq >= chunk[0]) & (seq <= chunk[-1])).nonzero().squeeze(1)  # seq is sorted, chunk contiguous
             local = torch.searchsorted(chunk, seq[rows])
             pos = self.flat[rows] % self.T

@@ -107,14 +107,17 @@ def reference_total_effects(
     return out
 
 
-def loss_gradient(lm, hook: str, tokens: Tensor, eligible: Tensor, read: tuple[str, ...] = ()) -> dict[str, Tensor]:
+def loss_gradient(
+    lm, hook: str, tokens: Tensor, eligible: Tensor, read: tuple[str, ...] = (), targets: Tensor | None = None
+) -> dict[str, Tensor]:
     """One forward and one backward pass over tokens [S, T]: {"grad": ∂L/∂x [S, T, d_in], "x": the activation x at
     `hook` [S, T, d_in], and each name in `read`: its activation}, where L is the next-token loss summed over the
     eligible positions [S, T].
 
     Since attention is causal, the gradient at position p is that of the loss summed over p and every later
     position, so `−a · W_dec[j] · grad[p]` is the first-order estimate of latent j's total ΔCE at p (attribution
-    patching). Only the activation's gradient is computed, not the weights'."""
+    patching). Only the activation's gradient is computed, not the weights'. A zoo model's loss is its task's:
+    given `targets` [S, T] (labels, IGNORE where not scored), L is the CE against them at every scored position."""
     found: dict[str, Tensor] = {}
 
     def leaf(x: Tensor) -> Tensor:
@@ -134,10 +137,14 @@ def loss_gradient(lm, hook: str, tokens: Tensor, eligible: Tensor, read: tuple[s
         for p in params:
             p.requires_grad_(False)
         with torch.enable_grad():
-            logits = lm.logits(tokens, replace)[:, :-1]
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1).to(logits.device),
-                                 reduction="none")  # fmt: skip
-            loss = ce @ eligible[:, :-1].reshape(-1).to(ce)
+            if targets is None:
+                logits = lm.logits(tokens, replace)[:, :-1]
+                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1).to(logits.device),
+                                     reduction="none")  # fmt: skip
+                loss = ce @ eligible[:, :-1].reshape(-1).to(ce)
+            else:  # cross_entropy ignores the unscored positions (IGNORE = its ignore_index)
+                logits = lm.logits(tokens, replace)
+                loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1).to(logits.device), reduction="sum")
             x = found["x"]
             grad = torch.autograd.grad(loss, x)[0] if loss.requires_grad else torch.zeros_like(x)
     finally:
@@ -160,6 +167,7 @@ class CleanRun:
     final_resid: Tensor | None = None  # [S, T, d_model] the residual stream entering the final norm
     keys: list[Tensor] | None = None  # per block from `start` on: [S, T, n_kv_heads, d_head], as cached
     values: list[Tensor] | None = None
+    targets: Tensor | None = None  # [S, T] a zoo model's task labels (IGNORE where not scored); None: next tokens
 
 
 @dataclass

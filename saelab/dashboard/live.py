@@ -3,6 +3,10 @@
 `PromptAnalyzer.analyze(text)` runs the real model once, encodes the hook activations with the SAE, and for the
 strongest latents at each token computes the loss effect exactly (the same single-position re-runs as the static
 pages) and by the direct path.
+
+On a zoo model the prompt is a task input, its vocabulary's tokens separated by spaces (`3 1 4 1 5`), read without
+BOS. A typed input has no task labels, so there is no loss to change: the view lists the latents at each position
+with their activations, and the model's answer (an output class of the task) at each position.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class PromptAnalyzer:
     def tokenize(self, text: str) -> torch.Tensor:
         if not isinstance(text, str) or not text.strip():
             raise SaelabError("type a non-empty prompt")
+        if self.lm.task is not None:  # raises one line for an unknown token or too many
+            return self.lm.task.encode(text)[None]
         if len(text) > MAX_PROMPT_CHARS:
             raise SaelabError(f"the prompt has {len(text)} characters; the live view takes at most {MAX_PROMPT_CHARS}")
         ids = [self.lm.bos_token_id, *self.lm.tokenizer.encode(text, add_special_tokens=False)]
@@ -58,6 +64,8 @@ class PromptAnalyzer:
         top_v, top_i = acts.topk(k, dim=1)  # [T, k]
         pos, slot = (top_v > 0).nonzero(as_tuple=True)
         lat, act = top_i[pos, slot], top_v[pos, slot]
+        if self.lm.task is not None:
+            return self._task_view(tokens, pos, lat, act, started)
         exact = torch.full((len(pos),), float("nan"))
         direct = torch.full((len(pos),), float("nan"))
         ok = eligible_positions(valid)[0, pos]
@@ -79,6 +87,23 @@ class PromptAnalyzer:
             "tokens": token_strings(self.lm.tokenizer, tokens[0].tolist()),
             "ids": tokens[0].tolist(),
             "ce": [_round(x) for x in clean_ce.tolist()] + [None],
+            "firing": firing,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+
+    def _task_view(self, tokens, pos, lat, act, started: float) -> dict[str, Any]:
+        """A zoo task input: latents and activations per position (no loss effects: a typed input has no labels),
+        and the model's answer at each position."""
+        task = self.lm.task
+        firing: list[list[list]] = [[] for _ in range(tokens.shape[1])]
+        for p, j, a in zip(pos.tolist(), lat.tolist(), act.tolist(), strict=True):
+            firing[p].append([j, _round(a), None, None])
+        answers = self.lm.logits(tokens.to(self.lm.device))[0].argmax(-1).tolist()
+        return {
+            "tokens": [task.vocab[t] for t in tokens[0].tolist()],
+            "ids": tokens[0].tolist(),
+            "ce": [None] * tokens.shape[1],
+            "answers": [task.outputs[i] for i in answers],
             "firing": firing,
             "seconds": round(time.perf_counter() - started, 3),
         }

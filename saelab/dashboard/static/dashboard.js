@@ -432,6 +432,21 @@
       h("h1", { text: m.kind === "toy" ? "Toy-model SAE" : "SAE latents" }),
       h("div", { class: "muted" }, [h("span", { class: "mono", text: m.hook }), " of ", h("span", { class: "mono", text: m.model })]),
       h("div", { class: "stats" }, figures),
+      m.task ? taskVariable(m.task) : null,
+    ]);
+  }
+
+  /* A zoo model: the task, and the latent that tracks each value of its intermediate variable best. */
+  function taskVariable(task) {
+    return h("div", { id: "task-variable" }, [
+      h("h2", { text: "Task: " + task.name }),
+      h("p", { class: "muted small", text: task.summary + ". Losses are the task's, on its scored positions only. Best-matching latent per value of " + task.variable + " (" + task.variable_description + "): the highest Pearson correlation of activation with it, where it is defined." }),
+      h("table", {}, [
+        h("thead", {}, h("tr", {}, ["value", "latent", "correlation"].map((t) => h("th", { text: t })))),
+        h("tbody", {}, task.variable_latents.map((v) => h("tr", {}, [
+          h("td", { class: "mono", text: v.value }), h("td", {}, link(v.latent)), h("td", { class: "num", text: num(v.correlation, 3) }),
+        ]))),
+      ]),
     ]);
   }
 
@@ -744,8 +759,9 @@
       return;
     }
     const known = new Set(index ? index.meta.latents : []);
-    const text = h("textarea", { "aria-label": "prompt", placeholder: "Type a prompt…", spellcheck: "false" });
-    text.value = sessionStorage.getItem("saelab-prompt") || "def hello(name):\n    print(\"hello\", name)\n";
+    const task = index && index.meta.task;
+    const text = h("textarea", { "aria-label": "prompt", placeholder: task ? "Type a task input: " + task.name + " tokens separated by spaces" : "Type a prompt…", spellcheck: "false" });
+    text.value = sessionStorage.getItem("saelab-prompt") || (task ? task.example : "def hello(name):\n    print(\"hello\", name)\n");
     const button = h("button", { class: "primary", text: "Analyse" });
     const status = h("span", { class: "muted small" });
     const out = h("div", { id: "live-output" });
@@ -820,6 +836,7 @@
         if (e) rows.push(["latent " + selected, num(a, 4)]);
         if (loss != null) rows.push(["its ΔCE here (exact)", signed(loss, 4)]);
         if (result.ce[pos] != null) rows.push(["next-token CE", num(result.ce[pos], 4)]);
+        if (result.answers) rows.push(["model's answer", result.answers[pos]]);
         const background = live.mode === "loss" ? lossColor(loss, lossMax) : actColor(a, e ? e.max : 0);
         const span = tokenSpan(t, { rows: rows, background: background, onclick: () => { selectedToken = pos; draw(); } });
         if (pos === selectedToken) span.classList.add("sel");

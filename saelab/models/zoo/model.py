@@ -218,6 +218,9 @@ class TaskTokenizer:
         self.task = task
         self.vocab_size = len(task.vocab)
 
+    def __len__(self) -> int:
+        return self.vocab_size
+
     def encode(self, text: str) -> list[int]:
         return self.task.encode(text).tolist()
 
