@@ -33,7 +33,7 @@ class PromptAnalyzer:
         self.hook = hook or sae_metadata(sae).get("hook_name")
         if not self.hook:
             raise SaelabError("the SAE's cfg.json names no hook (metadata.hook_name); pass the hook explicitly")
-        self.engine = downstream(lm, self.hook)
+        self.engine = downstream(lm, self.hook) if lm.task is None else None  # a typed task input has no loss
         self.max_latents = max_latents
         cfg = getattr(lm.model, "cfg", None)
         self.n_ctx = getattr(cfg, "n_ctx", None)
@@ -55,9 +55,10 @@ class PromptAnalyzer:
         """{tokens, ids, ce, firing: per token [[latent, activation, ΔCE exact, ΔCE direct], ...], seconds}"""
         started = time.perf_counter()
         tokens = self.tokenize(text)
-        run = self.engine.clean(tokens)
+        run = None if self.engine is None else self.engine.clean(tokens)
+        x_hook = self.lm.activations(tokens, [self.hook])[self.hook].flatten(2) if run is None else run.x_hook
         W_dec = self.sae.W_dec.detach()
-        acts = self.sae.encode(run.x_hook.to(W_dec.device, W_dec.dtype))[0].float().cpu()  # [T, d_sae]
+        acts = self.sae.encode(x_hook.to(W_dec.device, W_dec.dtype))[0].float().cpu()  # [T, d_sae]
         valid = self.lm.regular_positions(tokens).cpu()
         acts = acts * valid[0, :, None]
         k = min(self.max_latents, acts.shape[1])

@@ -1,0 +1,200 @@
+"""Dashboards and the live view on zoo models: a real (briefly trained) SAE on zoo:cumsum, whole task sequences as
+windows with the task's labels, loss effects on the task's scored positions checked against plain TransformerLens
+runs, the best latent per task variable on the index, and task inputs in the live view."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saelab.dashboard.cli import build_dashboard
+from saelab.dashboard.compute import DashboardConfig
+from saelab.dashboard.effects import CleanRun
+from saelab.dashboard.live import PromptAnalyzer
+from saelab.dashboard.server import make_server
+from saelab.dashboard.site import read_data_script
+from saelab.dashboard.zoo import DASHBOARD_SEED, TaskDownstream
+from saelab.errors import SaelabError
+from saelab.models.access import load_model
+from saelab.models.zoo.tasks import IGNORE
+from saelab.sae.io import load_sae, save_sae
+from saelab.sae.model import SAEConfig, build_sae
+
+HOOK = "blocks.0.hook_resid_post"
+N_SEQUENCES = 48
+
+
+@pytest.fixture(scope="module")
+def cumsum():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_model("zoo:cumsum")
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def site(cumsum, tmp_path_factory):
+    """A TopK SAE trained for 150 steps on fresh cumsum activations, saved, and its dashboard built from the folder."""
+    root = tmp_path_factory.mktemp("zoo")
+    sae = build_sae(SAEConfig(architecture="topk", d_in=24, d_sae=16, k=3), torch.Generator().manual_seed(0))
+    sae.metadata = {"hook_name": HOOK, "model_name": "zoo:cumsum"}
+    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    for step in range(150):
+        with torch.no_grad():
+            x = cumsum.activations(cumsum.task.sample(64, step).tokens, [HOOK])[HOOK].flatten(0, 1)
+        loss = (sae.decode(sae.encode(x)) - x).square().sum(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    save_sae(sae, root / "sae")
+    cfg = DashboardConfig(exact_firings=4, top_windows=3, windows_per_interval=1)
+    index = build_dashboard(root / "sae", root / "site", n_sequences=N_SEQUENCES, cfg=cfg, progress=False)
+    return index.parent, load_sae(root / "sae")
+
+
+def pages(site_dir):
+    _, index = read_data_script(site_dir / "data" / "index.js")
+    latents = {j: read_data_script(site_dir / "data" / "latents" / f"{j}.js")[1] for j in index["meta"]["latents"]}
+    return index, latents
+
+
+def plain_task_ce(model, tokens, labels, hook=None, position=None, delta=None):
+    """CE [T] against the task labels (0 where not scored), with `delta` removed at `position` by a TL hook."""
+
+    def remove(act, hook):
+        act = act.clone()
+        act[0, position] -= delta
+        return act
+
+    hooks = [] if hook is None else [(hook, remove)]
+    logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0].double()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
+
+
+def test_windows_are_whole_task_sequences_with_task_labels(cumsum, site):
+    site_dir, _ = site
+    index, latents = pages(site_dir)
+    data = cumsum.task.sample(N_SEQUENCES, DASHBOARD_SEED, "heldout")
+    assert index["meta"]["tokens"]["sequences"] == N_SEQUENCES and index["meta"]["tokens"]["length"] == 20
+    seen = 0
+    for page in latents.values():
+        for window in page["windows"]["top"] + [w for iv in page["windows"]["intervals"] for w in iv["windows"]]:
+            assert window["start"] == 0 and window["before"] == [] and window["after"] == []
+            assert window["tokens"] == [cumsum.task.vocab[t] for t in data.tokens[window["seq"]].tolist()]
+            assert window["acts"][window["center"]] > 0
+            seen += 1
+    assert seen >= 10
+    assert json.loads((site_dir / "site.json").read_text())["model"] == "zoo:cumsum"
+
+
+def test_same_position_loss_effects_match_plain_hooked_runs(cumsum, site):
+    site_dir, sae = site
+    _, latents = pages(site_dir)
+    data = cumsum.task.sample(N_SEQUENCES, DASHBOARD_SEED, "heldout")
+    checked, moved = 0, 0
+    for j, page in latents.items():
+        for window in page["windows"]["top"][:2]:
+            tokens, labels = data.tokens[window["seq"]], data.labels[window["seq"]]
+            with torch.no_grad():
+                clean = plain_task_ce(cumsum.model, tokens, labels)
+            for p, (a, shown) in enumerate(zip(window["acts"], window["loss"], strict=True)):
+                if a > 0:
+                    with torch.no_grad():
+                        ablated = plain_task_ce(cumsum.model, tokens, labels, HOOK, p, a * sae.W_dec[j].detach())
+                    assert shown == pytest.approx(float(ablated[p] - clean[p]), rel=2e-3, abs=2e-5)
+                    checked += 1
+                    moved += abs(shown) > 1e-4
+    assert checked >= 20 and moved >= 3
+
+
+@pytest.mark.parametrize("name", ["sum", "palindromes"])
+@torch.no_grad()
+def test_total_effects_sum_the_loss_change_over_scored_positions_only(name):
+    """On tasks whose scored positions are a strict subset (answer digits; the END token), against plain runs."""
+    lm = load_model(f"zoo:{name}")
+    hook = "blocks.0.attn.hook_z"
+    data = lm.task.sample(3, 7, "heldout")
+    assert not data.scored.all()
+    engine = TaskDownstream(lm, hook)
+    run = engine.clean(data.tokens)
+    run = CleanRun(**{**run.__dict__, "targets": data.labels})
+    g = torch.Generator().manual_seed(0)
+    T = data.tokens.shape[1]
+    seq = torch.tensor([0, 0, 1, 2, 2, 2])
+    pos = torch.tensor([0, T // 2, T - 1, 1, T - 3, T - 2])
+    delta = torch.randn(len(seq), run.x_hook.shape[-1], generator=g) * 2
+    total, same, _ = engine.total_effects(run, seq, pos, delta, data.scored)
+    n_heads = lm.model.cfg.n_heads
+    for i in range(len(seq)):
+        s, p = int(seq[i]), int(pos[i])
+        clean = plain_task_ce(lm.model, data.tokens[s], data.labels[s])
+        ablated = plain_task_ce(lm.model, data.tokens[s], data.labels[s], hook, p, delta[i].view(n_heads, -1))
+        change = ablated - clean
+        expected_total = sum(float(change[q]) for q in range(p, T) if data.scored[s, q])
+        assert float(total[i]) == pytest.approx(expected_total, rel=1e-4, abs=1e-6)
+        if data.scored[s, p]:
+            assert float(same[i]) == pytest.approx(float(change[p]), rel=1e-4, abs=1e-6)
+        else:
+            assert same[i].isnan()
+
+
+def test_index_names_the_best_latent_per_task_variable(cumsum, site):
+    site_dir, sae = site
+    index, _ = pages(site_dir)
+    task_meta = index["meta"]["task"]
+    assert task_meta["name"] == "cumsum" and task_meta["variable"] == "running_sum"
+    data = cumsum.task.sample(N_SEQUENCES, DASHBOARD_SEED, "heldout")
+    with torch.no_grad():
+        acts = cumsum.activations(data.tokens, [HOOK])[HOOK][data.variable_mask]
+        latents = sae.encode(acts).double().numpy()
+    running_sum = data.variable[data.variable_mask].double().numpy()
+    corr = [np.corrcoef(latents[:, i], running_sum)[0, 1] if latents[:, i].std() > 0 else 0.0 for i in range(16)]
+    (match,) = task_meta["variable_latents"]
+    assert match["latent"] == int(np.argmax(corr)) and match["correlation"] == pytest.approx(max(corr), abs=1e-4)
+    assert len(task_meta["example"].split()) == 20
+
+
+@torch.no_grad()
+def test_live_view_reads_task_inputs_and_refuses_malformed_ones(cumsum, site):
+    site_dir, sae = site
+    analyzer = PromptAnalyzer(cumsum, sae, HOOK)
+    result = analyzer.analyze("3 1 -4 1 5")
+    assert result["tokens"] == ["3", "1", "-4", "1", "5"]
+    assert result["answers"] == ["positive", "positive", "zero", "positive", "positive"]
+    tokens = cumsum.task.encode("3 1 -4 1 5")[None]
+    acts = sae.encode(cumsum.activations(tokens, [HOOK])[HOOK])[0]
+    for p, firing in enumerate(result["firing"]):
+        assert sorted(j for j, *_ in firing) == sorted((acts[p] > 0).nonzero().squeeze(1).tolist())
+        for j, a, *_ in firing:
+            assert a == pytest.approx(float(acts[p, j]), rel=1e-4)
+    for bad, message in (("3 x 4", "'x' is not a token of cumsum"), (" ".join(["1"] * 21), "1 to 20 tokens")):
+        with pytest.raises(SaelabError, match=message):
+            analyzer.analyze(bad)
+    server = make_server(site_dir, 0, analyzer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/api/analyze"
+
+        def post(text):
+            body = json.dumps({"text": text}).encode()
+            request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as reply:
+                    return reply.status, json.loads(reply.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        status, body = post("0 0 5")
+        assert status == 200 and body["tokens"] == ["0", "0", "5"]
+        status, body = post("3 seven")
+        assert status == 400 and "\n" not in body["error"] and "'seven' is not a token of cumsum" in body["error"]
+    finally:
+        server.shutdown()
+        server.server_close()
