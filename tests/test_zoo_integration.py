@@ -1,5 +1,4 @@
-"""Zoo models in the other stages: `--model zoo:NAME` loading, the activation store, and the SAE evals."""
-
+"""Zoo models in the other stages: `--model zoo:NAME` loading, the activation store, the SAE evals, dashboards."""
 
 import pytest
 import torch
@@ -172,6 +171,12 @@ def test_end_to_end_sae_on_a_zoo_model(tmp_path):
     assert report["variable_latents"][0]["correlation"] > 0.3
     text = run_cli("sae", "eval", str(out), "--tokens", "2000")
     assert "best latent for running_sum" in text.stdout
-    refused = run_cli("dashboard", str(out), "--features", "4", "--out", str(tmp_path / "site"))
-    assert refused.returncode == 2 and "do not read zoo models yet" in refused.stderr
-    assert not (tmp_path / "site").exists()
+    built = run_cli("dashboard", str(out), "--features", "top:4", "--sequences", "64", "--out", str(tmp_path / "site"))
+    assert built.returncode == 0, built.stderr
+    from saelab.dashboard.site import read_data_script
+
+    _, index = read_data_script(tmp_path / "site" / "data" / "index.js")
+    assert index["meta"]["model"] == "zoo:cumsum" and len(index["meta"]["latents"]) >= 1
+    assert index["meta"]["task"]["variable_latents"][0]["correlation"] > 0.3  # on its own 64 sequences
+    refused = run_cli("dashboard", str(out), "--dataset", "x.txt", "--out", str(tmp_path / "other"))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and not (tmp_path / "other").exists()
