@@ -8,6 +8,7 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +199,41 @@ def test_live_view_reads_task_inputs_and_refuses_malformed_ones(cumsum, site):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="Debian's chromium is not installed")
+def test_pages_show_the_task_variable_and_take_task_inputs_in_chromium(cumsum, site):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    site_dir, sae = site
+    index, _ = pages(site_dir)
+    (match,) = index["meta"]["task"]["variable_latents"]
+    server = make_server(site_dir, 0, PromptAnalyzer(cumsum, sae, HOOK))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    errors: list[str] = []
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(server.url + "#/")
+            page.wait_for_selector("#task-variable tbody tr")
+            cells = page.eval_on_selector_all("#task-variable tbody td", "ts => ts.map(t => t.textContent)")
+            assert cells[:2] == ["running_sum", f"#{match['latent']}"]
+            page.goto(server.url + "#/live")
+            page.wait_for_selector("textarea")
+            assert page.input_value("textarea") == index["meta"]["task"]["example"]
+            page.fill("textarea", "3 1 -4 1 5")
+            page.click("button.primary")
+            page.wait_for_selector("#live-output .tok, #live-output .error")
+            texts = page.eval_on_selector_all("#live-output .window .tok", "ts => ts.map(t => t.textContent)")
+            assert texts == ["3", "1", "-4", "1", "5"]
+            page.fill("textarea", "3 x")
+            page.click("button.primary")
+            page.wait_for_selector("#live-output .error")
+            assert "'x' is not a token of cumsum" in page.text_content("#live-output .error")
+            browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [e for e in errors if "400" not in e] == []
