@@ -151,3 +151,18 @@ def test_attribution_at_firing_latents_equals_the_dense_product():
     dense = -acts * (grad @ W_dec.T)
     assert (acts > 0).any() and (acts == 0).any()
     assert torch.allclose(attribution(acts, grad, W_dec, chunk=100), dense, atol=1e-5)
+
+
+def test_the_reference_engine_gives_the_same_importance(tok):
+    """exact="reference" (whole forward passes per firing, what models other than TransformerLens get) against the
+    fast re-runs from the hooked block: the same total ΔCE, so the same importance and intervals."""
+    lm = make_model(tok)
+    sae = TinySAE(32, 6, HOOK)
+    tokens = make_tokens(tok, n_seq=6, length=20)
+    boards = [
+        compute_dashboard(lm, sae, tokens, HOOK, cfg=DashboardConfig(exact=exact, exact_firings=10_000, corr_tokens=0))
+        for exact in ("fast", "reference")
+    ]
+    for fast, reference in zip(boards[0].latents, boards[1].latents, strict=True):
+        assert fast["importance"]["method"] == "exact" and fast["importance"]["firings"] > 0
+        assert _close(fast["importance"], reference["importance"])
