@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from saelab.dashboard.cli import build_dashboard
 from saelab.dashboard.compute import DashboardConfig
-from saelab.dashboard.effects import CleanRun
+from saelab.dashboard.effects import CleanRun, loss_gradient
 from saelab.dashboard.live import PromptAnalyzer
 from saelab.dashboard.server import make_server
 from saelab.dashboard.site import read_data_script
@@ -144,6 +144,27 @@ def test_total_effects_sum_the_loss_change_over_scored_positions_only(name):
             assert float(same[i]) == pytest.approx(float(change[p]), rel=1e-4, abs=1e-6)
         else:
             assert same[i].isnan()
+
+
+def test_attribution_gradient_is_that_of_the_task_loss_on_scored_positions():
+    lm = load_model("zoo:sum")
+    data = lm.task.sample(4, 3, "heldout")
+    grad = loss_gradient(lm, HOOK, data.tokens, data.scored, (), data.labels)["grad"]
+    found = {}
+
+    def leaf(act, hook):
+        found["x"] = act.detach().requires_grad_(True)
+        return found["x"]
+
+    logits = lm.model.run_with_hooks(data.tokens, fwd_hooks=[(HOOK, leaf)]).double()
+    loss = sum(
+        F.cross_entropy(logits[b, p], data.labels[b, p])
+        for b in range(4)
+        for p in range(data.tokens.shape[1])
+        if data.scored[b, p]
+    )
+    expected = torch.autograd.grad(loss, found["x"])[0]
+    assert torch.allclose(grad, expected.float(), atol=1e-6) and expected.abs().max() > 1e-3
 
 
 def test_index_names_the_best_latent_per_task_variable(cumsum, site):

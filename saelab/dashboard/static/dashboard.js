@@ -402,6 +402,7 @@
   function header(index) {
     const m = index.meta;
     LOSS = m.kind === "toy" ? "Δloss" : "ΔCE";
+    document.body.classList.toggle("task-tokens", !!m.task); // a zoo task's tokens are words: space them apart
     const sub = document.getElementById("subtitle");
     if (sub) sub.textContent = m.model + " · " + m.hook;
     const live = document.getElementById("nav-live");
@@ -468,7 +469,7 @@
         scatter(rows, (id) => (location.hash = "#/latent/" + id)),
         h("p", { class: "muted small", text: index.meta.kind === "toy"
           ? "Each point is a latent: how often it fires, and how much the toy model's reconstruction loss rises, on average, when its contribution is removed from the hidden state where it fires. Click a point to open it."
-          : "Each point is a latent: how often it fires, and its importance per firing: the mean total ΔCE (the next-token loss summed over the firing position and every later position of its context, when the latent's contribution is removed at that position only), with its " + Math.round(100 * ((index.meta.config || {}).confidence || 0.95)) + " % interval over contexts. Latents with too few firings are left out. Click a point to open it." }),
+          : "Each point is a latent: how often it fires, and its importance per firing: the mean total ΔCE (the " + (index.meta.task ? "task's loss on its scored positions" : "next-token loss") + " summed over the firing position and every later position of its context, when the latent's contribution is removed at that position only), with its " + Math.round(100 * ((index.meta.config || {}).confidence || 0.95)) + " % interval over contexts. Latents with too few firings are left out. Click a point to open it." }),
       ]);
       show([summaryPanel(index), scatterPanel, h("section", { class: "panel" }, [h("div", { class: "controls" }, [search, h("span", { class: "muted small", text: "click a column to sort" })]), tableBox])]);
     }, failed);
@@ -786,7 +787,9 @@
     show([
       h("section", { class: "panel" }, [
         h("h1", { text: "Live prompt" }),
-        h("p", { class: "muted small", text: "Which latents fire on each token, with activations and exact loss effects (ΔCE of the next token when the latent is removed), computed by the model now. Ctrl+Enter runs." }),
+        h("p", { class: "muted small", text: task
+          ? "Which latents fire at each position of a " + task.name + " input (its tokens separated by spaces), with activations and the model's answer there, computed by the model now; a typed input has no labels, so no loss effects. Ctrl+Enter runs."
+          : "Which latents fire on each token, with activations and exact loss effects (ΔCE of the next token when the latent is removed), computed by the model now. Ctrl+Enter runs." }),
         text,
         h("div", { class: "controls spaced" }, [button, status]),
       ]),
