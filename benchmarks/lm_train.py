@@ -70,9 +70,9 @@ def child(settings: dict) -> None:
 
 def default_lr(tool: str) -> float:
     if tool == "saelab":
-        from saelab.sae.train import SAETrainConfig
+        from saelab.sae.model import SAE_CLASSES
 
-        return SAETrainConfig().lr
+        return SAE_CLASSES["topk"].default_lr
     from sae_lens import LanguageModelSAERunnerConfig
 
     return LanguageModelSAERunnerConfig.__dataclass_fields__["lr"].default
