@@ -516,10 +516,15 @@ def test_dashboard_command_builds_a_site_from_saved_folders(tok, tmp_path):
     analysis = site_analyzer(info)().analyze("<!-- 中 -->")
     assert "".join(analysis["tokens"]) == "<|endoftext|><!-- 中 -->"
 
+    # A site saelab wrote, tokens file included, is its own output: a rebuild into it replaces it without --overwrite.
+    again = CliRunner().invoke(app, [*args, "--sequences", "6", "--context", "24"])
+    assert again.exit_code == 0, again.output
+
     export_app = typer.Typer()
     export_app.command()(export)
     result = CliRunner().invoke(export_app, [str(out), "--latents", "3,4", "--out", str(tmp_path / "x.html")])
-    assert result.exit_code == 0, result.output and (tmp_path / "x.html").is_file()
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "x.html").is_file()
 
 
 def test_dashboard_of_a_toy_model_sae_reads_the_toy_model_it_names(tmp_path):

@@ -32,7 +32,9 @@ FORMAT_VERSION = 1
 STATIC_FILES = ("dashboard.js", "style.css")
 SITE_FILE = "site.json"
 SITE_FOLDER = OutputKind(
-    "saelab dashboard site", ("index.html", "static", "data", SITE_FILE), json_format_marker(SITE_FILE, FORMAT_NAME)
+    "saelab dashboard site",
+    ("index.html", "static", "data", SITE_FILE, TOKENS_FILE),
+    json_format_marker(SITE_FILE, FORMAT_NAME),
 )
 
 
