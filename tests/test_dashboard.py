@@ -356,6 +356,14 @@ def test_site_has_one_data_file_per_latent_that_round_trips(site, board):
     assert key == f"latent:{data['id']}" and data == json.loads(json.dumps(board.latents[int(data["id"])]))
     key, index = read_data_script(site / "data" / "index.js")
     assert key == "index" and index["columns"]["id"] == [p["id"] for p in board.latents]
+    from saelab.dashboard.site import MIN_HELPS_FIRINGS
+
+    helps = [p["helps"] for p in board.latents]
+    assert any(h["raises_loss_n"] >= MIN_HELPS_FIRINGS for h in helps)
+    assert any(0 < h["raises_loss_n"] < MIN_HELPS_FIRINGS for h in helps)  # both branches are exercised
+    assert index["columns"]["raises_loss"] == [
+        h["raises_loss"] if h["raises_loss_n"] >= MIN_HELPS_FIRINGS else None for h in helps
+    ]
 
 
 def test_single_file_export_embeds_escaped_data_under_a_hash_csp(site, tmp_path):

@@ -26,7 +26,8 @@ torch.set_num_threads(1)
 
 def slow_accuracy_and_loss(task, model, batch):
     """Position by position: the argmax against the label where judged, −log p(label) where scored."""
-    logits = model(batch.tokens).double()
+    with torch.no_grad():
+        logits = model(batch.tokens).double()
     right = judged = 0
     losses = []
     for b in range(batch.tokens.shape[0]):

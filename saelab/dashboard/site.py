@@ -80,7 +80,7 @@ def index_table(dashboard: Dashboard) -> dict[str, Any]:
         "too_few": [p["importance"]["too_few"] for p in pages],
         "firings": [p["importance"]["firings"] for p in pages],
         "contexts": [p["importance"]["contexts"] for p in pages],
-        "raises_loss": [(p.get("helps") or {}).get("raises_loss") for p in pages],
+        "raises_loss": [_ranked_helps(p) for p in pages],
         "next_token_top10": [(p.get("helps") or {}).get("next_token_in_top10") for p in pages],
         "fires_on": [_fires_on(p) for p in pages],
         "promotes": [[t for t, _ in p["logits"]["top"][:3]] if p.get("logits") else [] for p in pages],
@@ -88,6 +88,16 @@ def index_table(dashboard: Dashboard) -> dict[str, Any]:
     if dashboard.meta.get("kind") == "toy":
         columns["ground_truth"] = [[p["ground_truth"]["feature"], p["ground_truth"]["cosine"]] for p in pages]
     return {"meta": dashboard.meta, "columns": columns}
+
+
+# The index ranks "Helps" only where enough firings were computed exactly: with a few, as when a large --features
+# shares the exact-firing budget, the fraction is mostly noise. The latent's page still shows it with its count.
+MIN_HELPS_FIRINGS = 10
+
+
+def _ranked_helps(page: dict[str, Any]) -> float | None:
+    helps = page.get("helps") or {}
+    return helps.get("raises_loss") if helps.get("raises_loss_n", 0) >= MIN_HELPS_FIRINGS else None
 
 
 def _fires_on(page: dict[str, Any], n: int = 3) -> list[str]:
