@@ -136,24 +136,7 @@ def lm_eval(
 
     ce = {name: sums[name] / predictions for name in ("clean", "sae", "abl")}
     kl_sae, kl_abl = sums["kl_sae"] / predictions, sums["kl_abl"] / predictions
-    recovered = (ce["abl"] - ce["sae"]) / (ce["abl"] - ce["clean"]) if ce["abl"] != ce["clean"] else None
-    if not all(math.isfinite(v) for v in (*ce.values(), kl_sae, kl_abl)):
-        raise SaelabError("the model's loss is not finite on the eval contexts; check the model's and SAE's weights")
-    reconstruction = stats.compute()
-    return LMEvalResult(
-        ce_loss_clean=ce["clean"],
-        ce_loss_with_sae=ce["sae"],
-        ce_loss_with_ablation=ce["abl"],
-        ce_loss_recovered=recovered,
-        kl_div_with_sae=kl_sae,
-        kl_div_with_ablation=kl_abl,
-        kl_div_score=(kl_abl - kl_sae) / kl_abl if kl_abl > 0 else None,
-        predictions=predictions,
-        explained_variance=_defined(reconstruction["explained_variance"]),
-        l0=reconstruction["l0"],
-        mse=reconstruction["mse"],
-        reconstruction=reconstruction,
-    )
+    return _result(ce, kl_sae, kl_abl, predictions, stats, "the eval contexts")
 
 
 ZOO_EVAL_SEED = 2_000_003  # fresh task samples, distinct from training and from `saelab zoo eval`
@@ -209,8 +192,24 @@ def task_eval(sae: nn.Module, model: LanguageModel, hook: str, n_tokens: int, ba
         n_judged += int(judged.sum())
     ce = {name: sums[name] / n_scored for name in ("clean", "sae", "abl")}
     kl_sae, kl_abl = sums["kl_sae"] / n_scored, sums["kl_abl"] / n_scored
+    task_result = {
+        "task": task.name,
+        "accuracy_clean": right["clean"] / n_judged,
+        "accuracy_with_sae": right["sae"] / n_judged,
+        "accuracy_with_ablation": right["abl"] / n_judged,
+        "variable": task.probe.name,
+        "variable_latents": matcher.best(),
+    }
+    return _result(ce, kl_sae, kl_abl, n_scored, stats, "the task samples", task_result)
+
+
+def _result(
+    ce: dict[str, float], kl_sae: float, kl_abl: float, predictions: int, stats, where: str,
+    task: dict[str, Any] | None = None,
+) -> LMEvalResult:  # fmt: skip
+    """The one place CE loss recovered and the KL score are defined from the three runs' losses."""
     if not all(math.isfinite(v) for v in (*ce.values(), kl_sae, kl_abl)):
-        raise SaelabError("the model's loss is not finite on the task samples; check the model's and SAE's weights")
+        raise SaelabError(f"the model's loss is not finite on {where}; check the model's and SAE's weights")
     reconstruction = stats.compute()
     return LMEvalResult(
         ce_loss_clean=ce["clean"],
@@ -220,19 +219,12 @@ def task_eval(sae: nn.Module, model: LanguageModel, hook: str, n_tokens: int, ba
         kl_div_with_sae=kl_sae,
         kl_div_with_ablation=kl_abl,
         kl_div_score=(kl_abl - kl_sae) / kl_abl if kl_abl > 0 else None,
-        predictions=n_scored,
+        predictions=predictions,
         explained_variance=_defined(reconstruction["explained_variance"]),
         l0=reconstruction["l0"],
         mse=reconstruction["mse"],
         reconstruction=reconstruction,
-        task={
-            "task": task.name,
-            "accuracy_clean": right["clean"] / n_judged,
-            "accuracy_with_sae": right["sae"] / n_judged,
-            "accuracy_with_ablation": right["abl"] / n_judged,
-            "variable": task.probe.name,
-            "variable_latents": matcher.best(),
-        },
+        task=task,
     )
 
 
