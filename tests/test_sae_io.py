@@ -176,8 +176,10 @@ def test_foreign_and_corrupt_folders_give_one_line_errors(tmp_path: Path) -> Non
     assert "not valid JSON" in _error(variant("badjson", "{not json"))
     foreign = {k: v for k, v in cfg.items() if k not in ("saelab", "d_sae")}
     assert "lacks 'd_sae'" in _error(variant("nodsae", json.dumps(foreign)))
+    unknown = foreign | {"d_sae": 40, "architecture": "temporal"}
+    assert "'temporal' is not supported" in _error(variant("arch", json.dumps(unknown)))
     transcoder = foreign | {"d_sae": 40, "architecture": "transcoder"}
-    assert "'transcoder' is not supported" in _error(variant("arch", json.dumps(transcoder)))
+    assert "a transcoder needs d_out" in _error(variant("nodout", json.dumps(transcoder)))
     assert "lacks sae_weights.safetensors" in _error(variant("noweights", drop_weights=True))
     weights = load_file(good / "sae_weights.safetensors")
     no_b_enc = {k: v for k, v in weights.items() if k != "b_enc"}

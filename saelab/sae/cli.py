@@ -102,6 +102,24 @@ def _data_options(
             "--context-length": context_length, "--bf16": bf16}  # fmt: skip
 
 
+def _output_hooks(hooks: list[str], hook_out: list[str], skip: bool) -> dict[str, str]:
+    """{input hook: the hook its transcoder outputs}; empty when training SAEs."""
+    if not hook_out:
+        if skip:
+            raise SaelabError("--skip gives a transcoder its skip connection; name the hook it outputs with --hook-out")
+        return {}
+    if not hooks:
+        raise SaelabError("a transcoder needs its input hook too: --hook-in (e.g. blocks.0.hook_resid_mid)")
+    if len(hook_out) not in (1, len(hooks)):
+        raise SaelabError(f"{len(hook_out)} --hook-out for {len(hooks)} --hook-in; give one, or one per --hook-in")
+    return dict(zip(hooks, hook_out * len(hooks) if len(hook_out) == 1 else hook_out, strict=True))
+
+
+def _transcoder_options(outputs: dict[str, str], skip: bool) -> dict[str, Any]:
+    """The transcoder options in a run's identity (none for an SAE run, whose identity stays as it was)."""
+    return {"--hook-out": list(outputs.values()), "--skip": skip} if outputs else {}
+
+
 @app.command()
 def train(
     out: Path = typer.Option(..., help="Folder for the SAE(s), the JSONL log and checkpoints."),
@@ -109,8 +127,17 @@ def train(
     model: str = typer.Option(None, help="Language model (name or folder; default: the built-in one)."),
     dataset: str = typer.Option(None, help="Text dataset for --model (default: the built-in corpus)."),
     hook: list[str] = typer.Option(
-        None, help="TransformerLens hook name, e.g. blocks.0.hook_resid_post; repeat to train SAEs on several hooks."
+        None,
+        "--hook",
+        "--hook-in",
+        help="TransformerLens hook name, e.g. blocks.0.hook_resid_post; repeat to train SAEs on several hooks.",
     ),
+    hook_out: list[str] = typer.Option(
+        None,
+        help="Train transcoders: the hook to predict from --hook, e.g. blocks.0.hook_mlp_out from "
+        "blocks.0.hook_resid_mid (one for every --hook, or one per --hook).",
+    ),
+    skip: bool = typer.Option(False, help="Give each transcoder a linear skip connection (skip transcoder)."),
     context_length: int = typer.Option(128, help="Tokens per context for language-model activations."),
     bf16: bool = typer.Option(False, help="Run the language model's forward pass under bfloat16 autocast."),
     architecture: str = typer.Option("topk", help="SAE architecture: topk, relu, … (an unknown name lists them all)."),
@@ -141,6 +168,9 @@ def train(
 ) -> None:
     """Train an SAE (or a sweep over --k / --sparsity-coefficient and --hook, all from the same batches).
 
+    With --hook-out, train transcoders instead: from --hook-in (an MLP's input, e.g. blocks.0.hook_resid_mid or
+    blocks.0.ln2.hook_normalized) to --hook-out (its output, blocks.0.hook_mlp_out), both read from one forward pass.
+
     Under `torchrun --nproc_per_node N`, N processes train data-parallel (gloo on CPU, NCCL on GPU).
     """
     from saelab import distributed
@@ -159,15 +189,19 @@ def train(
     if coefficients and by_k:
         raise SaelabError(f"{architecture} sets sparsity with --k, not --sparsity-coefficient")
     hooks = list(dict.fromkeys(hook or []))
+    outputs = _output_hooks(hooks, hook_out or [], skip)
     if distributed.launched_by_torchrun():
         device = distributed.init_from_env(device)
     try:
-        activations = _build_source(source, model, dataset, hooks, context_length, batch_size, seed, device, bf16)
-        configs, sae_hooks = [], []
-        for stream in activations.hooks:
+        read = list(dict.fromkeys(hooks + [h for h in outputs.values() if h is not None]))
+        activations = _build_source(source, model, dataset, read, context_length, batch_size, seed, device, bf16)
+        configs, sae_hooks, sae_outputs = [], [], []
+        for stream in hooks if outputs else activations.hooks:
             d_in = activations.d_ins[stream]
             width = 8 * d_in if d_sae is None else d_sae
             base: dict[str, Any] = {"architecture": architecture, "d_in": d_in, "d_sae": width}
+            if outputs:
+                base |= {"d_out": activations.d_ins[outputs[stream]], "skip": skip}
             if matryoshka_widths is not None:
                 widths = _numbers(matryoshka_widths, "--matryoshka-widths")
                 if not all(w.is_integer() for w in widths):
@@ -179,6 +213,7 @@ def train(
                 configs += [SAEConfig(**base, sparsity_coefficient=v) for v in coefficients]
             else:
                 configs.append(SAEConfig(**base))
+            sae_outputs += [outputs.get(stream)] * (len(configs) - len(sae_hooks))
             sae_hooks += [stream] * (len(configs) - len(sae_hooks))
         train_cfg = SAETrainConfig(
             steps=steps,
@@ -203,12 +238,15 @@ def train(
             hooks=sae_hooks,
             overwrite=overwrite,
             inputs=_input_paths(source, model, dataset),
-            options=_data_options(source, model, dataset, hooks, context_length, bf16),
+            options=_data_options(source, model, dataset, hooks, context_length, bf16)
+            | _transcoder_options(outputs, skip),
+            hooks_out=sae_outputs,
         )
         if distributed.is_main():
             labels = sae_labels(configs, sae_hooks)
             where = out if len(saes) == 1 else ", ".join(str(out / label) for label in labels)
-            typer.echo(f"saved {len(saes)} SAE{'s' if len(saes) > 1 else ''}: {where}")
+            kind = "transcoder" if outputs else "SAE"
+            typer.echo(f"saved {len(saes)} {kind}{'s' if len(saes) > 1 else ''}: {where}")
     finally:
         distributed.close()
 

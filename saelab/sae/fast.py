@@ -67,9 +67,18 @@ def attach_gradients(loss: Tensor, grads: tuple[Tensor, ...], params: tuple[Tens
 
 @torch.no_grad()
 def relu_l1_loss_and_grads(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, coefficient: float, apply_b_dec: bool
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    coefficient: float,
+    apply_b_dec: bool,
+    target: Tensor | None = None,
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Loss terms, x̂, fire counts and gradients of ReluSAE's training loss on `x [tokens, d_in]`.
+
+    The error is measured against `target [tokens, d_out]` (default x): a transcoder's target is another activation.
 
     loss = (1/T) Σₜ ‖x̂ₜ − xₜ‖² + (λ/T) Σₜ Σᵢ fₜᵢ nᵢ with f = ReLU(x_in W_enc + b_enc), nᵢ = ‖W_dec,ᵢ‖. Per block:
         g_x̂ = (2/T)(x̂ − x)                  ∂loss/∂x̂           [rows, d_in]
@@ -86,11 +95,12 @@ def relu_l1_loss_and_grads(
     l1_grad = norms * (coefficient / tokens)  # ∂(L1 term)/∂f, the same for every token
     sums = {name: torch.zeros_like(p) for name, p in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec))}
     sums["b_dec"] = torch.zeros_like(b_dec)
-    sums["W_enc_t"] = torch.zeros_like(W_dec)  # sparse blocks' ∇W_enc comes out transposed, [d_sae, d_in]
+    sums["W_enc_t"] = torch.zeros_like(W_enc.t())  # sparse blocks' ∇W_enc comes out transposed, [d_sae, d_in]
     sums["latents"] = x.new_zeros(d_sae, dtype=torch.float64)  # Σₜ fₜᵢ
     sums["fired"] = x.new_zeros(d_sae, dtype=torch.float64)
     squared_error = x.new_zeros((), dtype=torch.float64)
-    x_hat = torch.empty_like(x)
+    target = x if target is None else target
+    x_hat = torch.empty_like(target)
     sparse_blocks = 0
     rows = block_rows(d_sae)
     for start in range(0, tokens, rows):
@@ -103,7 +113,7 @@ def relu_l1_loss_and_grads(
             torch.add(sparse_decode(by_token, W_dec), b_dec, out=x_hat_block)
         else:
             torch.addmm(b_dec, latents, W_dec, out=x_hat_block)
-        error = x_hat_block - xs
+        error = x_hat_block - target[start : start + rows]
         squared_error += error.pow(2).sum()
         grad_x_hat = error.mul_(2 / tokens)
         sums["b_dec"] += grad_x_hat.sum(dim=0)

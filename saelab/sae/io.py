@@ -7,6 +7,15 @@ plus a `saelab` block with saelab's own config and training record, which SAELen
 JumpReLU (or `b_gate`, `b_mag`, `r_mag` for Gated). Each architecture declares the SAELens architecture it is
 saved as (`SAE.saelens_architecture`): SAELens has no "relu" or "batchtopk" at inference, so a ReLU SAE is saved
 as `standard` and a BatchTopK SAE as the `jumprelu` it behaves as in eval mode.
+
+A transcoder (`SAEConfig.d_out`) is saved in SAELens 6's transcoder layout: `W_dec [d_sae, d_out]`, `b_dec [d_out]`,
+`W_skip [d_out, d_in]` for a skip transcoder, cfg.json `d_out`, `apply_b_dec_to_input` false and
+`metadata.hook_name_out`. A ReLU transcoder is SAELens's `transcoder` / `skip_transcoder`; JumpReLU, BatchTopK and
+Matryoshka BatchTopK (at inference a JumpReLU with one global threshold) are `jumprelu_transcoder` /
+`jumprelu_skip_transcoder`, all exact. SAELens has no TopK or Gated transcoder: those are saved as
+`topk_transcoder` / `gated_transcoder` (`_skip_` variants likewise), the same layout plus `k`, which saelab loads and
+SAELens refuses (it knows no such architecture); a TopK transcoder has no exact SAELens form, since its per-token
+top-k is not a threshold.
 """
 
 from __future__ import annotations
@@ -30,6 +39,16 @@ FORMAT_VERSION = 1
 SAELENS_FORMAT_VERSION = "6.0.0"
 # SAELens architecture name → saelab's, for SAEs that SAELens saved
 FROM_SAELENS = {cls.saelens_architecture: name for name, cls in SAE_CLASSES.items() if cls.loads_from_saelens}
+# SAELens transcoder architecture name → (saelab's architecture, skip connection)
+TRANSCODERS_FROM_SAELENS = {
+    name: (architecture, skip)
+    for architecture, cls in SAE_CLASSES.items()
+    if cls.loads_from_saelens and cls.saelens_transcoder is not None
+    for name, skip in (
+        (cls.saelens_transcoder, False),
+        (cls.saelens_transcoder.replace("transcoder", "skip_transcoder"), True),
+    )
+}
 
 
 @dataclass
@@ -41,6 +60,7 @@ class SaelabBlock:
     sae: SAEConfig
     train: dict[str, Any] | None = None
     normalization_scale: float | None = None
+    normalization_scale_out: float | None = None  # a transcoder's: the scale of its target hook
     trained_steps: int | None = None
 
 
@@ -55,6 +75,7 @@ class SAELensFields:
     apply_b_dec_to_input: bool = True
     normalize_activations: str = "none"
     metadata: dict[str, Any] = field(default_factory=dict)
+    d_out: int | None = None
     k: int | None = None
     rescale_acts_by_decoder_norm: bool = False
     saelab: SaelabBlock | None = None
@@ -67,9 +88,10 @@ def sae_cfg_dict(sae: SAE, extra: dict[str, Any] | None = None) -> dict[str, Any
     if cfg.architecture != sae.saelens_architecture:
         metadata["training_architecture"] = cfg.architecture
     data: dict[str, Any] = {
-        "architecture": sae.saelens_architecture,
+        "architecture": sae.saved_architecture,
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
+        **({"d_out": cfg.d_out} if cfg.transcoder else {}),
         "dtype": cfg.dtype,
         "device": "cpu",
         "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
@@ -94,7 +116,7 @@ def save_sae(sae: SAE, out: str | Path, extra: dict[str, Any] | None = None) -> 
         raise SaelabError(f"{out} exists and is not a directory; choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / CFG_FILE).unlink(missing_ok=True)
-    tensors = {name: getattr(sae, name).detach() for name in sae.tensor_names}
+    tensors = {name: getattr(sae, name).detach() for name in sae.weight_names}
     save_tensors(out / WEIGHTS_FILE, tensors, metadata={"format": FORMAT_NAME})
     atomic_write_json(out / CFG_FILE, sae_cfg_dict(sae, extra))
     return out
@@ -132,7 +154,7 @@ def load_sae(directory: str | Path, device: str | torch.device = "cpu") -> SAE:
         raise SaelabError(f"{weights_path} holds {found}, but cfg.json says d_in = {cfg.d_in}, d_sae = {cfg.d_sae}")
     sae = cfg.sae_class(cfg)
     with torch.no_grad():
-        for name in sae.tensor_names:
+        for name in sae.weight_names:
             if name not in tensors:
                 raise SaelabError(f"{weights_path} lacks tensor '{name}', which a {cfg.architecture} SAE needs")
             expected = tuple(getattr(sae, name).shape)
@@ -159,11 +181,15 @@ def _read_config(fields: SAELensFields, cfg_path: Path) -> tuple[SAEConfig, bool
             raise SaelabError(f"{cfg_path} has saelab format_version {own.format_version}; upgrade saelab to read it")
         own.sae.validate()
         return own.sae, False
-    architecture = FROM_SAELENS.get(fields.architecture)
+    architecture, skip = FROM_SAELENS.get(fields.architecture), False
+    if fields.architecture in TRANSCODERS_FROM_SAELENS:
+        architecture, skip = TRANSCODERS_FROM_SAELENS[fields.architecture]
+        if fields.d_out is None:
+            raise SaelabError(f"{cfg_path}: a {fields.architecture} needs d_out, the width of its output")
     if architecture is None:
         raise SaelabError(
             f"{cfg_path}: SAE architecture '{fields.architecture}' is not supported; saelab reads "
-            f"{', '.join(FROM_SAELENS)}"
+            f"{', '.join([*FROM_SAELENS, *TRANSCODERS_FROM_SAELENS])}"
         )
     if fields.normalize_activations not in ("none", "expected_average_only_in"):
         raise SaelabError(
@@ -180,6 +206,8 @@ def _read_config(fields: SAELensFields, cfg_path: Path) -> tuple[SAEConfig, bool
         k=fields.k if fields.k is not None else SAEConfig.k,
         apply_b_dec_to_input=fields.apply_b_dec_to_input,
         dtype=dtype,
+        d_out=fields.d_out if fields.architecture in TRANSCODERS_FROM_SAELENS else None,
+        skip=skip,
     )
     cfg.validate()
     return cfg, architecture == "topk" and fields.rescale_acts_by_decoder_norm

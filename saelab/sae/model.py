@@ -6,6 +6,15 @@ Every SAE maps activations `x [..., d_in]` to latents `[..., d_sae]` and back, w
     latents = σ(x_in W_enc + b_enc)      W_enc [d_in, d_sae]; σ is what the architectures differ in
     x_hat   = latents W_dec + b_dec      W_dec [d_sae, d_in]
 
+A transcoder is the same architecture with another target: `SAEConfig.d_out` set, it reads x [d_in] (an MLP's
+input) and predicts y [d_out] (the MLP's output), trained on ‖ŷ − y‖² instead of ‖x̂ − x‖²; b_dec is then [d_out]
+and never subtracted from x, and with `skip` a linear skip connection is added (SAELens's layout):
+
+    y_hat   = latents W_dec + b_dec + x W_skipᵀ      W_dec [d_sae, d_out], W_skip [d_out, d_in] (starts at zero)
+
+The skip term is trained by handing the dictionary the target y − x W_skipᵀ (with gradient to W_skip), so every
+architecture's loss, AuxK residual and Matryoshka prefix errors apply to the transcoder unchanged.
+
 `forward` returns an `SAEOutput`: the reconstruction, the latents, and the training loss split into its parts
 (reconstruction error summed over d_in and averaged over tokens, the sparsity penalty, an auxiliary term). The
 code here is the plain-PyTorch reference; an architecture with a fused training path (ReLU, TopK) builds it from
@@ -47,6 +56,9 @@ class SAEConfig:
     `aux_k_coefficient` weighs the AuxK loss that revives dead TopK and BatchTopK latents, using the `aux_k`
     (default d_in // 2) highest dead pre-activations. `matryoshka_widths` are the nested prefix sizes of a
     Matryoshka SAE, the last equal to d_sae (empty: its default).
+    `d_out` makes it a transcoder that predicts another activation of width d_out from x (None: an SAE, which
+    reconstructs x); `skip` adds the transcoder's linear skip connection. `apply_b_dec_to_input` None means True for
+    an SAE and False for a transcoder (whose b_dec lives in the output space).
     """
 
     architecture: str = "relu"
@@ -54,7 +66,7 @@ class SAEConfig:
     d_sae: int = 8
     k: float = 4
     sparsity_coefficient: float | None = None
-    apply_b_dec_to_input: bool = True
+    apply_b_dec_to_input: bool | None = None
     aux_k: int | None = None
     aux_k_coefficient: float = 1 / 32
     jumprelu_bandwidth: float = 0.05
@@ -62,10 +74,24 @@ class SAEConfig:
     batchtopk_threshold_lr: float = 0.01
     matryoshka_widths: tuple[int, ...] = ()
     dtype: str = "float32"
+    d_out: int | None = None
+    skip: bool = False
 
     def __post_init__(self) -> None:
         if self.sparsity_coefficient is None and self.architecture in SAE_CLASSES:
             self.sparsity_coefficient = SAE_CLASSES[self.architecture].default_sparsity_coefficient
+        if self.apply_b_dec_to_input is None:
+            self.apply_b_dec_to_input = self.d_out is None
+
+    @property
+    def transcoder(self) -> bool:
+        """Whether it predicts another activation (`d_out` set) rather than reconstructing its input."""
+        return self.d_out is not None
+
+    @property
+    def d_target(self) -> int:
+        """The width of what it is trained to output: d_out for a transcoder, else d_in."""
+        return self.d_in if self.d_out is None else self.d_out
 
     @property
     def sae_class(self) -> type[SAE]:
@@ -76,7 +102,11 @@ class SAEConfig:
 
     def validate(self) -> None:
         sae_class = self.sae_class
-        require_positive_ints(self, ("d_in", "d_sae"))
+        require_positive_ints(self, ("d_in", "d_sae") + (("d_out",) if self.transcoder else ()))
+        if self.skip and not self.transcoder:
+            raise SaelabError("skip (a linear skip connection) applies to transcoders; set d_out (--hook-out)")
+        if self.transcoder and self.apply_b_dec_to_input:
+            raise SaelabError("a transcoder's b_dec is in the output space; apply_b_dec_to_input must be False")
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)) or not 0 < self.k < math.inf:
             raise SaelabError(f"k must be a finite positive number, got {self.k!r}")
         if sae_class.whole_k and self.k != int(self.k):
@@ -92,6 +122,8 @@ class SAEConfig:
             "aux_k_coefficient": self.aux_k_coefficient,
             "jumprelu_init_threshold": self.jumprelu_init_threshold,
         }
+        if not isinstance(self.skip, bool) or not isinstance(self.apply_b_dec_to_input, bool):
+            raise SaelabError(f"skip and apply_b_dec_to_input must be true or false, got {self.skip!r}")
         for name, value in numbers.items():
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise SaelabError(f"{name} must be a non-negative number, got {value!r}")
@@ -136,8 +168,8 @@ class SAEOutput:
 class SAE(nn.Module):
     """Parameters and contract shared by every architecture; subclasses define the activation and the losses.
 
-    Subclasses implement `activation(pre)` (inference) and `training_terms(x)`; the base class handles shapes,
-    the fused fast paths, decoder-norm constraints and folding an input scale into the weights.
+    Subclasses implement `activation(pre)` (inference) and `training_terms(x, dead, target)`; the base class handles
+    shapes, the fused fast paths, decoder-norm constraints and folding an input scale into the weights.
     """
 
     # --- what an architecture declares ------------------------------------------------------------------------
@@ -146,6 +178,9 @@ class SAE(nn.Module):
     # Whether a SAELens SAE of `saelens_architecture` loads as this class; False where the saved form is another
     # architecture's inference form (a BatchTopK SAE is saved as the JumpReLU it is at inference).
     loads_from_saelens: ClassVar[bool] = True
+    # The SAELens 6 architecture a transcoder of this kind is saved as (its skip form is the `skip_` variant), or
+    # None where SAELens has no such transcoder: it is then saved in saelab's own layout (`SAE.saved_architecture`).
+    saelens_transcoder: ClassVar[str | None] = None
     sparsity_by_k: ClassVar[bool] = False  # sparsity set by k active latents, else by `sparsity_coefficient`
     whole_k: ClassVar[bool] = False  # k must be a whole number (a per-token top-k)
     # The sparsity coefficient that suits activations normalised to E‖x‖ = √d_in (unused where k sets sparsity).
@@ -166,9 +201,10 @@ class SAE(nn.Module):
     buffer_names: ClassVar[tuple[str, ...]] = ()
 
     W_enc: nn.Parameter  # [d_in, d_sae]
-    W_dec: nn.Parameter  # [d_sae, d_in]
+    W_dec: nn.Parameter  # [d_sae, d_out]
     b_enc: nn.Parameter  # [d_sae]
-    b_dec: nn.Parameter  # [d_in]
+    b_dec: nn.Parameter  # [d_out]
+    W_skip: nn.Parameter  # [d_out, d_in], a skip transcoder only
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -183,7 +219,7 @@ class SAE(nn.Module):
         self.cfg = cfg
         self.metadata: dict[str, Any] = {}  # hook_name, model_name, source, …: written to cfg.json
         self.saved_info: dict[str, Any] = {}  # the saelab block of the cfg.json it was loaded from, if any
-        for name in self.tensor_names:
+        for name in self.weight_names:
             tensor = torch.zeros(self.tensor_shape(name), dtype=DTYPES[cfg.dtype])
             if name in self.buffer_names:
                 self.register_buffer(name, tensor)
@@ -191,18 +227,43 @@ class SAE(nn.Module):
                 setattr(self, name, nn.Parameter(tensor))
         self.reset_parameters(generator)
 
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        """This SAE's tensors in the saved file: its architecture's `tensor_names`, plus W_skip for a skip
+        transcoder."""
+        return self.tensor_names + (("W_skip",) if self.cfg.skip else ())
+
+    @property
+    def saved_architecture(self) -> str:
+        """The `architecture` its cfg.json names: SAELens's name for it where SAELens has one (a transcoder:
+        `transcoder`, `skip_transcoder`, `jumprelu_transcoder`, `jumprelu_skip_transcoder`), else saelab's own
+        `<architecture>[_skip]_transcoder`, which SAELens does not load."""
+        if not self.cfg.transcoder:
+            return self.saelens_architecture
+        name = self.saelens_transcoder or f"{self.architecture}_transcoder"
+        return name.replace("transcoder", "skip_transcoder") if self.cfg.skip else name
+
     def tensor_shape(self, name: str) -> tuple[int, ...]:
-        d_in, d_sae = self.cfg.d_in, self.cfg.d_sae
-        return {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}.get(name, (d_sae,))
+        d_in, d_sae, d_out = self.cfg.d_in, self.cfg.d_sae, self.cfg.d_target
+        shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_out), "b_dec": (d_out,), "W_skip": (d_out, d_in)}
+        return shapes.get(name, (d_sae,))
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Decoder rows in random directions at `decoder_init_norm`, W_enc = W_decᵀ, everything else zero."""
-        directions = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=generator, dtype=torch.float64)
+        """Decoder rows in random directions at `decoder_init_norm`, W_enc = W_decᵀ, everything else zero.
+
+        A transcoder's input and output are different spaces, so its encoder columns are drawn separately (at the
+        same norm); its skip connection starts at zero, as in SAELens.
+        """
+        cfg = self.cfg
+        directions = torch.randn(cfg.d_sae, cfg.d_target, generator=generator, dtype=torch.float64)
         directions = directions / directions.norm(dim=1, keepdim=True) * self.decoder_init_norm
         self.W_dec.copy_(directions)
+        if cfg.transcoder:
+            directions = torch.randn(cfg.d_sae, cfg.d_in, generator=generator, dtype=torch.float64)
+            directions = directions / directions.norm(dim=1, keepdim=True) * self.decoder_init_norm
         self.W_enc.copy_(directions.T)
-        for name in self.tensor_names:
+        for name in self.weight_names:
             if name not in ("W_enc", "W_dec"):
                 getattr(self, name).zero_()
 
@@ -223,43 +284,67 @@ class SAE(nn.Module):
         return self.activation(self.pre_activations(flat)).reshape(*x.shape[:-1], self.cfg.d_sae)
 
     def decode(self, latents: Tensor) -> Tensor:
-        """latents [..., d_sae] → x_hat [..., d_in]"""
+        """latents [..., d_sae] → x_hat [..., d_out] (an SAE: d_in), without a transcoder's skip term"""
         return latents @ self.W_dec + self.b_dec
 
+    def output(self, x: Tensor, latents: Tensor) -> Tensor:
+        """What it outputs for `x [..., d_in]` with `latents [..., d_sae]`: decode(latents), plus x W_skipᵀ for a
+        skip transcoder. For an SAE this is the reconstruction x̂, for a transcoder the predicted target ŷ."""
+        out = self.decode(latents)
+        return out + x.to(out.dtype) @ self.W_skip.T if self.cfg.skip else out
+
     def forward(
-        self, x: Tensor, dead: Tensor | None = None, sparsity_scale: float = 1.0, fast: bool = True
+        self,
+        x: Tensor,
+        dead: Tensor | None = None,
+        sparsity_scale: float = 1.0,
+        fast: bool = True,
+        target: Tensor | None = None,
     ) -> SAEOutput:
-        """Reconstruct `x [..., d_in]` and compute the training loss.
+        """Reconstruct `x [..., d_in]` (a transcoder: predict `target [..., d_out]`) and compute the training loss.
 
         `dead [d_sae]` marks latents the trainer considers dead (AuxK revives them); `sparsity_scale` is the
         warm-up factor on the sparsity coefficient. While training on the CPU with gradients on, `fast` picks
-        the fused path where the architecture has one.
+        the fused path where the architecture has one. `x_hat` of the result is the whole output (skip included).
         """
         flat = self._flatten_input(x)
+        if self.cfg.transcoder and target is None:
+            raise SaelabError("a transcoder trains towards a target (the MLP's output); pass target=")
+        goal = flat if target is None else self._flatten(target, self.cfg.d_target, "target")
+        skip_out = flat @ self.W_skip.T if self.cfg.skip else None
+        if skip_out is not None:  # the dictionary learns what the skip connection leaves (gradient reaches W_skip)
+            goal = goal - skip_out
         out = None
         if fast and self.training and torch.is_grad_enabled() and kernels.fused_paths_apply(flat):
-            out = self.fused_forward(flat, dead, sparsity_scale)
+            out = self.fused_forward(flat, dead, sparsity_scale, goal)
         if out is None:
-            out = self.reference_forward(flat, dead, sparsity_scale)
-        out.x_hat = out.x_hat.reshape(x.shape)
+            out = self.reference_forward(flat, dead, sparsity_scale, goal)
+        if skip_out is not None:
+            out.x_hat = out.x_hat + skip_out
+        out.x_hat = out.x_hat.reshape(*x.shape[:-1], self.cfg.d_target)
         if out.latents is not None:
             out.latents = out.latents.reshape(*x.shape[:-1], self.cfg.d_sae)
         return out
 
-    def reference_forward(self, x: Tensor, dead: Tensor | None = None, sparsity_scale: float = 1.0) -> SAEOutput:
-        """The plain-autograd forward on `x [tokens, d_in]`; every fused path is tested against it."""
-        latents, x_hat, sparsity, aux = self.training_terms(x, dead)
-        mse = (x_hat - x).pow(2).sum(dim=-1).mean()
+    def reference_forward(
+        self, x: Tensor, dead: Tensor | None = None, sparsity_scale: float = 1.0, target: Tensor | None = None
+    ) -> SAEOutput:
+        """The plain-autograd forward on `x [tokens, d_in]` towards `target` (default x); every fused path is tested
+        against it."""
+        target = x if target is None else target
+        latents, x_hat, sparsity, aux = self.training_terms(x, dead, target)
+        mse = (x_hat - target).pow(2).sum(dim=-1).mean()
         sparsity = sparsity * sparsity_scale
         fired = (latents != 0).sum(dim=0)
         return SAEOutput(x_hat, latents, mse + sparsity + aux, mse, sparsity, aux, fired)
 
-    def training_terms(self, x: Tensor, dead: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """x [tokens, d_in] → (latents, x_hat, sparsity penalty × coefficient, auxiliary loss)"""
+    def training_terms(self, x: Tensor, dead: Tensor | None, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """x [tokens, d_in], target [tokens, d_out] (an SAE: x) → (latents, x_hat, sparsity penalty × coefficient,
+        auxiliary loss)"""
         raise NotImplementedError
 
-    def fused_forward(self, x: Tensor, dead: Tensor | None, sparsity_scale: float) -> SAEOutput | None:
-        """The fused training forward on `x [tokens, d_in]`, or None where the architecture has none."""
+    def fused_forward(self, x: Tensor, dead: Tensor | None, sparsity_scale: float, target: Tensor) -> SAEOutput | None:
+        """The fused training forward on `x [tokens, d_in]` towards `target`, or None where there is none."""
         return None
 
     @classmethod
@@ -273,12 +358,16 @@ class SAE(nn.Module):
         return {}
 
     def _flatten_input(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[-1] != self.cfg.d_in:
+        return self._flatten(x, self.cfg.d_in, "input")
+
+    def _flatten(self, x: Tensor, width: int, what: str) -> Tensor:
+        name = "d_in" if what == "input" else "d_out"
+        if not isinstance(x, Tensor) or x.ndim == 0 or x.shape[-1] != width:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise SaelabError(f"SAE input has shape {shape}; expected [..., d_in] with d_in = {self.cfg.d_in}")
+            raise SaelabError(f"SAE {what} has shape {shape}; expected [..., {name}] with {name} = {width}")
         if not x.is_floating_point():
-            raise SaelabError(f"SAE input has dtype {x.dtype}; expected floating-point activations")
-        return x.reshape(-1, self.cfg.d_in).to(self.W_enc.dtype)
+            raise SaelabError(f"SAE {what} has dtype {x.dtype}; expected floating-point activations")
+        return x.reshape(-1, width).to(self.W_enc.dtype)
 
     # --- constraints and folding -----------------------------------------------------------------------------
 
@@ -297,11 +386,18 @@ class SAE(nn.Module):
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> None:
-        """Make an SAE trained on `scale · x` work on raw `x` with identical latents and x̂ / scale."""
+    def fold_input_scale(self, scale: float, out_scale: float | None = None) -> None:
+        """Make an SAE trained on `scale · x` work on raw `x` with identical latents and x̂ / scale.
+
+        A transcoder trained from `scale · x` to `out_scale · y` becomes one from x to y: identical latents, output
+        divided by out_scale (W_skip · scale / out_scale).
+        """
+        out_scale = scale if out_scale is None else out_scale
         self.W_enc *= scale
-        self.W_dec /= scale
-        self.b_dec /= scale
+        self.W_dec /= out_scale
+        self.b_dec /= out_scale
+        if self.cfg.skip:
+            self.W_skip *= scale / out_scale
 
     def extra_repr(self) -> str:
         return f"d_in={self.cfg.d_in}, d_sae={self.cfg.d_sae}"
@@ -318,6 +414,7 @@ class ReluSAE(SAE):
 
     architecture = "relu"
     saelens_architecture = "standard"
+    saelens_transcoder = "transcoder"
     default_sparsity_coefficient = 5.0  # L1 weight
     unit_norm_decoder = False
     decoder_init_norm = 0.1
@@ -325,18 +422,23 @@ class ReluSAE(SAE):
     def activation(self, pre: Tensor) -> Tensor:
         return torch.relu(pre)
 
-    def training_terms(self, x: Tensor, dead: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def training_terms(self, x: Tensor, dead: Tensor | None, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         latents = torch.relu(self.pre_activations(x))
         x_hat = self.decode(latents)
         l1 = (latents * self.W_dec.norm(dim=1)).sum(dim=-1).mean()
         return latents, x_hat, self.cfg.sparsity_coefficient * l1, x.new_zeros(())
 
-    def fused_forward(self, x: Tensor, dead: Tensor | None, sparsity_scale: float) -> SAEOutput:
+    def fused_forward(self, x: Tensor, dead: Tensor | None, sparsity_scale: float, target: Tensor) -> SAEOutput:
         """Loss and all four gradients in one blocked sweep (`kernels.relu_l1_loss_and_grads`)."""
         params = (self.W_enc, self.b_enc, self.W_dec, self.b_dec)
         coefficient = self.cfg.sparsity_coefficient * sparsity_scale
-        terms, grads = kernels.relu_l1_loss_and_grads(x, *params, coefficient, self.cfg.apply_b_dec_to_input)
-        loss = kernels.attach_gradients(terms["mse"] + terms["sparsity"], tuple(grads.values()), params)
+        terms, grads = kernels.relu_l1_loss_and_grads(
+            x, *params, coefficient, self.cfg.apply_b_dec_to_input, target.detach()
+        )
+        grads, params = tuple(grads.values()), params
+        if target.requires_grad:  # a skip transcoder's target y − x W_skipᵀ: ∂loss/∂target = −(2/T)(ŷ − target)
+            grads, params = (*grads, (target.detach() - terms["x_hat"]) * (2 / x.shape[0])), (*params, target)
+        loss = kernels.attach_gradients(terms["mse"] + terms["sparsity"], grads, params)
         zero = x.new_zeros(())
         return SAEOutput(terms["x_hat"], None, loss, terms["mse"], terms["sparsity"], zero, terms["fired"])
 
@@ -362,13 +464,13 @@ class TopKSAE(SAE):
         values, indices = pre.topk(int(self.cfg.k), dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter(-1, indices, values.relu())
 
-    def training_terms(self, x: Tensor, dead: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def training_terms(self, x: Tensor, dead: Tensor | None, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pre = self.pre_activations(x)
         latents = self.activation(pre)
         x_hat = self.decode(latents)
-        return latents, x_hat, x.new_zeros(()), self.dense_aux_k_loss(x, x_hat, pre, dead)
+        return latents, x_hat, x.new_zeros(()), self.dense_aux_k_loss(target, x_hat, pre, dead)
 
-    def fused_forward(self, x: Tensor, dead: Tensor | None, sparsity_scale: float) -> SAEOutput:
+    def fused_forward(self, x: Tensor, dead: Tensor | None, sparsity_scale: float, target: Tensor) -> SAEOutput:
         """Block-wise top-k encoder, sparse decoder and sparse encoder backward (`kernels.topk_train_forward`)."""
         n_dead = self.dead_count(dead)
         x_hat, values, indices, aux_x_hat = kernels.topk_train_forward(
@@ -382,8 +484,9 @@ class TopKSAE(SAE):
             dead,
             min(self.cfg.aux_k_latents, n_dead),
         )
-        mse = (x_hat - x).pow(2).sum(dim=-1).mean()
-        aux = x.new_zeros(()) if aux_x_hat is None else self.aux_k_loss(aux_x_hat, (x - x_hat).detach(), n_dead)
+        mse = (x_hat - target).pow(2).sum(dim=-1).mean()
+        residual = (target - x_hat).detach()
+        aux = x.new_zeros(()) if aux_x_hat is None else self.aux_k_loss(aux_x_hat, residual, n_dead)
         fired = torch.bincount(indices[values > 0], minlength=self.cfg.d_sae)
         zero = x.new_zeros(())
         return SAEOutput(x_hat, None, mse + aux, mse.detach(), zero, aux.detach(), fired)
@@ -413,7 +516,7 @@ class TopKSAE(SAE):
         return self.cfg.aux_k_coefficient * scale * (aux_x_hat - residual).pow(2).sum(dim=-1).mean()
 
     def dense_aux_k_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead: Tensor | None) -> Tensor:
-        """The AuxK loss from dense pre-activations `[tokens, d_sae]` (the reference path)."""
+        """The AuxK loss from dense pre-activations `[tokens, d_sae]` (the reference path); `x` is the target."""
         n_dead = self.dead_count(dead)
         if n_dead == 0:
             return x.new_zeros(())
@@ -433,6 +536,7 @@ class BatchTopKSAE(TopKSAE):
 
     architecture = "batchtopk"
     saelens_architecture = "jumprelu"
+    saelens_transcoder = "jumprelu_transcoder"
     loads_from_saelens = False
     whole_k = False
     tensor_names = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
@@ -442,11 +546,11 @@ class BatchTopKSAE(TopKSAE):
     def activation(self, pre: Tensor) -> Tensor:
         return torch.relu(pre) * (pre > self.threshold)
 
-    def training_terms(self, x: Tensor, dead: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def training_terms(self, x: Tensor, dead: Tensor | None, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pre = self.pre_activations(x)
         latents = self.batch_latents(pre)
         x_hat = self.decode(latents)
-        return latents, x_hat, x.new_zeros(()), self.dense_aux_k_loss(x, x_hat, pre, dead)
+        return latents, x_hat, x.new_zeros(()), self.dense_aux_k_loss(target, x_hat, pre, dead)
 
     def batch_latents(self, pre: Tensor) -> Tensor:
         """Latents `[tokens, d_sae]` of pre-activations: in training the k·tokens largest of the batch (θ follows
@@ -459,7 +563,7 @@ class BatchTopKSAE(TopKSAE):
         self.update_threshold(latents)
         return latents
 
-    def fused_forward(self, x: Tensor, dead: Tensor | None, sparsity_scale: float) -> None:
+    def fused_forward(self, x: Tensor, dead: Tensor | None, sparsity_scale: float, target: Tensor) -> None:
         return None  # the batch-wide top-k has no fused path (TopK's is per token)
 
     def saelens_fields(self) -> dict[str, Any]:
@@ -506,16 +610,16 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         d_sae = self.cfg.d_sae
         return tuple(self.cfg.matryoshka_widths) or tuple(sorted({max(1, d_sae // 4**j) for j in range(4)}))
 
-    def training_terms(self, x: Tensor, dead: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def training_terms(self, x: Tensor, dead: Tensor | None, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pre = self.pre_activations(x)
         latents = self.batch_latents(pre)
-        x_hat, prefix_error, start = self.b_dec.expand_as(x), x.new_zeros(()), 0
+        x_hat, prefix_error, start = self.b_dec.expand_as(target), x.new_zeros(()), 0
         for width in self.prefix_widths:  # x̂ of each prefix is the previous one plus the next slice's decode
             x_hat = x_hat + latents[:, start:width] @ self.W_dec[start:width]
             if width < self.cfg.d_sae:
-                prefix_error = prefix_error + (x_hat - x).pow(2).sum(dim=-1).mean()
+                prefix_error = prefix_error + (x_hat - target).pow(2).sum(dim=-1).mean()
             start = width
-        return latents, x_hat, x.new_zeros(()), prefix_error + self.dense_aux_k_loss(x, x_hat, pre, dead)
+        return latents, x_hat, x.new_zeros(()), prefix_error + self.dense_aux_k_loss(target, x_hat, pre, dead)
 
 
 def _rectangle(x: Tensor) -> Tensor:
@@ -570,6 +674,7 @@ class JumpReLUSAE(SAE):
 
     architecture = "jumprelu"
     saelens_architecture = "jumprelu"
+    saelens_transcoder = "jumprelu_transcoder"
     default_sparsity_coefficient = 1.0  # L0 weight
     # On a toy model the threshold starts at 2 (in units where E‖x‖ = √d_in): started near zero, its latents first
     # fire on pairs of neighbouring features and settle there, since the L0 penalty gives the encoder no gradient.
@@ -585,7 +690,7 @@ class JumpReLUSAE(SAE):
     def activation(self, pre: Tensor) -> Tensor:
         return torch.relu(pre) * (pre > self.threshold)
 
-    def training_terms(self, x: Tensor, dead: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def training_terms(self, x: Tensor, dead: Tensor | None, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pre = self.pre_activations(x)
         eps = self.cfg.jumprelu_bandwidth
         latents = _JumpReLU.apply(pre, self.threshold, eps)
@@ -631,14 +736,14 @@ class GatedSAE(SAE):
         pi_gate, pi_mag = self.gate_and_magnitude(flat)
         return ((pi_gate > 0) * torch.relu(pi_mag)).reshape(*x.shape[:-1], self.cfg.d_sae)
 
-    def training_terms(self, x: Tensor, dead: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def training_terms(self, x: Tensor, dead: Tensor | None, target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pi_gate, pi_mag = self.gate_and_magnitude(x)
         latents = (pi_gate > 0) * torch.relu(pi_mag)
         x_hat = self.decode(latents)
         gate_acts = torch.relu(pi_gate)
         l1 = gate_acts.sum(dim=-1).mean()
         via_gate = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
-        aux = (via_gate - x).pow(2).sum(dim=-1).mean()
+        aux = (via_gate - target).pow(2).sum(dim=-1).mean()
         return latents, x_hat, self.cfg.sparsity_coefficient * l1, aux
 
 

@@ -18,6 +18,10 @@ at any moment and resumed gives bit-identical weights to one that was never inte
 Several hooks: a source serves `{hook: batch}` (`saelab.activations.ActivationSource`); `hooks[i]` names the hook
 SAE i trains on (by default the source's only hook), and one forward pass of the model feeds them all.
 
+Transcoders: `hooks_out[i]` names the hook a transcoder predicts (an MLP's output) from `hooks[i]` (its input); row
+j of both batches is the same token of the same forward pass. Each hook has its own normalisation scale (E‖x‖ =
+√d at every hook, input and target alike), and both are folded in at save (`SAE.fold_input_scale`).
+
 Several processes (`torchrun`): `batch_size` is the global batch, each rank reads its own batch_size / world_size
 rows, and the ranks average their gradients, fire counts and statistics (saelab.distributed), so every rank
 holds the same SAEs; rank 0 writes the log, checkpoints and SAEs.
@@ -156,10 +160,12 @@ def train_step(
     sparsity_scale: float = 1.0,
     grad_clip: float = 1.0,
     fast: bool = True,
+    target: Tensor | None = None,
 ) -> SAEOutput:
-    """One optimisation step of `sae` on `x [batch, d_in]` (`fast=False`: on the plain reference path)."""
+    """One optimisation step of `sae` on `x [batch, d_in]` (`fast=False`: on the plain reference path); a
+    transcoder learns to output `target [batch, d_out]`."""
     optimizer.zero_grad(set_to_none=True)
-    out = sae(x, dead=dead, sparsity_scale=sparsity_scale, fast=fast)
+    out = sae(x, dead=dead, sparsity_scale=sparsity_scale, fast=fast, target=target)
     out.loss.backward()
     distributed.average_([p.grad for p in sae.parameters() if p.grad is not None])  # data parallel: no-op alone
     sae.project_gradients()
@@ -182,10 +188,12 @@ def train_saes(
     overwrite: bool = False,
     inputs: tuple[Path, ...] = (),
     options: dict[str, Any] | None = None,
+    hooks_out: list[str | None] | None = None,
 ) -> list[SAE]:
     """Train one SAE per config on the same batches of `source`; return them folded to raw activations.
 
-    `hooks[i]` names the hook SAE i trains on (default: the source's only hook). With `out`, the run writes a JSONL log,
+    `hooks[i]` names the hook SAE i trains on (default: the source's only hook); `hooks_out[i]`, where given, the
+    hook a transcoder (config with `d_out`) learns to output from it. With `out`, the run writes a JSONL log,
     checkpoints, and finally the SAE(s): directly into `out` for one SAE, else into `out/<label>` (see
     `sae_labels`). It works in the hidden folder `.NAME.partial` beside `out`, which replaces `out` when the run
     is complete (`saelab.io.resumable_output`: `out` is checked against `inputs`, the paths the run reads, and an
@@ -196,12 +204,12 @@ def train_saes(
     length, source) and `options`, the command-line options that chose the data, by the names the user typed.
     """
     if out is None:
-        return _train(source, sae_configs, cfg, None, resume, progress, hooks, options or {})
+        return _train(source, sae_configs, cfg, None, resume, progress, hooks, options or {}, hooks_out)
     if cfg is not None:
         cfg.validate()  # bad settings are reported before anything is checked or written
     writer = distributed.is_main()
     with resumable_output(out, SAE_RUN, resume, CHECKPOINT_FILE, inputs, overwrite, writer) as work:
-        saes = _train(source, sae_configs, cfg, work, resume, progress, hooks, options or {})
+        saes = _train(source, sae_configs, cfg, work, resume, progress, hooks, options or {}, hooks_out)
     distributed.barrier()  # no rank returns before rank 0 has written the SAEs
     return saes
 
@@ -215,6 +223,7 @@ def _train(
     progress: bool,
     hooks: list[str] | None,
     options: dict[str, Any],
+    hooks_out: list[str | None] | None = None,
 ) -> list[SAE]:
     """`train_saes` in the work folder `out` (None: write nothing)."""
     source = as_source(source)
@@ -222,6 +231,13 @@ def _train(
     cfg.validate()
     sae_configs = [sae_configs] if isinstance(sae_configs, SAEConfig) else list(sae_configs)
     streams = _streams(source, sae_configs, hooks)
+    targets = _targets(source, sae_configs, hooks_out)
+    if cfg.resample_every and any(targets):
+        raise SaelabError(
+            "resampling points dead latents at badly reconstructed inputs, which has no transcoder form here;"
+            " transcoders revive dead latents with AuxK (topk family): leave resample_every at 0"
+        )
+    read = streams + [t for t in targets if t is not None]  # every hook the run reads, inputs and targets
     labels = sae_labels(sae_configs, streams)
     rank, world_size = distributed.world()
     if cfg.batch_size % world_size:
@@ -233,9 +249,9 @@ def _train(
     device = _device(cfg.device)
 
     if resume:
-        state = load_checkpoint(out, source, sae_configs, cfg, device, streams, options)
+        state = load_checkpoint(out, source, sae_configs, cfg, device, streams, options, targets)
     else:
-        state = _fresh_state(source, sae_configs, cfg, device, streams)
+        state = _fresh_state(source, sae_configs, cfg, device, streams, targets)
     log = _open_log(out, state.step) if out is not None and rank == 0 else None
 
     names = ", ".join(labels[:3]) + (", …" if len(labels) > 3 else "")
@@ -244,18 +260,19 @@ def _train(
     try:
         for step in range(state.step, cfg.steps):
             sparsity_scale = cfg.sparsity_scale_at(step)
-            inputs = _scaled(_read(source, streams, local_batch, step), state.scales, device)
+            inputs = _scaled(_read(source, read, local_batch, step), state.scales, device)
             resample_inputs = None
             if cfg.resamples_at(step):
                 drawn = _draw(source, streams, cfg.resample_tokens // world_size, local_batch)
                 resample_inputs = _scaled(drawn, state.scales, device)
             for i, sae in enumerate(state.saes):
                 x = inputs[streams[i]]
+                y = inputs[targets[i]] if targets[i] is not None else None
                 lr = cfg.lr_at(step, cfg.base_lr(sae))
                 for group in state.optimizers[i].param_groups:
                     group["lr"] = lr
                 dead = state.since_fired[i] >= cfg.dead_after_tokens
-                output = train_step(sae, state.optimizers[i], x, dead, sparsity_scale, cfg.grad_clip)
+                output = train_step(sae, state.optimizers[i], x, dead, sparsity_scale, cfg.grad_clip, target=y)
                 fired = distributed.sum_(output.fired.clone())
                 state.since_fired[i] += cfg.batch_size
                 state.since_fired[i][fired > 0] = 0
@@ -264,7 +281,8 @@ def _train(
                     resample_dead_latents(sae, state.optimizers[i], dead, resample_inputs[streams[i]], state.generator)
                     state.since_fired[i][dead] = 0  # a resampled latent gets a fresh window to fire in
                 if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                    record = _step_record(step, labels[i], lr, sparsity_scale, x, output, state.since_fired[i], cfg)
+                    goal = x if y is None else y
+                    record = _step_record(step, labels[i], lr, sparsity_scale, goal, output, state.since_fired[i], cfg)
                     if log is not None:
                         log.write(json.dumps(record) + "\n")
                     if i == 0:
@@ -280,7 +298,7 @@ def _train(
             if log is not None:
                 log.flush()
             if out is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                save_checkpoint(out, state, source, sae_configs, cfg, streams, options)
+                save_checkpoint(out, state, source, sae_configs, cfg, streams, options, targets)
     finally:
         bar.close()
         if log is not None:
@@ -291,16 +309,20 @@ def _train(
             raise DivergedError(
                 f"training diverged (SAE {label} has NaN or inf weights); nothing was saved; lower --lr"
             )
-    for sae, stream, label in zip(state.saes, streams, labels, strict=True):
-        sae.fold_input_scale(state.scales[stream])
+    for sae, stream, target, label in zip(state.saes, streams, targets, labels, strict=True):
+        sae.fold_input_scale(state.scales[stream], state.scales[target or stream])
         sae.eval()
         sae.metadata = dict(source.metadata_for(stream))
+        if target is not None:  # SAELens's (reserved) name for a transcoder's output hook
+            sae.metadata["hook_name_out"] = target
         if out is not None and rank == 0:
             extra = {
                 "train": config_to_dict(cfg),
                 "normalization_scale": state.scales[stream],
                 "trained_steps": state.step,
             }
+            if target is not None:
+                extra["normalization_scale_out"] = state.scales[target]
             extra["train"]["world_size"] = world_size
             extra["train"]["lr"] = cfg.base_lr(sae)  # the rate it trained at, also where the architecture chose it
             save_sae(sae, out if len(state.saes) == 1 else out / label, extra)
@@ -342,6 +364,28 @@ def _streams(source: ActivationSource, sae_configs: list[SAEConfig], hooks: list
     if len(set(labels)) != len(labels):
         raise SaelabError(f"two SAEs of the sweep share a name ({', '.join(labels)}); give each different settings")
     return list(hooks)
+
+
+def _targets(
+    source: ActivationSource, sae_configs: list[SAEConfig], hooks_out: list[str | None] | None
+) -> list[str | None]:
+    """The hook each transcoder outputs (None for an SAE), checked against the configs and the source."""
+    targets = list(hooks_out) if hooks_out is not None else [None] * len(sae_configs)
+    if len(targets) != len(sae_configs):
+        raise SaelabError(f"{len(targets)} output hooks for {len(sae_configs)} SAEs; name one per SAE (or None)")
+    for sae_cfg, target in zip(sae_configs, targets, strict=True):
+        if target is None:
+            if sae_cfg.transcoder:
+                raise SaelabError(f"transcoder {sae_cfg.name} (d_out = {sae_cfg.d_out}) needs the hook it outputs")
+            continue
+        if target not in source.hooks:
+            raise SaelabError(f"the source does not read hook {target}; it reads {', '.join(source.hooks)}")
+        if sae_cfg.d_out != source.d_ins[target]:
+            raise SaelabError(
+                f"SAE {sae_cfg.name} has d_out = {sae_cfg.d_out}, but the activations at {target} have"
+                f" d = {source.d_ins[target]}"
+            )
+    return targets
 
 
 def _device(name: str) -> torch.device:
@@ -389,13 +433,16 @@ def _fresh_state(
     cfg: SAETrainConfig,
     device: torch.device,
     streams: list[str],
+    targets: list[str | None] | None = None,
 ) -> TrainState:
     # Every SAE starts from a generator seeded alike, so SAEs of one shape in a sweep start from the same weights
     # (and each equals the SAE a run of its own would train).
     saes = [build_sae(sae_cfg, torch.Generator().manual_seed(cfg.seed)).to(device) for sae_cfg in sae_configs]
     generator = torch.Generator().manual_seed(cfg.seed)
     world_size = distributed.world()[1]
-    samples = _draw(source, streams, cfg.init_tokens // world_size, cfg.batch_size // world_size)
+    targets = targets or [None] * len(streams)
+    read = streams + [t for t in targets if t is not None]
+    samples = _draw(source, read, cfg.init_tokens // world_size, cfg.batch_size // world_size)
     scales, b_decs = {}, {}
     for hook, sample in samples.items():
         sample = sample.double().cpu()
@@ -408,9 +455,9 @@ def _fresh_state(
             scales[hook] = math.sqrt(sample.shape[1]) / mean_norm
         b_decs[hook] = initial_b_dec(sample * scales[hook], cfg.b_dec_init)
     optimizers = []
-    for sae, stream in zip(saes, streams, strict=True):
-        with torch.no_grad():
-            sae.b_dec.copy_(b_decs[stream])
+    for sae, stream, target in zip(saes, streams, targets, strict=True):
+        with torch.no_grad():  # b_dec lives where the output does: a transcoder's at its target hook
+            sae.b_dec.copy_(b_decs[target or stream])
         optimizers.append(_adam(sae, cfg))
     since_fired = [torch.zeros(c.d_sae, dtype=torch.long, device=device) for c in sae_configs]
     return TrainState(saes, optimizers, since_fired, scales, generator)
@@ -531,6 +578,7 @@ def _run_identity(
     streams: list[str],
     source: ActivationSource,
     options: dict[str, Any] | None = None,
+    targets: list[str | None] | None = None,
 ) -> dict[str, Any]:
     """Everything that must match for a resumed run to continue the same run (JSON-plain values).
 
@@ -538,8 +586,11 @@ def _run_identity(
     """
     train = {k: v for k, v in config_to_dict(cfg).items() if k not in RESUME_FREE_FIELDS}
     train["hooks"] = streams
+    targets = targets or [None] * len(streams)
+    if any(targets):
+        train["hooks_out"] = targets
     train["world_size"] = distributed.world()[1]
-    data = {stream: source.metadata_for(stream) for stream in streams}
+    data = {stream: source.metadata_for(stream) for stream in streams + [t for t in targets if t is not None]}
     identity = {
         "options": options or {},
         "data": data,
@@ -557,6 +608,7 @@ def save_checkpoint(
     cfg: SAETrainConfig,
     streams: list[str],
     options: dict[str, Any] | None = None,
+    targets: list[str | None] | None = None,
 ) -> None:
     """Write the whole run state to `out/checkpoint.pt` atomically (rank 0; every rank must call it)."""
     sources = distributed.gather_objects(source.state_dict())  # each rank's own position in its stream
@@ -566,7 +618,7 @@ def save_checkpoint(
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "step": state.step,
-        **_run_identity(sae_configs, cfg, streams, source, options),
+        **_run_identity(sae_configs, cfg, streams, source, options, targets),
         "saes": [sae.state_dict() for sae in state.saes],
         "optimizers": [optimizer.state_dict() for optimizer in state.optimizers],
         "since_fired": state.since_fired,
@@ -587,6 +639,7 @@ def load_checkpoint(
     device: torch.device,
     streams: list[str],
     options: dict[str, Any] | None = None,
+    targets: list[str | None] | None = None,
 ) -> TrainState:
     """The run state saved in `out`, checked against the settings of the run that resumes it."""
     path = out / CHECKPOINT_FILE
@@ -601,7 +654,7 @@ def load_checkpoint(
         raise SaelabError(f"{path} is not a saelab SAE checkpoint")
     if checkpoint.get("version") != CHECKPOINT_VERSION:
         raise SaelabError(f"{path} was written by another saelab version; delete it to start afresh")
-    identity = _run_identity(sae_configs, cfg, streams, source, options)
+    identity = _run_identity(sae_configs, cfg, streams, source, options, targets)
     for key, expected in identity.items():
         saved = checkpoint.get(key)
         if saved != expected:
