@@ -21,8 +21,15 @@ from tokenizers.decoders import WordPiece
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from saelab.dashboard.compute import DashboardConfig, attribution, compute_dashboard
-from saelab.dashboard.effects import Downstream, _pads_safely, reference_loss_effects
+from saelab.dashboard.compute import DashboardConfig, attribution, compute_dashboard, eligible_positions
+from saelab.dashboard.effects import (
+    Downstream,
+    _pads_safely,
+    loss_gradient,
+    next_token_ce,
+    reference_loss_effects,
+    unembed_ce,
+)
 from saelab.dashboard.stats import flat_nonzero
 from saelab.dashboard.text import _byte_level_decodes, token_strings
 
@@ -150,7 +157,11 @@ def test_attribution_at_firing_latents_equals_the_dense_product():
     grad, W_dec = torch.randn(4, 16, 32, generator=g), torch.randn(300, 32, generator=g)
     dense = -acts * (grad @ W_dec.T)
     assert (acts > 0).any() and (acts == 0).any()
-    assert torch.allclose(attribution(acts, grad, W_dec, chunk=100), dense, atol=1e-5)
+    index, estimate = attribution(acts, grad, W_dec)
+    assert torch.equal(index, acts.flatten().nonzero()[:, 0])
+    assert torch.allclose(estimate, dense.flatten()[index], atol=1e-5)
+    empty_index, empty = attribution(torch.zeros(2, 3, 300), grad[:2, :3], W_dec)
+    assert len(empty_index) == len(empty) == 0
 
 
 def test_the_reference_engine_gives_the_same_importance(tok):
@@ -166,3 +177,46 @@ def test_the_reference_engine_gives_the_same_importance(tok):
     for fast, reference in zip(boards[0].latents, boards[1].latents, strict=True):
         assert fast["importance"]["method"] == "exact" and fast["importance"]["firings"] > 0
         assert _close(fast["importance"], reference["importance"])
+
+
+@pytest.mark.parametrize("soft_cap", [0.0, 3.0])
+def test_unembedded_loss_and_its_closed_form_gradient_equal_autograd_of_the_logits(tok, soft_cap):
+    """`unembed_ce` (logits a few rows at a time, the gradient written out) against the model's own final norm,
+    logits, CE and autograd, with and without a logit soft cap, in chunks smaller than the rows."""
+    lm = make_model(tok)
+    model = lm.model
+    model.cfg.output_logits_soft_cap = soft_cap
+    try:
+        g = torch.Generator().manual_seed(0)
+        resid = torch.randn(37, model.cfg.d_model, generator=g, requires_grad=True)
+        targets = torch.randint(len(tok), (37,), generator=g)
+        weights = (torch.rand(37, generator=g) < 0.7).float()
+        with torch.enable_grad():
+            logits = model(resid[:, None], start_at_layer=model.cfg.n_layers)[:, 0]
+            expected = next_token_ce(logits, targets)
+            (expected_grad,) = torch.autograd.grad(expected @ weights, resid)
+            normed = model.ln_final(resid)
+            ce, grad = unembed_ce(model, normed.detach(), targets, weights, rows=8)
+            (grad,) = torch.autograd.grad(normed, resid, grad)  # back through the final norm
+        assert torch.allclose(ce, expected.detach(), atol=1e-5)
+        assert torch.allclose(grad, expected_grad, atol=1e-5)
+        assert unembed_ce(model, normed.detach(), targets)[1] is None
+    finally:
+        model.cfg.output_logits_soft_cap = 0.0
+
+
+@pytest.mark.parametrize(("normalization", "positional", "hook"), [
+    ("LN", "standard", HOOK), ("RMS", "rotary", "blocks.1.attn.hook_z"), (None, "standard", "blocks.0.mlp.hook_post"),
+])  # fmt: skip
+def test_fused_loss_gradient_equals_autograd_of_the_full_logits(tok, normalization, positional, hook):
+    lm = make_model(tok, normalization, positional)
+    tokens = make_tokens(tok, n_seq=5, length=24)
+    eligible = eligible_positions(lm.regular_positions(tokens))
+    read = ("blocks.1.hook_resid_pre",)
+    fast = loss_gradient(lm, hook, tokens, eligible, read, fast=True)
+    reference = loss_gradient(lm, hook, tokens, eligible, read, fast=False)
+    assert fast.keys() == reference.keys()
+    for name in fast:
+        assert torch.allclose(fast[name], reference[name], atol=1e-5), name
+    assert fast["grad"].abs().max() > 1e-2  # not vacuous
+    assert all(p.requires_grad for p in lm.model.parameters())  # the weights are given back their gradients

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -247,11 +248,11 @@ def compute_dashboard(
     _recycle_large_blocks()
     read = (engine.start_name,) if keep and not engine.hook_is_start else ()
     batches = _attributed_batches(lm, sae, tokens, hook, batch_size, read, progress, labels)
-    for first, batch, found, acts, estimate in batches:
+    for first, batch, found, acts, (nonzero, estimate) in batches:
         if keep:
             resid[first : first + len(batch)] = found[read[0] if read else "x"].view(len(batch), T, d_model).cpu()
         valid = lm.regular_positions(batch).cpu()
-        acc.update(acts, first, valid, firing_positions(lm, valid), estimate)
+        acc.update(acts, first, valid, firing_positions(lm, valid), estimate, nonzero)
     stats = acc.finish(cfg.top_windows, cfg.n_neighbours)
     pass1 = time.perf_counter() - started
 
@@ -293,19 +294,24 @@ def compute_dashboard(
     return Dashboard(meta=meta, latents=pages)
 
 
-def attribution(acts: Tensor, grad: Tensor, W_dec: Tensor, chunk: int = 1 << 16) -> Tensor:
-    """−a_j · W_dec[j] · grad [S, T, d_sae] for activations acts [S, T, d_sae] and gradients grad [S, T, d_in],
-    computed where a latent fires only (a few dozen latents per token, not d_sae), zero elsewhere."""
-    out = torch.zeros_like(acts, dtype=torch.float32)
-    flat = flat_nonzero(acts.cpu()) if acts.device.type == "cpu" else acts.flatten().nonzero()[:, 0]
-    flat = flat.to(acts.device)
+def attribution(acts: Tensor, grad: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
+    """(flat indices [nnz] of the non-zero activations of acts [S, T, d_sae], row-major and ascending as
+    `flat_nonzero` finds them; −a_j · W_dec[j] · grad there [nnz]) for gradients grad [S, T, d_in].
+
+    Only where a latent fires (a few dozen latents per token, not d_sae): the entries of grad @ W_decᵀ at the
+    firing (token, latent) pairs, a sampled dense-dense product on their sparse pattern, whose cost follows the
+    firings."""
     d_sae = acts.shape[-1]
-    g = grad.reshape(-1, grad.shape[-1]).to(W_dec.dtype)
-    for part in flat.split(chunk):
-        token, latent = part // d_sae, part % d_sae
-        dot = (g[token] * W_dec[latent].to(g.device)).sum(-1)
-        out.view(-1)[part] = -(acts.view(-1)[part] * dot).float()
-    return out
+    flat = flat_nonzero(acts.cpu()).to(acts.device) if acts.device.type == "cpu" else acts.flatten().nonzero()[:, 0]
+    token, latent = flat // d_sae, flat % d_sae
+    g = grad.reshape(-1, grad.shape[-1]).float()
+    rows = torch.nn.functional.pad(torch.bincount(token, minlength=len(g)).cumsum(0), (1, 0))
+    with warnings.catch_warnings():  # sparse CSR tensors are a "beta" feature of torch, and say so once
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(rows, latent, torch.ones(len(flat), device=g.device), (len(g), d_sae),
+                                          check_invariants=False)  # fmt: skip
+        dots = torch.sparse.sampled_addmm(pattern, g, W_dec.float().T.to(g.device), beta=0.0).values()
+    return flat, -(acts.reshape(-1)[flat].float() * dots)
 
 
 def _batch_size(lm, sae, T: int, cfg: DashboardConfig) -> int:
@@ -319,8 +325,8 @@ def _attributed_batches(
     lm, sae, tokens: Tensor, hook: str, batch_size: int, read: tuple[str, ...], progress: bool, labels: Tensor | None
 ):
     """Per batch of sequences: (first sequence, tokens, what `loss_gradient` found, latent activations [S, T, d_sae],
-    and their gradient attributions −a_j · W_dec[j] · ∂L/∂x: the first-order change of the loss summed from each
-    position on when latent j's contribution is removed there)."""
+    and (flat indices of their non-zeros, gradient attributions −a_j · W_dec[j] · ∂L/∂x there): the first-order
+    change of the loss summed from each position on when latent j's contribution is removed there)."""
     W_dec = sae.W_dec.detach()
     for first in tqdm(range(0, len(tokens), batch_size), desc="activations", disable=not progress, leave=False):
         batch = tokens[first : first + batch_size]
@@ -342,11 +348,13 @@ def rank_latents(
     firings = torch.zeros(sae.cfg.d_sae, dtype=torch.int64)
     n_tokens = 0
     batches = _attributed_batches(lm, sae, tokens, hook, _batch_size(lm, sae, T, cfg), (), progress, labels)
-    for _, batch, _, acts, est in batches:
+    for _, batch, _, acts, (nonzero, est) in batches:
         valid = lm.regular_positions(batch).cpu()
-        firing = (acts.cpu() > 0) & firing_positions(lm, valid)[..., None]
-        estimate += torch.where(firing, est.cpu(), 0.0).sum((0, 1), dtype=torch.float64)
-        firings += firing.sum((0, 1))
+        nonzero, est = nonzero.cpu(), est.cpu()
+        token, latent = nonzero // sae.cfg.d_sae, nonzero % sae.cfg.d_sae
+        firing = (acts.reshape(-1)[nonzero.to(acts.device)].cpu() > 0) & firing_positions(lm, valid).reshape(-1)[token]
+        estimate.index_add_(0, latent[firing], est[firing].double())
+        firings += torch.bincount(latent[firing], minlength=sae.cfg.d_sae)
         n_tokens += int(valid.sum())
     return {"per_token": _rounded(estimate / max(n_tokens, 1), 4), "firings": firings.tolist()}
 

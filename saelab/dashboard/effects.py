@@ -43,7 +43,8 @@ CLEAN_FLOATS = 2**21  # attention scores computed at once by a clean run (8 MB)
 POSITIONS_PER_RUN = 16  # nearby positions share a single-position run (fewer, larger runs)
 RUN_FLOATS = 2**20  # cached keys gathered for one single-position run, per block (4 MB)
 TOTAL_POSITIONS = 8192  # positions re-run at once by a total-effect run
-CE_ROWS = 1024  # positions unembedded at once (logits [CE_ROWS, d_vocab])
+CE_ROWS = 1024  # positions whose CE one call computes in the total-effect runs
+UNEMBED_ROWS = 256  # positions unembedded at once (logits [UNEMBED_ROWS, d_vocab], 4 MB for 4096 tokens: in cache)
 
 
 def next_token_ce(logits: Tensor, targets: Tensor) -> Tensor:
@@ -107,8 +108,45 @@ def reference_total_effects(
     return out
 
 
+def unembed_ce(
+    model, normed: Tensor, targets: Tensor, weights: Tensor | None = None, rows: int = UNEMBED_ROWS
+) -> tuple[Tensor, Tensor | None]:
+    """Next-token CE [n] (float32) of targets [n] from normed final residuals [n, d_model] through a TransformerLens
+    model's unembedding and logit soft cap; given `weights` [n], also the gradient of Σ weights · CE w.r.t. the
+    normed residuals [n, d_model], in closed form: (softmax − onehot) · weight, through the soft cap, @ W_Uᵀ.
+
+    The same numbers as `next_token_ce` of the model's logits and its autograd backward, but the logits are made
+    `rows` positions at a time and never kept: a block that stays in cache, reused for the softmax and its
+    gradient, where autograd would keep the whole batch's logits and write the softmax's gradient beside them."""
+    W_U, b_U, cap = model.W_U, model.b_U, model.cfg.output_logits_soft_cap
+    ce = torch.empty(len(normed), dtype=torch.float32, device=normed.device)
+    grad = None if weights is None else torch.empty(normed.shape, dtype=torch.float32, device=normed.device)
+    for i in range(0, len(normed), rows):
+        h, t = normed[i : i + rows].to(W_U.dtype), targets[i : i + rows].to(normed.device)
+        logits = torch.addmm(b_U, h, W_U).float()
+        if cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        slope = 1 - (logits / cap).square() if cap > 0 and grad is not None else None  # d(cap · tanh(z / cap)) / dz
+        logp = torch.log_softmax(logits, 1)  # as F.cross_entropy computes it
+        ce[i : i + rows] = -logp.gather(1, t[:, None])[:, 0]
+        if grad is not None:
+            probs = logp.exp_()  # softmax, in place
+            probs[torch.arange(len(t), device=t.device), t] -= 1
+            if slope is not None:
+                probs *= slope
+            probs *= weights[i : i + rows, None].to(probs)
+            grad[i : i + rows] = probs.to(W_U.dtype) @ W_U.T
+    return ce, grad
+
+
 def loss_gradient(
-    lm, hook: str, tokens: Tensor, eligible: Tensor, read: tuple[str, ...] = (), targets: Tensor | None = None
+    lm,
+    hook: str,
+    tokens: Tensor,
+    eligible: Tensor,
+    read: tuple[str, ...] = (),
+    targets: Tensor | None = None,
+    fast: bool = True,
 ) -> dict[str, Tensor]:
     """One forward and one backward pass over tokens [S, T]: {"grad": ∂L/∂x [S, T, d_in], "x": the activation x at
     `hook` [S, T, d_in], and each name in `read`: its activation}, where L is the next-token loss summed over the
@@ -117,7 +155,14 @@ def loss_gradient(
     Since attention is causal, the gradient at position p is that of the loss summed over p and every later
     position, so `−a · W_dec[j] · grad[p]` is the first-order estimate of latent j's total ΔCE at p (attribution
     patching). Only the activation's gradient is computed, not the weights'. A zoo model's loss is its task's:
-    given `targets` [S, T] (labels, IGNORE where not scored), L is the CE against them at every scored position."""
+    given `targets` [S, T] (labels, IGNORE where not scored), L is the CE against them at every scored position.
+
+    `fast` (TransformerLens models, next-token loss, no autocast, a hook before the final norm): the loss's
+    gradient w.r.t. the normed final residual is written in closed form (`unembed_ce`) and autograd runs only from
+    there back to the hook; otherwise (and with fast=False, the reference) autograd differentiates the loss of the
+    full logits."""
+    from transformer_lens import HookedTransformer
+
     found: dict[str, Tensor] = {}
 
     def leaf(x: Tensor) -> Tensor:
@@ -132,21 +177,40 @@ def loss_gradient(
         return read_
 
     replace = {name: reader(name) for name in read if name != hook} | {hook: leaf}
-    params = [p for p in lm.model.parameters() if p.requires_grad]
+    model = lm.model
+    fused = (
+        fast
+        and targets is None
+        and not lm.bf16
+        and isinstance(model, HookedTransformer)
+        and not hook.startswith(("ln_final.", "unembed."))
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
     try:  # weights that need no gradient keep autograd from recording anything but what follows the hook
         for p in params:
             p.requires_grad_(False)
         with torch.enable_grad():
-            if targets is None:
+            if fused:
+                with lm.replaced(replace):
+                    resid = model(tokens.to(lm.device), stop_at_layer=model.cfg.n_layers)
+                root = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
+                S, T, d = root.shape
+                with torch.no_grad():
+                    weights = eligible[:, :-1].reshape(-1).to(root.device, torch.float32)
+                    _, g = unembed_ce(model, root[:, :-1].reshape(-1, d), tokens[:, 1:].reshape(-1), weights)
+                root_grad = torch.zeros(S, T, d, dtype=root.dtype, device=root.device)
+                root_grad[:, :-1] = g.view(S, T - 1, d).to(root.dtype)
+            elif targets is None:
                 logits = lm.logits(tokens, replace)[:, :-1]
                 ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1).to(logits.device),
                                      reduction="none")  # fmt: skip
-                loss = ce @ eligible[:, :-1].reshape(-1).to(ce)
+                root, root_grad = ce @ eligible[:, :-1].reshape(-1).to(ce), None
             else:  # cross_entropy ignores the unscored positions (IGNORE = its ignore_index)
                 logits = lm.logits(tokens, replace)
-                loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1).to(logits.device), reduction="sum")
+                root = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1).to(logits.device), reduction="sum")
+                root_grad = None
             x = found["x"]
-            grad = torch.autograd.grad(loss, x)[0] if loss.requires_grad else torch.zeros_like(x)
+            grad = torch.autograd.grad(root, x, root_grad)[0] if root.requires_grad else torch.zeros_like(x)
     finally:
         for p in params:
             p.requires_grad_(True)
@@ -364,8 +428,7 @@ class Downstream:
 
     def _ce_from_final(self, final: Tensor, targets: Tensor) -> Tensor:
         """CE [n] of the next tokens from final residuals [n, d_model], through the model's norm and unembedding."""
-        logits = self.model(final[:, None], start_at_layer=self.model.cfg.n_layers)[:, 0]
-        return next_token_ce(logits, targets)
+        return unembed_ce(self.model, self.final_norm(final), targets)[0]
 
     @torch.no_grad()
     def clean_ce(self, run: CleanRun, seq: Tensor, pos: Tensor) -> Tensor:
@@ -432,8 +495,8 @@ class Downstream:
         past = TransformerLensKeyValueCache(entries, visible[:, :-1].long(), frozen=True)
         mask = None if int(at.min()) == length else visible.long()  # rotary positions are counted on the mask too
         resid = run.resid_start[rows, at][:, None]  # [rows, 1, d_model]
-        logits = self.model(resid, start_at_layer=self.start, past_kv_cache=past, attention_mask=mask)[:, 0]
-        ce = next_token_ce(logits, run.tokens[rows, at + 1])
+        self.model(resid, start_at_layer=self.start, past_kv_cache=past, attention_mask=mask, return_type=None)
+        ce = self._ce_from_final(state["final"], run.tokens[rows, at + 1])
         clean_ce = ce[n:][which]
         return ce[:n] - clean_ce, state["final"][n:][which], clean_ce
 

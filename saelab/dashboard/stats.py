@@ -153,23 +153,32 @@ class StatsAccumulator:
 
     @torch.no_grad()
     def update(
-        self, acts: Tensor, first_seq: int, valid: Tensor, eligible: Tensor, estimate: Tensor | None = None
+        self,
+        acts: Tensor,
+        first_seq: int,
+        valid: Tensor,
+        eligible: Tensor,
+        estimate: Tensor | None = None,
+        nonzero: Tensor | None = None,
     ) -> None:
         """acts [S, T, d_sae] of sequences first_seq.. ; valid [S, T]: positions to count (not special tokens);
-        eligible [S, T]: positions that may enter the sample (valid, with a valid next token); estimate
-        [S, T, d_sae]: a cheap estimate of each latent's total ΔCE at each position (None: not computed)."""
+        eligible [S, T]: positions that may enter the sample (valid, with a valid next token); estimate [nnz]: a
+        cheap estimate of the latent's total ΔCE at each non-zero activation (None: not computed), whose flat
+        indices into acts (row-major, ascending, as `flat_nonzero` finds them) are `nonzero` (None: found here)."""
         acts = acts.float().cpu().contiguous()
         valid, eligible = valid.cpu(), eligible.cpu()
         base = first_seq * self.T
-        S = acts.shape[0]
+        S, D = acts.shape[0], acts.shape[-1]
         self.context_tokens[first_seq : first_seq + S] = valid.sum(1)
+        nonzero = flat_nonzero(acts) if nonzero is None else nonzero.cpu()
         if estimate is not None:
             estimate = estimate.float().cpu()
-            firing = (acts > 0) & eligible[..., None]  # [S, T, d_sae]
-            self.rank_estimate += torch.where(firing, estimate, 0.0).sum((0, 1), dtype=torch.float64)
-            self.rank_count += firing.sum((0, 1))
+            at_token, at_latent = nonzero // D, nonzero % D
+            firing = (acts.view(-1)[nonzero] > 0) & eligible.reshape(-1)[at_token]
+            self.rank_estimate.index_add_(0, at_latent[firing], estimate[firing].double())
+            self.rank_count += torch.bincount(at_latent[firing], minlength=D)
         if self.corr_rows is not None:
-            self._keep_for_correlation(acts, valid, base)
+            self._keep_for_correlation(acts, valid, base, nonzero)
         a = acts[..., self.latents] * valid[..., None]  # [S, T, L]; special tokens count as not firing
         self.n_tokens += int(valid.sum())
         fires = a > 0
@@ -184,11 +193,10 @@ class StatsAccumulator:
         bins = ((values.double().log10() - LOG10_LO) * BINS_PER_DECADE).floor().long().clamp(0, N_BINS - 1)
         self.hist.view(-1).index_add_(0, lat * N_BINS + bins, torch.ones_like(bins))
 
-        est = (
-            estimate[..., self.latents].reshape(-1, L).view(-1)[index]
-            if estimate is not None
-            else torch.full_like(values, float("nan"))
-        )
+        if estimate is not None:  # the selected latents' firings are among the non-zeros: find each one's estimate
+            est = estimate[torch.searchsorted(nonzero, tok * D + self.latents[lat])]
+        else:
+            est = torch.full_like(values, float("nan"))
         self._store.append((lat * self.n_positions + tok + base, values, est))
         self._update_top(a, base)
         ok = eligible.reshape(-1)[tok]
@@ -230,13 +238,12 @@ class StatsAccumulator:
         self.sample_index = torch.cat([self.sample_index, new_index]).gather(0, order)
         self.sample_values = torch.cat([self.sample_values, new_values]).gather(0, order)
 
-    def _keep_for_correlation(self, acts: Tensor, valid: Tensor, base: int) -> None:
+    def _keep_for_correlation(self, acts: Tensor, valid: Tensor, base: int, nonzero: Tensor) -> None:
         from scipy import sparse
 
         S, T, D = acts.shape
         rows = self.corr_rows[base : base + S * T] & valid.reshape(-1)
-        index = flat_nonzero(acts)
-        index = index[rows[index // D]]  # tokens left out keep an empty row, which adds nothing to the sums
+        index = nonzero[rows[nonzero // D]]  # tokens left out keep an empty row, which adds nothing to the sums
         tok, lat = index // D, index % D
         indptr = F.pad(torch.bincount(tok, minlength=S * T).cumsum(0), (1, 0))
         values = acts.view(-1)[index]

@@ -220,6 +220,11 @@ class LanguageModel:
         with self._hooks(replace or {}), self._autocast():
             return self._logits_fn(tokens.to(self.device)).float()
 
+    def replaced(self, replace: dict[str, Replace]) -> contextlib.AbstractContextManager:
+        """A context in which each hook in `replace` is rewritten by its function, for passes that call the model
+        some other way than `logits` does (e.g. a TransformerLens model stopped before its unembedding)."""
+        return self._hooks(replace)
+
     def loss_per_token(self, tokens: Tensor, replace: dict[str, Replace] | None = None) -> Tensor:
         """Next-token cross-entropy [batch, pos − 1]: entry t is −log p(tokens[t+1] | tokens[≤t])."""
         if self.task is not None:
