@@ -309,3 +309,81 @@ def test_sae_train_command_trains_transcoders(lm, dataset, tmp_path) -> None:
     ):  # fmt: skip
         failed = CliRunner().invoke(app, ["sae", "train", "--out", str(tmp_path / "bad"), "--quiet", *bad])
         assert failed.exit_code != 0 and message in str(failed.exception), failed.output
+
+
+# --- LM evals: the transcoder spliced in place of the MLP -------------------------------------------------------
+
+
+def test_lm_evals_of_a_transcoder_match_a_splice_by_hand(lm, dataset) -> None:
+    """Every figure recomputed with TransformerLens's run_with_hooks, the transcoder written out by hand."""
+    import math
+
+    from saelab.models.data import documents, spread_contexts
+    from saelab.models.evals import lm_eval
+
+    tc = build_sae(SAEConfig("relu", 32, 96, d_out=32, skip=True), torch.Generator().manual_seed(0)).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in tc.parameters():
+            param.add_(0.2 * torch.randn(param.shape, generator=generator))
+        tc.b_enc.sub_(0.4)  # some latents fire on some tokens only, some on none: L0 and dead latents are non-trivial
+    tc.metadata = {"hook_name": HOOK_IN, "hook_name_out": HOOK_OUT}
+    n_tokens = 600
+    metrics = lm_eval(tc, model=lm, dataset=dataset, n_tokens=n_tokens, context_length=LENGTH, model_batch_size=5)
+
+    tokens, _ = spread_contexts(documents(dataset, "heldout"), lm.tokenizer, LENGTH, 0,
+                                math.ceil(n_tokens / (LENGTH - 1)), seed=0)  # fmt: skip
+    keep = (tokens != 0)[..., None]  # BOS (id 0, also padding) keeps the MLP's own output
+    W_enc, b_enc, W_dec, b_dec, W_skip = (
+        getattr(tc, n).detach() for n in ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip")
+    )
+    read = {}
+
+    def transcoder(x):
+        return torch.relu(x @ W_enc + b_enc) @ W_dec + b_dec + x @ W_skip.T
+
+    def capture(x, hook):
+        read["x"] = x
+
+    splice = {
+        "tc": [(HOOK_IN, capture), (HOOK_OUT, lambda y, hook: torch.where(keep, transcoder(read["x"]), y))],
+        "abl": [(HOOK_OUT, lambda y, hook: torch.where(keep, torch.zeros_like(y), y))],
+    }
+    model = lm.model
+    with torch.no_grad():
+        clean_logits, cache = model.run_with_cache(tokens, names_filter=[HOOK_IN, HOOK_OUT])
+        logits = {name: model.run_with_hooks(tokens, fwd_hooks=hooks) for name, hooks in splice.items()}
+    counted = (tokens[:, :-1] != 0) & (tokens[:, 1:] != 0)
+    assert metrics.predictions == counted.sum()
+
+    def ce(logits):
+        per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+        return per_token[counted].mean().item()
+
+    def kl(logits):
+        p, q = clean_logits[:, :-1].log_softmax(-1), logits[:, :-1].log_softmax(-1)
+        return torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1)[counted].mean().item()
+
+    ce_clean, ce_tc, ce_abl = ce(clean_logits), ce(logits["tc"]), ce(logits["abl"])
+    assert ce_tc != pytest.approx(ce_clean, rel=1e-3) and ce_abl != pytest.approx(ce_clean, rel=1e-3)
+    assert metrics.ce_loss_clean == pytest.approx(ce_clean, rel=1e-5)
+    assert metrics.ce_loss_with_sae == pytest.approx(ce_tc, rel=1e-5)
+    assert metrics.ce_loss_with_ablation == pytest.approx(ce_abl, rel=1e-5)
+    assert metrics.ce_loss_recovered == pytest.approx((ce_abl - ce_tc) / (ce_abl - ce_clean), rel=1e-4)
+    kl_tc, kl_abl = kl(logits["tc"]), kl(logits["abl"])
+    assert metrics.kl_div_with_sae == pytest.approx(kl_tc, rel=1e-4)
+    assert metrics.kl_div_with_ablation == pytest.approx(kl_abl, rel=1e-4)
+    assert metrics.kl_div_score == pytest.approx((kl_abl - kl_tc) / kl_abl, rel=1e-4)
+
+    regular = tokens != 0
+    x, y = cache[HOOK_IN][regular], cache[HOOK_OUT][regular]  # the clean run's MLP input and output
+    y_hat = transcoder(x)
+    fires = torch.relu(x @ W_enc + b_enc) > 0
+    assert metrics.reconstruction["tokens"] == len(y)
+    assert metrics.explained_variance == pytest.approx(
+        1 - ((y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item(), rel=1e-4
+    )
+    assert metrics.mse == pytest.approx((y - y_hat).pow(2).sum(-1).mean().item(), rel=1e-5)
+    assert metrics.l0 == pytest.approx(fires.sum(1).double().mean().item(), rel=1e-9)
+    dead = (~fires.any(0)).double().mean().item()
+    assert 0 < dead < 1 and metrics.reconstruction["dead_fraction"] == pytest.approx(dead, rel=1e-9)

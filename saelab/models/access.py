@@ -287,6 +287,37 @@ def sae_replacement(
     return replace
 
 
+def transcoder_replacement(
+    transcoder: nn.Module,
+    hook_in: str,
+    hook_out: str,
+    positions: Tensor | None = None,
+    edit: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, Replace]:
+    """Splice a transcoder in place of what it replaces (an MLP): the activation at `hook_out` becomes the
+    transcoder's output `output(x, edit(encode(x)))` for x read at `hook_in` earlier in the same forward pass.
+
+    Returns the hooks to pass to `LanguageModel.logits` (`hook_in` only reads). Positions where `positions` is False
+    keep the model's own activation, as with `sae_replacement`.
+    """
+    read: dict[str, Tensor] = {}
+
+    def capture(x: Tensor) -> Tensor:
+        read["x"] = x
+        return x
+
+    def replace(y: Tensor) -> Tensor:
+        if "x" not in read:
+            raise SaelabError(f"{hook_out} runs before {hook_in}; a transcoder's input must come before its output")
+        dtype = next((p.dtype for p in transcoder.parameters()), y.dtype)
+        x = read.pop("x").to(dtype)
+        latents = transcoder.encode(x)
+        out = transcoder.output(x, latents if edit is None else edit(latents)).to(y.dtype)
+        return out if positions is None else torch.where(positions[..., None], out, y)
+
+    return {hook_in: capture, hook_out: replace}
+
+
 def zero_ablation(positions: Tensor | None = None) -> Replace:
     """Replace the activation by zeros at `positions` [batch, pos] (everywhere when None)."""
 

@@ -12,6 +12,11 @@ are both regular tokens (not BOS/padding; those positions also keep their clean 
 
 plus the SAE's reconstruction metrics (explained variance, MSE, L0, …, see `saelab.stats`) on the
 activations of the same regular tokens.
+
+A transcoder (metadata `hook_name_out`) replaces an MLP instead: in the spliced run the activation at its output
+hook (`hook_mlp_out`) is the transcoder's output computed from its input hook in the same pass, the ablation
+zeroes the MLP's output, and the reconstruction metrics are those of its prediction of the MLP's output (EV of the
+MLP output, its L0 and dead latents).
 """
 
 from __future__ import annotations
@@ -27,7 +32,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from saelab.errors import SaelabError
-from saelab.models.access import BUILTIN, LanguageModel, load_model, sae_replacement, zero_ablation
+from saelab.models.access import (
+    BUILTIN,
+    LanguageModel,
+    Replace,
+    load_model,
+    sae_replacement,
+    transcoder_replacement,
+    zero_ablation,
+)
 from saelab.models.data import documents, spread_contexts
 from saelab.stats import ReconstructionStats
 
@@ -88,14 +101,16 @@ def lm_eval(
     hook = metadata.get("hook_name")
     if not hook:
         raise SaelabError("the SAE's metadata names no hook_name; LM evals need the model and hook it was trained on")
+    hook_out = _output_hook(sae, metadata)
     if not isinstance(model, LanguageModel):
         model = load_model(_model_name(model or metadata.get("model_name"), sae_dir), device)
-    model.check_hook(hook)
     sae = sae.to(model.device)
-    if model.d_hook(hook) != sae.cfg.d_in:
-        raise SaelabError(f"the SAE reads d_in = {sae.cfg.d_in} but {hook} of {model.name} has {model.d_hook(hook)}")
+    for name, width in ((hook, sae.cfg.d_in), (hook_out, getattr(sae.cfg, "d_out", None))):
+        if name is not None and model.d_hook(model.check_hook(name)) != width:
+            what = "reads d_in" if name == hook else "outputs d_out"
+            raise SaelabError(f"the SAE {what} = {width} but {name} of {model.name} has {model.d_hook(name)}")
     if model.task is not None:
-        return task_eval(sae, model, hook, n_tokens, model_batch_size * 64)
+        return task_eval(sae, model, hook, n_tokens, model_batch_size * 64, hook_out)
     length = context_length or metadata.get("context_length") or metadata.get("context_size") or 128
     if model.n_ctx is not None:
         length = min(length, model.n_ctx)
@@ -108,11 +123,6 @@ def lm_eval(
     sums = {"clean": 0.0, "sae": 0.0, "abl": 0.0, "kl_sae": 0.0, "kl_abl": 0.0}
     predictions = 0
     stats = ReconstructionStats(sae.cfg.d_sae)
-    captured: dict[str, Tensor] = {}
-
-    def capture(x: Tensor) -> Tensor:
-        captured["x"] = x
-        return x
 
     batches = range(0, len(contexts), model_batch_size)
     for start in tqdm(batches, desc="LM evals", unit="batch", disable=not progress, dynamic_ncols=True):
@@ -120,14 +130,12 @@ def lm_eval(
         regular = model.regular_positions(tokens)  # [batch, pos]
         counted = regular[:, :-1] & regular[:, 1:]  # [batch, pos − 1]: the predictions that count
         targets = tokens[:, 1:]
-        clean = _log_probs(model.logits(tokens, {hook: capture}))
-        x = captured["x"][regular]  # [regular tokens, d_in]
-        x = x.to(next((p.dtype for p in sae.parameters()), x.dtype))
-        latents = sae.encode(x)
-        stats.update(x, sae.decode(latents), latents)
+        captured, read = _capture(hook, hook_out)
+        clean = _log_probs(model.logits(tokens, read))
+        _update_stats(stats, sae, captured, hook, hook_out, regular)
         sums["clean"] += _nll(clean, targets)[counted].sum().item()
-        for name, replace in (("sae", sae_replacement(sae, regular)), ("abl", zero_ablation(regular))):
-            spliced = _log_probs(model.logits(tokens, {hook: replace}))
+        for name, replace in _splices(sae, hook, hook_out, regular).items():
+            spliced = _log_probs(model.logits(tokens, replace))
             sums[name] += _nll(spliced, targets)[counted].sum().item()
             sums[f"kl_{name}"] += (clean.exp() * (clean - spliced)).sum(-1)[counted].sum().item()
         predictions += int(counted.sum())
@@ -142,8 +150,64 @@ def lm_eval(
 ZOO_EVAL_SEED = 2_000_003  # fresh task samples, distinct from training and from `saelab zoo eval`
 
 
+def _output_hook(sae: nn.Module, metadata: dict[str, Any]) -> str | None:
+    """The hook a transcoder writes (its metadata's `hook_name_out`); None for an SAE."""
+    if not getattr(sae.cfg, "transcoder", False):
+        return None
+    hook_out = metadata.get("hook_name_out")
+    if not hook_out:
+        raise SaelabError("the transcoder's metadata names no hook_name_out; LM evals need the hook it replaces")
+    return hook_out
+
+
+def _capture(hook: str, hook_out: str | None) -> tuple[dict[str, Tensor], dict[str, Replace]]:
+    """A dict the clean run fills with the activations at `hook` (and `hook_out`), and the hooks that fill it."""
+    captured: dict[str, Tensor] = {}
+
+    def reader(name: str) -> Replace:
+        def read(x: Tensor) -> Tensor:
+            captured[name] = x
+            return x
+
+        return read
+
+    return captured, {name: reader(name) for name in (hook, hook_out) if name is not None}
+
+
+def _update_stats(
+    stats: ReconstructionStats, sae: nn.Module, captured: dict[str, Tensor], hook: str, hook_out: str | None,
+    positions: Tensor | None,
+) -> Tensor:  # fmt: skip
+    """Add the SAE's reconstruction (a transcoder: its prediction of `hook_out`) of the clean activations at
+    `positions` [batch, pos] (all where None) to `stats`; return the latents [tokens, d_sae]."""
+    dtype = next((p.dtype for p in sae.parameters()), captured[hook].dtype)
+
+    def rows(x: Tensor) -> Tensor:
+        return (x.flatten(0, 1) if positions is None else x[positions]).to(dtype)
+
+    x = rows(captured[hook])
+    latents = sae.encode(x)
+    if hook_out is None:
+        stats.update(x, sae.decode(latents), latents)
+    else:
+        stats.update(rows(captured[hook_out]), sae.output(x, latents), latents)
+    return latents
+
+
+def _splices(
+    sae: nn.Module, hook: str, hook_out: str | None, positions: Tensor | None
+) -> dict[str, dict[str, Replace]]:
+    """The evals' two interventions as {run: hooks}: "sae" splices the SAE in at its hook (a transcoder: its output
+    replaces the MLP's at `hook_out`), "abl" zero-ablates what it replaces."""
+    if hook_out is None:
+        return {"sae": {hook: sae_replacement(sae, positions)}, "abl": {hook: zero_ablation(positions)}}
+    return {"sae": transcoder_replacement(sae, hook, hook_out, positions), "abl": {hook_out: zero_ablation(positions)}}
+
+
 @torch.no_grad()
-def task_eval(sae: nn.Module, model: LanguageModel, hook: str, n_tokens: int, batch_size: int = 512) -> LMEvalResult:
+def task_eval(
+    sae: nn.Module, model: LanguageModel, hook: str, n_tokens: int, batch_size: int = 512, hook_out: str | None = None
+) -> LMEvalResult:
     """The LM evals on a zoo model: its task's labels at the scored positions stand in for the next token.
 
     On fresh task samples (about `n_tokens` positions): CE clean / with the SAE / zero-ablated and CE loss
@@ -161,27 +225,21 @@ def task_eval(sae: nn.Module, model: LanguageModel, hook: str, n_tokens: int, ba
     n_scored = n_judged = 0
     stats = ReconstructionStats(sae.cfg.d_sae)
     matcher = LatentMatcher(sae.cfg.d_sae, variable_targets(task, data.variable[:1, :1])[1])
-    captured: dict[str, Tensor] = {}
-
-    def capture(x: Tensor) -> Tensor:
-        captured["x"] = x
-        return x
 
     for start in range(0, n_sequences, batch_size):
         tokens = data.tokens[start : start + batch_size].to(model.device)
         labels = data.labels[start : start + batch_size].to(model.device)
         scored = data.scored[start : start + batch_size].to(model.device)
         judged = data.judged[start : start + batch_size].to(model.device)
-        clean = torch.log_softmax(model.logits(tokens, {hook: capture}), -1)
-        x = captured["x"].flatten(0, 1).to(next((p.dtype for p in sae.parameters()), captured["x"].dtype))
-        latents = sae.encode(x)
-        stats.update(x, sae.decode(latents), latents)
+        captured, read = _capture(hook, hook_out)
+        clean = torch.log_softmax(model.logits(tokens, read), -1)
+        latents = _update_stats(stats, sae, captured, hook, hook_out, None)
         defined = data.variable_mask[start : start + batch_size].flatten()
         targets, _ = variable_targets(task, data.variable[start : start + batch_size].flatten()[defined])
         matcher.update(latents.cpu()[defined], targets)
         runs = {"clean": clean}
-        runs["sae"] = torch.log_softmax(model.logits(tokens, {hook: sae_replacement(sae)}), -1)
-        runs["abl"] = torch.log_softmax(model.logits(tokens, {hook: zero_ablation()}), -1)
+        for name, replace in _splices(sae, hook, hook_out, None).items():
+            runs[name] = torch.log_softmax(model.logits(tokens, replace), -1)
         safe_labels = labels.clamp_min(0)[..., None]
         for name, log_probs in runs.items():
             sums[name] += -log_probs.gather(-1, safe_labels)[..., 0][scored].sum().item()

@@ -27,9 +27,15 @@ EVAL_SEED = 1_000_003
 
 @torch.no_grad()
 def evaluate_sae(
-    sae: SAE, source: ActivationSource, tokens: int = 65536, batch_size: int = 4096, hook: str | None = None
+    sae: SAE,
+    source: ActivationSource,
+    tokens: int = 65536,
+    batch_size: int = 4096,
+    hook: str | None = None,
+    hook_out: str | None = None,
 ) -> dict[str, Any]:
-    """Metrics of `sae` on `tokens` fresh activations from `source` at `hook` (default: its only hook)."""
+    """Metrics of `sae` on `tokens` fresh activations from `source` at `hook` (default: its only hook); a
+    transcoder's are those of its prediction of the activations at `hook_out` from those at `hook`."""
     if hook is None:
         if len(source.hooks) != 1:
             raise SaelabError(f"the source reads {len(source.hooks)} hooks; name the one to evaluate on")
@@ -37,6 +43,8 @@ def evaluate_sae(
     d_in = source.d_ins[hook]
     if d_in != sae.cfg.d_in:
         raise SaelabError(f"the SAE reads d_in = {sae.cfg.d_in}, but the source gives d_in = {d_in}")
+    if sae.cfg.transcoder and (hook_out not in source.hooks or source.d_ins[hook_out] != sae.cfg.d_out):
+        raise SaelabError(f"the transcoder outputs d_out = {sae.cfg.d_out}; the source has no such hook {hook_out}")
     if tokens <= 0 or batch_size <= 0:
         raise SaelabError(f"tokens and batch size must be positive, got {tokens} and {batch_size}")
     was_training = sae.training
@@ -44,9 +52,11 @@ def evaluate_sae(
     device = sae.W_dec.device
     stats = ReconstructionStats(sae.cfg.d_sae)
     for start in range(0, tokens, batch_size):
-        x = source.next_batches(min(batch_size, tokens - start))[hook].to(device)
+        batches = source.next_batches(min(batch_size, tokens - start))
+        x = batches[hook].to(device)
         latents = sae.encode(x)
-        stats.update(x, sae.decode(latents), latents)
+        target = batches[hook_out].to(device) if sae.cfg.transcoder else x
+        stats.update(target, sae.output(x, latents), latents)
     sae.train(was_training)
     report = stats.compute()
     if isinstance(source, KnownFeatures):
@@ -71,7 +81,8 @@ def evaluate_saved(
         raise SaelabError(f"{sae_dir} records no activation source; pass --source (e.g. synthetic or toy:DIR)")
     activations = parse_source(spec, seed=EVAL_SEED)
     hook = metadata.get("hook_name")
-    report = evaluate_sae(sae, activations, tokens, batch_size, hook if hook in activations.hooks else None)
+    hook = hook if hook in activations.hooks else None
+    report = evaluate_sae(sae, activations, tokens, batch_size, hook, metadata.get("hook_name_out"))
     return {"sae": str(sae_dir), "architecture": sae.cfg.architecture, "source": spec, **report}
 
 
