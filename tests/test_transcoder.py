@@ -387,3 +387,36 @@ def test_lm_evals_of_a_transcoder_match_a_splice_by_hand(lm, dataset) -> None:
     assert metrics.l0 == pytest.approx(fires.sum(1).double().mean().item(), rel=1e-9)
     dead = (~fires.any(0)).double().mean().item()
     assert 0 < dead < 1 and metrics.reconstruction["dead_fraction"] == pytest.approx(dead, rel=1e-9)
+
+
+def test_a_transcoder_trains_on_a_zoo_models_mlp_and_its_task_evals_match_a_splice_by_hand(tmp_path) -> None:
+    from test_zoo_integration import slow_task_eval
+
+    from saelab.models.access import load_model
+    from saelab.models.evals import lm_eval
+    from saelab.models.store import build_lm_source
+    from saelab.sae.train import SAETrainConfig, train_saes
+
+    zoo = load_model("zoo:cumsum")  # one layer, no normalisation: hook_resid_mid is the MLP's input
+    source = build_lm_source(zoo, None, [HOOK_IN, HOOK_OUT], 20, 256, 0, "cpu")
+    cfg = SAEConfig("topk", 24, 48, k=4, d_out=24, skip=True)
+    train = SAETrainConfig(steps=40, batch_size=256, init_tokens=512, log_every=100)
+    tc = train_saes(source, cfg, train, progress=False, hooks=[HOOK_IN], hooks_out=[HOOK_OUT])[0]
+    assert tc.metadata["hook_name_out"] == HOOK_OUT
+    n_sequences = 30
+    fast = lm_eval(tc, model=zoo, n_tokens=n_sequences * 20).to_dict()
+    read = {}
+
+    def capture(x, hook):
+        read["x"] = x
+
+    fwd_hooks = {
+        "sae": [(HOOK_IN, capture), (HOOK_OUT, lambda y, hook: tc.output(read["x"], tc.encode(read["x"])))],
+        "abl": [(HOOK_OUT, lambda y, hook: torch.zeros_like(y))],
+    }
+    slow = slow_task_eval(zoo, tc, n_sequences, fwd_hooks)
+    for key, value in slow.items():
+        assert fast[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    # It learned the MLP's output (EV ≈ 0.98 here), yet the task's loss is worse than with no MLP at all: cumsum's MLP
+    # must tell an exact zero sum apart, and small errors in its output flip those answers.
+    assert fast["explained_variance"] > 0.9

@@ -59,8 +59,10 @@ def test_store_reads_every_position_of_fresh_task_sequences_and_resumes(zoo_lm):
 
 
 @torch.no_grad()
-def slow_task_eval(lm, sae, n_sequences):
-    """Sequence by sequence with TransformerLens hooks: CE and KL on scored positions, accuracy on judged ones."""
+def slow_task_eval(lm, sae, n_sequences, fwd_hooks=None):
+    """Sequence by sequence with TransformerLens hooks: CE and KL on scored positions, accuracy on judged ones.
+
+    `fwd_hooks` {"sae": [...], "abl": [...]} replaces the splice of `sae` at HOOK (e.g. a transcoder's)."""
     task, model = lm.task, lm.model
     data = task.sample(n_sequences, ZOO_EVAL_SEED, "heldout")
 
@@ -72,6 +74,8 @@ def slow_task_eval(lm, sae, n_sequences):
 
         return hook
 
+    fwd_hooks = fwd_hooks or {kind: [(HOOK, splice(kind))] for kind in ("sae", "abl")}
+
     ce = {"clean": [], "sae": [], "abl": []}
     kl = {"sae": [], "abl": []}
     right = {"clean": 0, "sae": 0, "abl": 0}
@@ -80,7 +84,7 @@ def slow_task_eval(lm, sae, n_sequences):
         tokens = data.tokens[b : b + 1]
         runs = {"clean": model(tokens)[0].double()}
         for kind in ("sae", "abl"):
-            runs[kind] = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, splice(kind))])[0].double()
+            runs[kind] = model.run_with_hooks(tokens, fwd_hooks=fwd_hooks[kind])[0].double()
         log_p = {kind: logits.log_softmax(-1) for kind, logits in runs.items()}
         for p in range(task.n_ctx):
             label = int(data.labels[b, p])
