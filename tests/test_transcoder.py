@@ -7,6 +7,8 @@ the spliced LM evals against a hand-made TransformerLens splice.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from sae_helpers import one_thread  # noqa: F401  (autouse)
@@ -301,6 +303,9 @@ def test_sae_train_command_trains_transcoders(lm, dataset, tmp_path) -> None:
     for k in (2, 4):
         tc = load_sae(tmp_path / "run" / f"topk_k{k}")
         assert tc.cfg.transcoder and tc.cfg.skip and tc.cfg.k == k and tc.metadata["hook_name_out"] == HOOK_OUT
+    info = CliRunner().invoke(app, ["sae", "info", str(tmp_path / "run" / "topk_k2"), "--json"], catch_exceptions=False)
+    shown = json.loads(info.output)
+    assert shown["d_out"] == 32 and shown["skip"] is True and shown["hook_name_out"] == HOOK_OUT
     for bad, message in (
         (["--source", f"cache:{cache}", "--skip", "--hook", HOOK_IN], "--skip gives a transcoder"),
         (["--source", f"cache:{cache}", "--hook-out", HOOK_OUT], "needs its input hook too"),

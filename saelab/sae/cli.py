@@ -299,6 +299,7 @@ def info(
         "architecture": sae.cfg.architecture,
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.d_sae,
+        **({"d_out": sae.cfg.d_out, "skip": sae.cfg.skip} if sae.cfg.transcoder else {}),
         "dtype": sae.cfg.dtype,
         "parameters": sum(p.numel() for p in sae.parameters()),
         "decoder_norm_min": float(norms.min()),
@@ -308,10 +309,10 @@ def info(
         summary["k"] = sae.cfg.k
     elif sae.saved_info:  # a coefficient SAELens does not record is not known
         summary["sparsity_coefficient"] = sae.cfg.sparsity_coefficient
-    for key in ("model_name", "hook_name", "source"):
+    for key in ("model_name", "hook_name", "hook_name_out", "source"):
         if sae.metadata.get(key):
             summary[key] = sae.metadata[key]
-    for key in ("trained_steps", "normalization_scale"):
+    for key in ("trained_steps", "normalization_scale", "normalization_scale_out"):
         if key in sae.saved_info:
             summary[key] = sae.saved_info[key]
     if as_json:
