@@ -1,6 +1,7 @@
 """End-to-end SAE training on a language model: saelab against SAELens on the same model, tokens and SAE.
 
-Both tools turn the same token contexts (BOS + 127 tokens of the built-in corpus's training files) into
+Both tools turn the same token contexts (BOS + 127 tokens of the built-in corpus's training files, in the seeded
+document order every saelab stage reads) into
 activations at `blocks.0.hook_resid_post` of the built-in model and train the same TopK SAE (d_sae = 16 × d_model,
 k = 32, batch 4096 tokens, activations scaled to E‖x‖ = √d_in) on the CPU, each in its own subprocess with the
 torch thread count set explicitly. Each tool trains with its own defaults (initialisation, learning rate and
@@ -97,11 +98,12 @@ def saelens_train(lm, d_in, d_sae, k, lr, batch, tokens, norm_tokens, buffer_tok
     from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
     from torch import nn
 
-    from saelab.models.data import ContextStream, iter_texts
+    from saelab.models.data import ContextStream, documents
 
     n_contexts = math.ceil(2 * tokens / (CONTEXT - 1))  # ample: SAELens refills its buffer ahead of training
     lr_setting = {} if lr is None else {"lr": lr}
-    contexts = ContextStream(lambda: iter_texts(None, "train"), lm.tokenizer, CONTEXT, lm.bos_token_id).next(n_contexts)
+    # The contexts saelab's store reads (seed 0: the same shuffled document order), so both tools see the same tokens.
+    contexts = ContextStream(documents(None, "train"), lm.tokenizer, CONTEXT, lm.bos_token_id, seed=0).next(n_contexts)
     dataset = datasets.Dataset.from_dict({"input_ids": contexts.tolist()})
     store_batch = 32
     cfg = LanguageModelSAERunnerConfig(

@@ -291,3 +291,108 @@ def test_spread_contexts_are_a_seeded_random_subset_of_one_epoch(tokenizer, tmp_
     assert not torch.equal(spread_contexts(docs, tokenizer, 16, bos, 12, seed=3)[0], some)
     with pytest.raises(SaelabError, match="not one whole context"):
         spread_contexts(docs, tokenizer, 2000, bos, 1)
+
+
+# --------------------------------------------------------------------------------- Hugging Face datasets
+
+
+SNIPPETS = [f"def g{i}(x):\n    return x * {i}\n" * (1 + i % 3) for i in range(12)]
+
+
+def test_a_saved_hugging_face_dataset_is_read_in_a_seeded_permutation_per_epoch(tokenizer, tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": SNIPPETS, "id": list(range(12))}).save_to_disk(str(tmp_path / "flat"))
+    docs = documents(str(tmp_path / "flat"))
+    assert isinstance(docs, Documents) and list(docs) == SNIPPETS and docs.name(3).endswith("flat row 3")
+    assert list(iter_texts(str(tmp_path / "flat"), "heldout")) == SNIPPETS  # one Dataset: the same for both splits
+    bos = tokenizer.bos_token_id
+    stream = ContextStream(docs, tokenizer, 16, bos, seed=4)
+    orders = [stream.order(epoch) for epoch in range(2)]
+    assert sorted(orders[0]) == list(range(12)) and orders[0] != orders[1] != list(range(12))
+    expected = [t for i in orders[0] for t in [*tokenizer.encode(SNIPPETS[i], add_special_tokens=False), bos]]
+    n = len(expected) // 15 + 1
+    assert stream.next(n)[:, 1:].flatten().tolist()[: len(expected)] == expected
+    state = json.loads(json.dumps(stream.state_dict()))
+    after = stream.next(2 * n)  # into epoch 2
+    resumed = ContextStream(documents(str(tmp_path / "flat")), tokenizer, 16, bos, seed=4)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.next(2 * n), after)
+
+
+def test_a_saved_dataset_dict_gives_its_splits_and_bad_ones_are_one_line_errors(tmp_path):
+    import datasets
+
+    splits = {"train": SNIPPETS[:8], "validation": SNIPPETS[8:]}
+    datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()}).save_to_disk(
+        str(tmp_path / "dict")
+    )
+    assert list(documents(str(tmp_path / "dict"), "train")) == SNIPPETS[:8]
+    heldout = documents(str(tmp_path / "dict"), "heldout")
+    assert list(heldout) == SNIPPETS[8:] and "[validation] row 0" in heldout.name(0)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": SNIPPETS})}).save_to_disk(
+        str(tmp_path / "train_only")
+    )
+    with pytest.raises(SaelabError, match="no 'validation' split for saelab's 'heldout' split"):
+        documents(str(tmp_path / "train_only"), "heldout")
+    datasets.Dataset.from_dict({"body": SNIPPETS}).save_to_disk(str(tmp_path / "no_text"))
+    with pytest.raises(SaelabError, match=r"no 'text' column \(columns: body\)"):
+        documents(str(tmp_path / "no_text"))
+    datasets.Dataset.from_dict({"text": ["ok", None]}).save_to_disk(str(tmp_path / "none"))
+    with pytest.raises(SaelabError, match="row 1 has a NoneType 'text'"):
+        list(documents(str(tmp_path / "none")))
+
+
+def jsonl_shards(folder: Path, n_shards: int = 4) -> list[str]:
+    """SNIPPETS as `n_shards` .jsonl files: a streamed dataset with several shards, as on the hub."""
+    folder.mkdir()
+    paths = []
+    for shard in range(n_shards):
+        path = folder / f"shard{shard}.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in SNIPPETS[shard::n_shards]))
+        paths.append(str(path))
+    return paths
+
+
+def test_a_streamed_hub_dataset_is_read_in_a_seeded_shuffle_per_epoch_and_resumes_exactly(
+    tokenizer, tmp_path, monkeypatch
+):
+    """The hub loader on local shards: `datasets.load_dataset` streams real .jsonl files in place of a download."""
+    import datasets
+
+    import saelab.models.access
+
+    shards = jsonl_shards(tmp_path / "shards")
+    stored = [t for path in shards for t in (json.loads(line)["text"] for line in Path(path).read_text().splitlines())]
+    load = datasets.load_dataset
+    asked = []
+
+    def local_load(name: str, split: str, streaming: bool):
+        asked.append((name, split, streaming))
+        return load("json", data_files=shards, split="train", streaming=True)
+
+    monkeypatch.setattr(saelab.models.access, "hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", local_load)
+    docs = documents("someone/code", "heldout")
+    assert asked[0] == ("someone/code", "validation", True)
+    assert list(iter_texts("someone/code")) == stored  # the stored order, for a tokenizer
+    epochs = [list(docs.texts(seed=3, epoch=e)) for e in range(3)]
+    assert all(sorted(e) == sorted(stored) for e in epochs)  # every epoch reads every row once
+    assert epochs[0] != stored and epochs[0] != epochs[1] != epochs[2]
+    assert list(docs.texts(seed=3, epoch=1)) == epochs[1] and list(docs.texts(seed=4, epoch=1)) != epochs[1]
+    bos = tokenizer.bos_token_id
+    stream = ContextStream(docs, tokenizer, 16, bos, seed=3)
+    assert stream.order(0) is None
+    expected = [t for text in epochs[0] for t in [*tokenizer.encode(text, add_special_tokens=False), bos]]
+    n = len(expected) // 15 + 1
+    assert stream.next(n)[:, 1:].flatten().tolist()[: len(expected)] == expected
+    for _ in range(3):  # from positions in epochs 1 and 2, resumed streams read what the uninterrupted one reads
+        stream.next(7)
+        state = json.loads(json.dumps(stream.state_dict()))
+        after = stream.next(n)
+        resumed = ContextStream(documents("someone/code", "heldout"), tokenizer, 16, bos, seed=3)
+        resumed.load_state_dict(state)
+        assert torch.equal(resumed.next(n), after)
+    # The evals' and dashboards' spread reads epoch 0 of the same shuffle.
+    spread, sources = spread_contexts(docs, tokenizer, 16, bos, 10**6, seed=3)
+    assert spread[:, 1:].flatten().tolist() == expected[: spread[:, 1:].numel()]

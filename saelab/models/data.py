@@ -2,16 +2,20 @@
 
 A dataset is the built-in corpus (None: the Python standard library's source, split into 'train' and 'heldout'
 files), a local `.txt` file (one document), a `.jsonl` file (one document per line, in its `text` field), a folder
-of such files, or a Hugging Face dataset name where the network allows.
+of such files, a Hugging Face dataset saved with `save_to_disk` (one document per row, in its `text` column), or
+a Hugging Face dataset name, streamed, where the network allows.
 
 `ContextStream` packs documents into contexts `[BOS, t₁, …, t_{L−1}]`: documents are tokenised without special
 tokens and joined with BOS between them, so every context starts with BOS and every document start is marked.
 
-Documents are read in a seeded random order, reshuffled every epoch (`Documents`: the built-in corpus and local
-files, where a document can be read by its number), so that any stretch of the stream (an SAE's training run, a
-mixing buffer, an activation cache) draws from the whole dataset rather than from a few files that sort next to
-each other. A Hugging Face dataset streams in its own order. `spread_contexts` picks a seeded random spread of
-contexts from a whole split, for evals and dashboards.
+No source is read in its stored order (file paths, rows), so that any stretch of the stream (an SAE's or a language
+model's training run, a mixing buffer, an activation cache) draws from the whole dataset rather than from a few
+files that sort next to each other. Where a document can be read by its number (`Documents`: the built-in corpus,
+local files, a saved Hugging Face dataset) each epoch reads a seeded random permutation of all of them; a streamed
+Hugging Face dataset (`StreamedDocuments`) is read through its own seeded shuffle (shard order and a shuffle
+buffer), reseeded every epoch. Either way the order is a function of (seed, epoch), so a stream is exactly
+resumable. `spread_contexts` picks a seeded random spread of contexts from a whole split, for evals and dashboards.
+`iter_texts` alone reads the stored order, for what reads every document anyway (training a tokenizer).
 """
 
 from __future__ import annotations
@@ -29,32 +33,39 @@ from saelab.errors import SaelabError
 
 SPLITS = ("train", "heldout")
 TEXT_SUFFIXES = (".txt", ".jsonl")
+# The Hugging Face split each of saelab's splits reads.
+HF_SPLITS = {"train": "train", "heldout": "validation"}
+# Rows in a streamed dataset's shuffle buffer: the larger, the closer to a uniform shuffle (the datasets default is
+# 1000); 10k rows of text fit in memory easily.
+STREAM_SHUFFLE_BUFFER = 10_000
 
 
 def iter_texts(dataset: str | None, split: str = "train") -> Iterator[str]:
-    """The documents of a dataset, one string each. Errors (missing files, no network) are raised here, eagerly.
+    """The documents of a dataset in their stored order (sorted file paths, lines, rows), one string each, for what
+    reads every document anyway, such as training a tokenizer; token streams read `documents` in a seeded order.
+    Errors (missing files, no network) are raised here, eagerly.
 
     Only the built-in corpus and Hugging Face datasets have a held-out split ('heldout' reads a Hugging Face
     dataset's 'validation' split); a local dataset is the same text for both, so evaluate on held-out files by
     naming them.
     """
-    if split not in SPLITS:
-        raise SaelabError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
-    if dataset is None or dataset == "builtin":
-        from saelab.models.builtin import builtin_texts, stdlib_files
-
-        stdlib_files(split)  # raises now, not at the first document, if the corpus is missing
-        return builtin_texts(split)
-    path = Path(dataset).expanduser()
-    if path.exists():
-        files = _local_files(path)
-        return itertools.chain.from_iterable(_file_texts(file) for file in files)
-    return _hf_texts(dataset, "train" if split == "train" else "validation")
+    source = documents(dataset, split)
+    if isinstance(source, StreamedDocuments):
+        return source.stored_order()
+    return iter(source)
 
 
 class Documents(Sequence[str]):
-    """A dataset's documents, each read when asked for by number: a file (`.txt`, a built-in corpus file) or one
-    line of a `.jsonl` file (`offset` is its byte offset). `name(i)` says where document i comes from."""
+    """A dataset's documents, each read when asked for by number (so a stream can read them in any order);
+    `name(i)` says where document i comes from."""
+
+    def name(self, i: int) -> str:
+        raise NotImplementedError
+
+
+class FileDocuments(Documents):
+    """Documents in files: a whole file (`.txt`, a built-in corpus file) or one line of a `.jsonl` file (`offset`
+    is its byte offset)."""
 
     def __init__(self, entries: list[tuple[Path, int | None, int]], root: Path | None = None) -> None:
         self.entries = entries  # (file, byte offset of the jsonl line or None, line number)
@@ -77,17 +88,78 @@ class Documents(Sequence[str]):
         return shown if offset is None else f"{shown}:{line}"
 
 
-def documents(dataset: str | None, split: str = "train") -> Documents | Callable[[], Iterator[str]]:
-    """The documents of a dataset for `ContextStream`: a `Documents` (read in a seeded random order) for the
-    built-in corpus and local files, or a function returning an iterator for a Hugging Face dataset. Errors are
-    raised here, eagerly, as in `iter_texts`."""
+class RowDocuments(Documents):
+    """The rows of a map-style Hugging Face `datasets.Dataset` (one saved with `save_to_disk`), each row's `text`."""
+
+    def __init__(self, rows: Any, label: str) -> None:  # rows: datasets.Dataset with a `text` column
+        self.rows = rows.select_columns(["text"])
+        self.label = label
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+        text = self.rows[int(i)]["text"]
+        if not isinstance(text, str):
+            raise SaelabError(f"{self.name(i)} has a {type(text).__name__} 'text', not a string; fix the dataset")
+        return text
+
+    def name(self, i: int) -> str:
+        return f"{self.label} row {i}"
+
+
+class StreamedDocuments:
+    """A dataset streamed from the Hugging Face hub (a `datasets.IterableDataset`), which cannot be read by number.
+
+    `texts(seed, epoch)` reads it through `IterableDataset.shuffle(seed, buffer_size)` with `set_epoch(epoch)`: the
+    shards in a seeded order, and rows drawn at random from a buffer of `buffer_size`, both reseeded every epoch
+    (seed + epoch), so every epoch reads another order and the same (seed, epoch) the same one.
+    """
+
+    def __init__(self, load: Callable[[], Any], label: str, buffer_size: int = STREAM_SHUFFLE_BUFFER) -> None:
+        self.load = load  # () -> datasets.IterableDataset with a `text` column
+        self.label = label
+        self.buffer_size = buffer_size
+        self._rows: Any = None
+
+    def _dataset(self) -> Any:
+        if self._rows is None:
+            self._rows = self.load()
+        return self._rows
+
+    def texts(self, seed: int, epoch: int) -> Iterator[str]:
+        rows = self._dataset().shuffle(seed=seed, buffer_size=self.buffer_size)
+        rows.set_epoch(epoch)
+        return self._texts(rows)
+
+    def stored_order(self) -> Iterator[str]:
+        return self._texts(self._dataset())
+
+    def _texts(self, rows: Any) -> Iterator[str]:
+        for row in rows:
+            if not isinstance(row.get("text"), str):
+                raise SaelabError(f"dataset '{self.label}' has a row without a string 'text' column")
+            yield row["text"]
+
+
+# What a `ContextStream` reads: documents by number, a streamed dataset, or (tests, pre-ordered data) a function
+# returning an iterator of texts that is read in its own order.
+TextSource = Sequence[str] | StreamedDocuments | Callable[[], Iterator[str]]
+
+
+def documents(dataset: str | None, split: str = "train") -> Documents | StreamedDocuments:
+    """The documents of a dataset for `ContextStream`: `Documents` (read in a seeded random order) for the built-in
+    corpus, local files and a saved Hugging Face dataset, or `StreamedDocuments` for a dataset on the hub. Errors
+    are raised here, eagerly."""
     if split not in SPLITS:
         raise SaelabError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
     if dataset is None or dataset == "builtin":
         from saelab.models.builtin import stdlib_files, stdlib_root
 
-        return Documents([(path, None, 0) for path in stdlib_files(split)], stdlib_root())
+        return FileDocuments([(path, None, 0) for path in stdlib_files(split)], stdlib_root())
     path = Path(dataset).expanduser()
+    if path.is_dir() and _is_saved_hf_dataset(path):
+        return _saved_hf_documents(path, split)
     if path.exists():
         entries: list[tuple[Path, int | None, int]] = []
         for file in _local_files(path):
@@ -102,9 +174,39 @@ def documents(dataset: str | None, split: str = "train") -> Documents | Callable
                     offset += len(line)
         if not entries:
             raise SaelabError(f"dataset {path} holds no documents; check the --dataset files")
-        return Documents(entries, path if path.is_dir() else None)
-    iter_texts(dataset, split)  # raises now if the dataset cannot be read
-    return lambda: iter_texts(dataset, split)
+        return FileDocuments(entries, path if path.is_dir() else None)
+    return _hub_documents(dataset, HF_SPLITS[split])
+
+
+def _is_saved_hf_dataset(path: Path) -> bool:
+    """Whether `path` is a folder written by `datasets.Dataset.save_to_disk` (or `DatasetDict.save_to_disk`)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _saved_hf_documents(path: Path, split: str) -> RowDocuments:
+    """A saved Hugging Face dataset's rows: a `DatasetDict`'s 'train' or 'validation' split, or a `Dataset`'s rows
+    (the same for both splits, as for local files)."""
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises many types for a damaged folder
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise SaelabError(f"cannot read the saved Hugging Face dataset {path} ({reason})") from None
+    label = str(path)
+    if isinstance(saved, datasets.DatasetDict):
+        name = HF_SPLITS[split]
+        if name not in saved:
+            raise SaelabError(
+                f"the saved dataset {path} has no '{name}' split for saelab's '{split}' split (it has "
+                f"{', '.join(saved)}); save one, or pass a single Dataset folder"
+            )
+        saved, label = saved[name], f"{path}[{name}]"
+    if "text" not in saved.column_names:
+        raise SaelabError(f"the saved dataset {label} has no 'text' column (columns: {', '.join(saved.column_names)})")
+    if len(saved) == 0:
+        raise SaelabError(f"the saved dataset {label} holds no rows; check the --dataset folder")
+    return RowDocuments(saved, label)
 
 
 def _local_files(path: Path) -> list[Path]:
@@ -118,16 +220,6 @@ def _local_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _file_texts(path: Path) -> Iterator[str]:
-    if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8", errors="replace")
-        return
-    with path.open(encoding="utf-8", errors="replace") as lines:
-        for number, line in enumerate(lines, 1):
-            if line.strip():
-                yield _jsonl_text(path, number, line)
-
-
 def _jsonl_text(path: Path, number: int, line: str) -> str:
     try:
         record = json.loads(line)
@@ -138,7 +230,8 @@ def _jsonl_text(path: Path, number: int, line: str) -> str:
     return record["text"]
 
 
-def _hf_texts(name: str, split: str) -> Iterator[str]:
+def _hub_documents(name: str, split: str) -> StreamedDocuments:
+    """A dataset on the Hugging Face hub, streamed; its first row is read now, so that errors come eagerly."""
     from saelab.models.access import hub_reachable
 
     try:
@@ -156,25 +249,29 @@ def _hf_texts(name: str, split: str) -> Iterator[str]:
         ) from None
     if not isinstance(first.get("text"), str):
         raise SaelabError(f"dataset '{name}' has no string 'text' column (columns: {', '.join(first)})")
-    return (row["text"] for row in rows)
+    return StreamedDocuments(lambda: rows, f"{name}[{split}]")
 
 
 class ContextStream:
     """Contexts [n, context_length] of token ids, each `[BOS, t₁, …, t_{L−1}]`, packed from a dataset's documents.
 
-    `texts` is a `Documents`, read in a random order seeded by (`seed`, epoch), or a function returning an iterator
-    of texts, read in its order. When the dataset runs out the stream starts over (a new epoch, newly shuffled).
+    `texts` is a sequence of documents (`Documents`, or a list of strings), read in a random permutation seeded by
+    (`seed`, epoch); `StreamedDocuments`, read through its own shuffle seeded by (`seed`, epoch); or a function
+    returning an iterator of texts, read in its order (for tests and data that is ordered already). When the
+    dataset runs out the stream starts over (a new epoch, newly shuffled).
     Contexts are dealt round-robin to `world_size` ranks and this stream keeps those of `rank`, so data-parallel
     workers read disjoint tokens. `documents` lists, for each context the last `next` returned, the numbers of
-    the documents its tokens come from (positions in `texts`), and `epochs` the epoch it ends in.
+    the documents its tokens come from (positions in `texts`; for a streamed dataset, in its epoch's order), and
+    `epochs` the epoch it ends in.
 
     The position is (epoch, documents read, offset into the last one, contexts dealt): `load_state_dict` restores
-    it by skipping documents unread and re-tokenising only the one it stopped in.
+    it by skipping documents unread and re-tokenising only the one it stopped in (a streamed dataset is read
+    again from the start of the epoch up to there: exact, at the cost of re-reading the rows).
     """
 
     def __init__(
         self,
-        texts: Documents | Callable[[], Iterator[str]],
+        texts: TextSource,
         tokenizer: Any,
         context_length: int,
         bos_token_id: int,
@@ -205,8 +302,8 @@ class ContextStream:
         return self._epoch
 
     def order(self, epoch: int) -> list[int] | None:
-        """The document numbers in the order epoch `epoch` reads them (None for a plain iterator)."""
-        if not isinstance(self.texts, Documents):
+        """The document numbers in the order epoch `epoch` reads them (None where they cannot be read by number)."""
+        if not isinstance(self.texts, Sequence):
             return None
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.texts), generator=generator).tolist()
@@ -214,7 +311,9 @@ class ContextStream:
     def _start(self, epoch: int, skip: int = 0) -> None:
         self._epoch = epoch
         order = self.order(epoch)
-        if order is None:
+        if isinstance(self.texts, StreamedDocuments):
+            self._docs = enumerate(itertools.islice(self.texts.texts(self.seed, epoch), skip, None), skip)
+        elif order is None:
             self._docs = enumerate(itertools.islice(self.texts(), skip, None), skip)
         else:
             self._docs = ((i, self.texts[i]) for i in order[skip:])  # read lazily, one document at a time
@@ -272,7 +371,7 @@ class ContextStream:
 
 
 def spread_contexts(
-    texts: Documents | Callable[[], Iterator[str]],
+    texts: TextSource,
     tokenizer: Any,
     context_length: int,
     bos_token_id: int,
