@@ -26,8 +26,8 @@ from saelab.models.lm_train import (
     Muon,
     generate,
     heldout_contexts,
+    heldout_sample,
     mean_loss,
-    random_contexts,
     tl_state_dict,
     token_stream,
     train_lm,
@@ -61,19 +61,19 @@ def test_hf_tokenizer_prepends_bos_and_decodes_exactly() -> None:
     assert hf(TRICKY, add_special_tokens=False)["input_ids"] == ids[1:]
 
 
-def test_token_stream_and_contexts_start_with_bos() -> None:
+def test_token_stream_and_heldout_contexts_start_with_bos() -> None:
     tokenizer = train_tokenizer(TEXTS, vocab_size=300)
     stream = token_stream(tokenizer, TEXTS[:3])
     assert stream[0] == 0 and int((stream == 0).sum()) == 3
-    contexts = random_contexts(stream, 5, 8, 0, torch.Generator().manual_seed(0))
-    assert contexts.shape == (5, 9) and (contexts[:, 0] == 0).all()
-    # Each window is a contiguous slice of the stream.
-    for row in contexts[:, 1:]:
-        starts = [i for i in range(len(stream) - 7) if torch.equal(stream[i : i + 8].long(), row)]
-        assert starts
     held = heldout_contexts(stream, 8, 0)
-    assert held.shape == (len(stream) // 8, 9)
+    assert held.shape == (len(stream) // 8, 9) and (held[:, 0] == 0).all()
     assert torch.equal(held[:, 1:].flatten(), stream[: len(held) * 8].long())
+    # More windows than asked for: a seeded spread over all of them, in order, not the first ones.
+    assert heldout_sample(held, len(held), 0) is held
+    some = heldout_sample(held, 4, 0)
+    rows = [next(i for i in range(len(held)) if torch.equal(held[i], row)) for row in some]
+    assert len(rows) == 4 and rows == sorted(rows) and rows != [0, 1, 2, 3]
+    assert torch.equal(heldout_sample(held, 4, 0), some) and not torch.equal(heldout_sample(held, 4, 1), some)
 
 
 def test_unigram_entropy() -> None:
@@ -200,7 +200,7 @@ def test_tiny_training_run_writes_a_loadable_model_that_learnt(tiny_run: tuple, 
     assert model.cfg.n_ctx == 32 and model.cfg.d_model == 32
     # The HookedTransformer view gives the loss the trainer measured with its fast model.
     raw = load_raw_tokenizer(out)
-    held = heldout_contexts(token_stream(raw, corpus[1]), 32, 0)[: 8192 // 32]
+    held = heldout_sample(heldout_contexts(token_stream(raw, corpus[1]), 32, 0), 8192 // 32, 0)
     assert mean_loss(model, held) == pytest.approx(results["heldout_loss"], abs=1e-3)
     # TransformerLens' own tokenizer path agrees with the raw tokenizer.
     text = "def f(x):\n    return x  # é\n"
@@ -230,3 +230,80 @@ def test_train_cli_rejects_two_budgets(tmp_path) -> None:
     assert result.exit_code != 0
     assert isinstance(result.exception, SaelabError) and "not both" in str(result.exception)
     assert not (tmp_path / "m").exists()
+
+
+class Reading(list):
+    """Documents that record the order they are read in, and fail like a lost disk after `fail_after` reads."""
+
+    def __init__(self, texts: list[str], fail_after: int | None = None) -> None:
+        super().__init__(texts)
+        self.reads: list[int] = []
+        self.fail_after = fail_after
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, int):
+            if self.fail_after is not None and len(self.reads) == self.fail_after:
+                raise OSError("the disk went away")
+            self.reads.append(i)
+        return super().__getitem__(i)
+
+
+def test_training_reads_shuffled_documents_and_a_resumed_run_sees_the_same_tokens(tmp_path, corpus: tuple) -> None:
+    """12 short documents (≈ 3.5k tokens) and 60 steps × 8 × 32 tokens: three epochs, each in its own order."""
+    from saelab.io import partial_folder
+    from saelab.models.data import ContextStream
+    from saelab.models.lm_train import CHECKPOINT_FILE
+
+    texts = [text[:1500] for text in corpus[0][:12]]
+    heldout = corpus[1][:1]
+    cfg = LMTrainConfig(model=TINY, tokens=60 * 8 * 32, batch_size=8, warmup_steps=5, eval_tokens=2048, seed=3,
+                        checkpoint_every=10)  # fmt: skip
+    whole = Reading(texts)
+    results = train_lm(cfg, tmp_path / "whole", log=lambda _: None, corpus=(whole, heldout))
+    assert results["epochs"] > 2
+    order = ContextStream(texts, None, 33, 0, seed=3).order
+    assert whole.reads[:24] == order(0) + order(1)  # the seeded order of every epoch, not path order
+    assert order(0) != list(range(12)) and order(0) != order(1)
+
+    crashed = Reading(texts, fail_after=25)  # in epoch 2, after the checkpoints of steps 10..
+    with pytest.raises(OSError, match="the disk went away"):
+        train_lm(cfg, tmp_path / "resumed", log=lambda _: None, corpus=(crashed, heldout))
+    assert (partial_folder(tmp_path / "resumed") / CHECKPOINT_FILE).is_file() and not (tmp_path / "resumed").exists()
+    rest = Reading(texts)
+    logs: list[str] = []
+    again = train_lm(cfg, tmp_path / "resumed", log=logs.append, corpus=(rest, heldout), resume=True)
+    assert any(line.startswith("resumed at step") for line in logs)
+    # The resumed run re-reads the document it stopped in and continues exactly where the whole run went on.
+    done = len(whole.reads) - len(rest.reads)
+    assert 0 < done <= 25 and rest.reads == whole.reads[done:] and crashed.reads[:done] == whole.reads[:done]
+    # ... so it trains on the same tokens and ends with the same weights.
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert again["heldout_loss"] == results["heldout_loss"] and again["train_loss"] == results["train_loss"]
+    assert not partial_folder(tmp_path / "resumed").exists()
+
+
+def test_resume_refuses_other_settings_and_minutes_budgets(tmp_path, corpus: tuple) -> None:
+    from saelab.io import partial_folder
+
+    texts = [text[:1500] for text in corpus[0][:6]]
+    cfg = LMTrainConfig(model=TINY, tokens=60 * 4 * 32, batch_size=4, warmup_steps=2, eval_tokens=1024,
+                        checkpoint_every=5)  # fmt: skip
+    with pytest.raises(OSError):
+        train_lm(cfg, tmp_path / "m", log=lambda _: None, corpus=(Reading(texts, fail_after=8), corpus[1][:1]))
+    before = (partial_folder(tmp_path / "m") / "checkpoint.pt").read_bytes()
+    other = LMTrainConfig(model=TINY, tokens=60 * 4 * 32, batch_size=4, warmup_steps=2, eval_tokens=1024, seed=1,
+                          checkpoint_every=5)  # fmt: skip
+    with pytest.raises(SaelabError, match="seed: checkpoint 0, now 1"):
+        train_lm(other, tmp_path / "m", log=lambda _: None, corpus=(texts, corpus[1][:1]), resume=True)
+    with pytest.raises(SaelabError, match="corpus of 6 documents, this one has 5"):
+        train_lm(cfg, tmp_path / "m", log=lambda _: None, corpus=(texts[:5], corpus[1][:1]), resume=True)
+    assert (partial_folder(tmp_path / "m") / "checkpoint.pt").read_bytes() == before
+    with pytest.raises(SaelabError, match="unfinished run"):
+        train_lm(cfg, tmp_path / "m", log=lambda _: None, corpus=(texts, corpus[1][:1]))
+    with pytest.raises(SaelabError, match="needs a --tokens budget"):
+        LMTrainConfig(minutes=1.0, checkpoint_every=5).validate()
+    result = CliRunner().invoke(app, ["lm", "train", "--out", str(tmp_path / "n"), "--minutes", "1", "--resume"])
+    assert isinstance(result.exception, SaelabError) and "needs a --tokens budget" in str(result.exception)
+    result = CliRunner().invoke(app, ["lm", "train", "--out", str(tmp_path / "n"), "--tokens", "99", "--resume"])
+    assert isinstance(result.exception, SaelabError) and "no checkpoint" in str(result.exception)

@@ -1,7 +1,12 @@
 """Training saelab's built-in language model from scratch on a CPU: `saelab lm train`.
 
-Owns the tokenizer trainer, the token streams, the fast training model, its conversion to TransformerLens, the
-training loop, held-out evaluation against the unigram baseline, sampling, and writing a model folder.
+Owns the tokenizer trainer, the fast training model, its conversion to TransformerLens, the training loop and its
+checkpoints, held-out evaluation against the unigram baseline, sampling, and writing a model folder.
+
+Training reads the corpus as every other stage does (`saelab.models.data.ContextStream`): the documents in a seeded
+random order, reshuffled every epoch, packed into BOS-led contexts. A checkpoint holds the stream's position with
+the weights and optimizer state, so a resumed run trains on exactly the tokens of one never interrupted and ends
+with the same weights.
 
 `FastLM` is a plain nanoGPT-style PyTorch module computing exactly the function of a TransformerLens
 `HookedTransformer` with the same `LMConfig` (fused QKV projection and `scaled_dot_product_attention` instead of
@@ -11,11 +16,13 @@ that both give the same logits.
 
 from __future__ import annotations
 
+import io
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import einops
 import torch
@@ -23,14 +30,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saelab.config import config_to_dict, require_positive_ints
-from saelab.errors import SaelabError
+from saelab.errors import DivergedError, SaelabError
 from saelab.io import (
     OutputKind,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    check_output,
     json_format_marker,
     output_folder,
+    resumable_output,
     save_tensors,
 )
 from saelab.models.builtin import (
@@ -41,8 +49,9 @@ from saelab.models.builtin import (
     TOKENIZER_FILE,
     WEIGHTS_FILE,
     LMConfig,
-    builtin_texts,
+    wrap_tokenizer,
 )
+from saelab.models.data import ContextStream, documents
 
 # ------------------------------------------------------------------------------------------------- tokenizer
 
@@ -71,17 +80,19 @@ def token_stream(tokenizer, texts: Iterable[str]) -> Tensor:
     return torch.cat(pieces).to(torch.int32)
 
 
-def random_contexts(stream: Tensor, batch_size: int, n_ctx: int, bos: int, generator: torch.Generator) -> Tensor:
-    """`[batch, n_ctx + 1]` windows at random offsets, each starting with BOS as TransformerLens feeds them."""
-    starts = torch.randint(0, len(stream) - n_ctx, (batch_size,), generator=generator)
-    windows = stream[starts[:, None] + torch.arange(n_ctx)]
-    return torch.cat([torch.full((batch_size, 1), bos, dtype=windows.dtype), windows], dim=1).long()
-
-
 def heldout_contexts(stream: Tensor, n_ctx: int, bos: int) -> Tensor:
     """The whole stream as consecutive `[n_windows, n_ctx + 1]` BOS-led windows (the ragged tail is dropped)."""
     windows = stream[: len(stream) // n_ctx * n_ctx].view(-1, n_ctx)
     return torch.cat([torch.full((len(windows), 1), bos, dtype=windows.dtype), windows], dim=1).long()
+
+
+def heldout_sample(contexts: Tensor, n: int, seed: int) -> Tensor:
+    """All of `contexts` if there are at most n, else a seeded random n of them in their order: a spread over the
+    whole held-out split rather than its first files."""
+    if len(contexts) <= n:
+        return contexts
+    chosen = torch.randperm(len(contexts), generator=torch.Generator().manual_seed(seed))[:n]
+    return contexts[chosen.sort().values]
 
 
 def unigram_entropy(tokens: Tensor) -> float:
@@ -250,7 +261,9 @@ class LMTrainConfig:
     """Everything `saelab lm train` needs to reproduce a model; stored in the folder's cfg.json.
 
     The budget is `tokens` (reproducible), or `minutes` of wall-clock time when set (the learning-rate
-    schedule then follows elapsed time). Each step trains on `batch_size` BOS-led contexts of `model.n_ctx`.
+    schedule then follows elapsed time). Each step trains on the next `batch_size` BOS-led contexts of
+    `model.n_ctx` tokens (plus the last target) of the shuffled document stream seeded by `seed`. Every
+    `checkpoint_every` steps (0: never) the run state is saved for `--resume`; only a token budget can resume.
     Muon updates the blocks' weight matrices at `muon_lr`; AdamW the token and position embeddings at
     `embed_lr` and everything else (unembedding, biases, LayerNorm) at `lr`. The defaults were picked by
     held-out loss at a fixed token budget among model sizes, contexts, batch sizes and learning rates.
@@ -269,11 +282,21 @@ class LMTrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     eval_tokens: int = 2**18
+    checkpoint_every: int = 0
 
     def validate(self) -> None:
         self.model.validate()
         if self.minutes is not None and not self.minutes > 0:
             raise SaelabError(f"--minutes must be positive, got {self.minutes}")
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int):
+            raise SaelabError(f"checkpoint_every must be a whole number, got {self.checkpoint_every!r}")
+        if self.checkpoint_every < 0:
+            raise SaelabError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.minutes is not None and self.checkpoint_every:
+            raise SaelabError(
+                "--checkpoint-every needs a --tokens budget: with --minutes the schedule follows the clock, so a"
+                " resumed run could not repeat the same steps"
+            )
         require_positive_ints(self, ("tokens", "batch_size", "eval_tokens", "warmup_steps"))
         for name in ("lr", "embed_lr", "muon_lr"):
             if not getattr(self, name) > 0:
@@ -351,39 +374,75 @@ def train_lm(
     log: Callable[[str], None] = print,
     device: str = "cpu",
     command: str = "",
-    corpus: tuple[list[str], list[str]] | None = None,
+    corpus: tuple[Sequence[str], Sequence[str]] | None = None,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> dict:
     """Train a tokenizer and a model, evaluate on held-out files, and write the model folder `out`.
 
-    `corpus` is (train texts, held-out texts), by default the standard library's `builtin_texts`. Returns the
-    results that also go into `out/cfg.json` (with `command`, the command line that ran it).
+    `corpus` is (train documents, held-out documents), by default the standard library's (`documents(None, …)`).
+    The run works in the hidden folder `.NAME.partial` beside `out` (its checkpoints, when `cfg.checkpoint_every`
+    is set), which replaces `out` when the model is complete; `resume` continues a killed run from its last
+    checkpoint. Returns the results that also go into `out/cfg.json` (with `command`, the command line that ran it).
     """
     cfg.validate()
-    check_output(out, LM_FOLDER, overwrite=overwrite)  # before the work, not after it
+    if resume and cfg.minutes is not None:
+        raise SaelabError("--resume needs a --tokens budget: a --minutes run follows the clock and cannot resume")
+    train_docs, heldout_docs = corpus or (documents(None, "train"), documents(None, "heldout"))
+    with resumable_output(out, LM_FOLDER, resume, CHECKPOINT_FILE, overwrite=overwrite) as work:
+        return _train_lm(cfg, work, log, device, command, train_docs, heldout_docs, resume)
+
+
+def _train_lm(
+    cfg: LMTrainConfig,
+    work: Path,
+    log: Callable[[str], None],
+    device: str,
+    command: str,
+    train_docs: Sequence[str],
+    heldout_docs: Sequence[str],
+    resume: bool,
+) -> dict:
     started = time.time()
     torch.manual_seed(cfg.seed)
-    train_texts, heldout_texts = corpus or (list(builtin_texts("train")), list(builtin_texts("heldout")))
-    tokenizer = train_tokenizer(train_texts, cfg.model.d_vocab)
-    if tokenizer.get_vocab_size() != cfg.model.d_vocab:
-        raise SaelabError(
-            f"the corpus is too small for a {cfg.model.d_vocab}-token vocabulary (BPE stopped at "
-            f"{tokenizer.get_vocab_size()}); use a smaller d_vocab"
-        )
+    checkpoint = load_lm_checkpoint(work, cfg, len(train_docs)) if resume else None
+    if checkpoint is None:
+        tokenizer = train_tokenizer(iter(train_docs), cfg.model.d_vocab)  # BPE merges do not depend on the order
+        if tokenizer.get_vocab_size() != cfg.model.d_vocab:
+            raise SaelabError(
+                f"the corpus is too small for a {cfg.model.d_vocab}-token vocabulary (BPE stopped at "
+                f"{tokenizer.get_vocab_size()}); use a smaller d_vocab"
+            )
+    else:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(checkpoint["tokenizer"])
     bos = tokenizer.token_to_id(BOS_TOKEN)
-    train_stream = token_stream(tokenizer, train_texts)
-    heldout = heldout_contexts(token_stream(tokenizer, heldout_texts), cfg.model.n_ctx, bos)
-    heldout = heldout[: max(1, cfg.eval_tokens // cfg.model.n_ctx)]
+    corpus_tokens = sum(len(encoding.ids) + 1 for encoding in tokenizer.encode_batch(list(train_docs)))
+    heldout = heldout_contexts(token_stream(tokenizer, heldout_docs), cfg.model.n_ctx, bos)
+    heldout = heldout_sample(heldout, max(1, cfg.eval_tokens // cfg.model.n_ctx), cfg.seed)
     log(
-        f"tokenizer: {tokenizer.get_vocab_size()} tokens; corpus: {len(train_stream):,} train tokens, "
+        f"tokenizer: {tokenizer.get_vocab_size()} tokens; corpus: {corpus_tokens:,} train tokens, "
         f"{heldout[:, 1:].numel():,} held-out tokens ({time.time() - started:.0f} s)"
     )
 
     model = FastLM(cfg.model).to(device)
     optimizers = make_optimizers(model, cfg)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    stream = ContextStream(train_docs, wrap_tokenizer(tokenizer), cfg.model.n_ctx + 1, bos, seed=cfg.seed)
     tokens_per_step = cfg.batch_size * cfg.model.n_ctx
-    step, seen, smoothed = 0, 0, float("nan")
+    step, seen, smoothed, before = 0, 0, float("nan"), 0.0  # before: training seconds of earlier sessions
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        for optimizer, state in zip(optimizers, checkpoint["optimizers"], strict=True):
+            optimizer.load_state_dict(state)  # the saved groups' keys come back too, base_lr included
+        stream.load_state_dict(checkpoint["stream"])
+        step, seen, smoothed, before = (
+            checkpoint["step"],
+            checkpoint["seen"],
+            checkpoint["smoothed"],
+            checkpoint["seconds"],
+        )
+        log(f"resumed at step {step} ({seen:,} tokens)")
     train_started = last_log = time.time()
     while True:
         elapsed = time.time() - train_started
@@ -394,7 +453,7 @@ def train_lm(
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-        batch = random_contexts(train_stream, cfg.batch_size, cfg.model.n_ctx, bos, generator).to(device)
+        batch = stream.next(cfg.batch_size).to(device)
         logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
         loss.backward()
@@ -405,15 +464,19 @@ def train_lm(
         step, seen = step + 1, seen + tokens_per_step
         value = loss.item()
         if not math.isfinite(value):
-            raise SaelabError(f"training diverged at step {step} (loss {value}); lower the learning rates")
+            raise DivergedError(f"training diverged at step {step} (loss {value}); lower the learning rates")
         smoothed = value if step == 1 else 0.98 * smoothed + 0.02 * value
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            seconds = before + time.time() - train_started
+            save_lm_checkpoint(work, cfg, len(train_docs), tokenizer, model, optimizers, stream, step, seen, smoothed,
+                               seconds)  # fmt: skip
         if time.time() - last_log > 30:
             last_log = time.time()
             log(
                 f"step {step}: {seen:,} tokens, train loss {smoothed:.3f}, "
-                f"{seen / (last_log - train_started):,.0f} tokens/s, lr x{factor:.2f}"
+                f"{seen / (before + last_log - train_started):,.0f} tokens/s, lr x{factor:.2f}"
             )
-    train_seconds = time.time() - train_started
+    train_seconds = before + time.time() - train_started
 
     model.eval()
     heldout_loss = mean_loss(model, heldout.to(device))
@@ -430,13 +493,89 @@ def train_lm(
         "heldout_loss": round(heldout_loss, 4),
         "unigram_entropy": round(unigram_entropy(heldout[:, 1:]), 4),
         "heldout_tokens": heldout[:, 1:].numel(),
-        "train_corpus_tokens": len(train_stream),
+        "train_corpus_tokens": corpus_tokens,
+        "epochs": round(seen / max(corpus_tokens, 1), 2),
         "samples": samples,
         "total_seconds": round(time.time() - started, 1),
         "command": command,
     }
-    save_lm(out, model.cpu(), tokenizer, cfg, results, device, overwrite)
+    write_lm_files(work, model.cpu(), tokenizer, cfg, results, device)
     return results
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "saelab.lm_checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def _run_identity(cfg: LMTrainConfig, n_documents: int) -> dict[str, Any]:
+    """What a resumed run must share with the one that saved the checkpoint: every setting that changes the
+    weights (not `checkpoint_every`), and the corpus's size in documents."""
+    train = {k: v for k, v in config_to_dict(cfg).items() if k != "checkpoint_every"}
+    return {"train": train, "documents": n_documents}
+
+
+def save_lm_checkpoint(
+    work: Path,
+    cfg: LMTrainConfig,
+    n_documents: int,
+    tokenizer,
+    model: FastLM,
+    optimizers: list[torch.optim.Optimizer],
+    stream: ContextStream,
+    step: int,
+    seen: int,
+    smoothed: float,
+    seconds: float,
+) -> None:
+    """The whole run state, atomically: weights, optimizer state, the tokenizer and the stream's position."""
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "identity": _run_identity(cfg, n_documents),
+        "tokenizer": tokenizer.to_str(),
+        "model": model.state_dict(),
+        "optimizers": [optimizer.state_dict() for optimizer in optimizers],
+        "stream": stream.state_dict(),
+        "step": step,
+        "seen": seen,
+        "smoothed": smoothed,
+        "seconds": seconds,
+    }
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    atomic_write_bytes(work / CHECKPOINT_FILE, buffer.getvalue())
+
+
+def load_lm_checkpoint(work: Path, cfg: LMTrainConfig, n_documents: int) -> dict[str, Any]:
+    """The run state saved in `work`, checked against the settings of the run that resumes it."""
+    path = work / CHECKPOINT_FILE
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise SaelabError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}); delete it to start afresh"
+        ) from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise SaelabError(f"{path} is not a saelab language-model checkpoint")
+    if checkpoint.get("version") != CHECKPOINT_VERSION:
+        raise SaelabError(f"{path} was written by another saelab version; delete it to start afresh")
+    saved, expected = checkpoint["identity"], _run_identity(cfg, n_documents)
+    if saved["documents"] != expected["documents"]:
+        raise SaelabError(
+            f"the checkpoint in {work} read a corpus of {saved['documents']} documents, this one has "
+            f"{expected['documents']}; resume with the same corpus"
+        )
+    for key in sorted(set(saved["train"]) | set(expected["train"])):
+        if saved["train"].get(key) != expected["train"].get(key):
+            was, now = saved["train"].get(key), expected["train"].get(key)
+            raise SaelabError(
+                f"the checkpoint in {work} was written with other settings ({key}: checkpoint {was!r}, now {now!r});"
+                " rerun the same command with --resume"
+            )
+    return checkpoint
 
 
 LM_FOLDER = OutputKind(
@@ -454,6 +593,12 @@ def save_lm(
     overwrite: bool = False,
 ) -> None:
     """Write a model folder (cfg.json, model.safetensors, tokenizer.json) atomically."""
+    with output_folder(out, LM_FOLDER, overwrite=overwrite) as tmp:
+        write_lm_files(tmp, model, tokenizer, cfg, results, device)
+
+
+def write_lm_files(folder: Path, model: FastLM, tokenizer, cfg: LMTrainConfig, results: dict, device: str) -> None:
+    """cfg.json, model.safetensors and tokenizer.json in `folder`, each written atomically."""
     import platform
 
     meta = {
@@ -462,17 +607,16 @@ def save_lm(
         "device": device,
         "threads": torch.get_num_threads(),
     }
-    with output_folder(out, LM_FOLDER, overwrite=overwrite) as tmp:
-        save_tensors(tmp / WEIGHTS_FILE, tl_state_dict(model))
-        atomic_write_text(tmp / TOKENIZER_FILE, tokenizer.to_str())
-        atomic_write_json(
-            tmp / CFG_FILE,
-            {
-                "format": FORMAT_NAME,
-                "version": FORMAT_VERSION,
-                "model": config_to_dict(cfg.model),
-                "train": {k: v for k, v in config_to_dict(cfg).items() if k != "model"},
-                "results": results,
-                "environment": meta,
-            },
-        )
+    save_tensors(folder / WEIGHTS_FILE, tl_state_dict(model))
+    atomic_write_text(folder / TOKENIZER_FILE, tokenizer.to_str())
+    atomic_write_json(
+        folder / CFG_FILE,
+        {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "model": config_to_dict(cfg.model),
+            "train": {k: v for k, v in config_to_dict(cfg).items() if k != "model"},
+            "results": results,
+            "environment": meta,
+        },
+    )
