@@ -134,7 +134,7 @@ def compute_zoo_dashboard(lm, sae, hook, features, cfg: DashboardConfig | None, 
         "summary": lm.task.summary,
         "variable": lm.task.probe.name,
         "variable_description": lm.task.probe.description,
-        "variable_latents": zoo_variable_latents(lm, sae, board.meta["hook"], data),
+        "variable_latents": zoo_variable_latents(lm, sae, board.meta.get("hook_in", board.meta["hook"]), data),
         "example": lm.tokenizer.decode(data.tokens[0]),  # the live view's first input
     }
     return board

@@ -174,6 +174,34 @@ def sae_metadata(sae) -> dict[str, Any]:
     return getattr(sae, "metadata", None) or getattr(sae.cfg, "metadata", None) or {}
 
 
+def latent_hooks(lm, sae, hook: str | None = None) -> tuple[str, str]:
+    """(the hook the latents read, the hook their decoder rows write into) for `sae` on `lm`, checked.
+
+    An SAE reads and writes one hook: `hook`, by default its metadata's. A transcoder reads its input hook and writes
+    the hook whose activation (the MLP's output) it replaces, `hook_name_out`: there a latent's contribution
+    a · W_dec[j] is removed to measure its loss effects, while its activation comes from the input hook. `hook`, if
+    given, must be one of the two."""
+    metadata = sae_metadata(sae)
+    hook_in = hook or metadata.get("hook_name")
+    if not hook_in:
+        raise SaelabError("the SAE's cfg.json names no hook (metadata.hook_name); pass --hook")
+    hook_out = hook_in
+    if getattr(sae.cfg, "transcoder", False):
+        hook_in, hook_out = metadata.get("hook_name"), metadata.get("hook_name_out")
+        if not hook_in or not hook_out:
+            raise SaelabError("the transcoder's metadata lacks hook_name or hook_name_out; dashboards need both")
+        if hook not in (None, hook_in, hook_out):
+            raise SaelabError(f"this transcoder reads {hook_in} and writes {hook_out}; --hook {hook} is neither")
+    for name, width in ((hook_in, sae.cfg.d_in), (hook_out, getattr(sae.cfg, "d_target", sae.cfg.d_in))):
+        lm.check_hook(name)
+        if lm.d_hook(name) != width:
+            raise SaelabError(
+                f"the SAE {'reads' if name == hook_in else 'writes'} width {width} but {name} of {lm.name} has width "
+                f"{lm.d_hook(name)}; pick the model and hook the SAE was trained on"
+            )
+    return hook_in, hook_out
+
+
 def _sae_encode(sae, x: Tensor) -> Tensor:
     param = sae.W_dec
     return sae.encode(x.to(param.device, param.dtype)).float()
@@ -200,15 +228,7 @@ def compute_dashboard(
     if (lm.task is None) != (labels is None):
         raise SaelabError("a zoo model's dashboard needs its task labels, and only a zoo model's takes them")
     started = time.perf_counter()
-    hook = hook or sae_metadata(sae).get("hook_name")
-    if not hook:
-        raise SaelabError("the SAE's cfg.json names no hook (metadata.hook_name); pass --hook")
-    lm.check_hook(hook)
-    if lm.d_hook(hook) != sae.cfg.d_in:
-        raise SaelabError(
-            f"the SAE reads d_in = {sae.cfg.d_in} but {hook} of {lm.name} has width {lm.d_hook(hook)}; "
-            "pick the model and hook the SAE was trained on"
-        )
+    hook_in, hook = latent_hooks(lm, sae, hook)  # a transcoder's latents read hook_in and write into hook
     tokens = check_tokens(tokens, len(lm.tokenizer))
     n_seq, T = tokens.shape
     if labels is not None:
@@ -277,6 +297,7 @@ def compute_dashboard(
         "kind": "lm",
         "model": lm.name,
         "hook": hook,
+        **({"hook_in": hook_in} if hook_in != hook else {}),
         "sae": {"architecture": getattr(sae.cfg, "architecture", "?"), "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae},
         "tokens": {"sequences": n_seq, "length": T, "counted": stats.n_tokens},
         "config": asdict(cfg),
@@ -328,12 +349,14 @@ def _attributed_batches(
     and (flat indices of their non-zeros, gradient attributions −a_j · W_dec[j] · ∂L/∂x there): the first-order
     change of the loss summed from each position on when latent j's contribution is removed there)."""
     W_dec = sae.W_dec.detach()
+    hook_in = latent_hooks(lm, sae, hook)[0]  # a transcoder's latents read its input hook; the gradient is at `hook`
+    read = read if hook_in == hook else (*read, hook_in)
     for first in tqdm(range(0, len(tokens), batch_size), desc="activations", disable=not progress, leave=False):
         batch = tokens[first : first + batch_size]
         eligible = eligible_positions(lm.regular_positions(batch).cpu())
         targets = None if labels is None else labels[first : first + batch_size]
         found = loss_gradient(lm, hook, batch, eligible, read, targets)
-        acts = _sae_encode(sae, found["x"])
+        acts = _sae_encode(sae, found["x"] if hook_in == hook else found[hook_in])
         yield first, batch, found, acts, attribution(acts, found["grad"], W_dec)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from saelab.dashboard.compute import _round, eligible_positions, sae_metadata
+from saelab.dashboard.compute import _round, eligible_positions, latent_hooks
 from saelab.dashboard.effects import downstream
 from saelab.dashboard.text import token_strings
 from saelab.errors import SaelabError
@@ -30,9 +30,7 @@ class PromptAnalyzer:
     def __init__(self, lm, sae, hook: str | None = None, max_latents: int = 32) -> None:
         self.lm = lm
         self.sae = sae
-        self.hook = hook or sae_metadata(sae).get("hook_name")
-        if not self.hook:
-            raise SaelabError("the SAE's cfg.json names no hook (metadata.hook_name); pass the hook explicitly")
+        self.hook_in, self.hook = latent_hooks(lm, sae, hook)  # differ for a transcoder: it writes the MLP's output
         self.engine = downstream(lm, self.hook) if lm.task is None else None  # a typed task input has no loss
         self.max_latents = max_latents
         cfg = getattr(lm.model, "cfg", None)
@@ -56,7 +54,10 @@ class PromptAnalyzer:
         started = time.perf_counter()
         tokens = self.tokenize(text)
         run = None if self.engine is None else self.engine.clean(tokens)
-        x_hook = self.lm.activations(tokens, [self.hook])[self.hook].flatten(2) if run is None else run.x_hook
+        if run is None or self.hook_in != self.hook:
+            x_hook = self.lm.activations(tokens, [self.hook_in])[self.hook_in].flatten(2)
+        else:
+            x_hook = run.x_hook
         W_dec = self.sae.W_dec.detach()
         acts = self.sae.encode(x_hook.to(W_dec.device, W_dec.dtype))[0].float().cpu()  # [T, d_sae]
         valid = self.lm.regular_positions(tokens).cpu()
