@@ -98,6 +98,18 @@ def write_corpus(folder: Path) -> Path:
     return folder
 
 
+def mean_ce(logits: Tensor, tokens: Tensor, counted: Tensor) -> float:
+    """Mean next-token cross-entropy of logits [batch, pos, vocab] over the counted predictions [batch, pos − 1]."""
+    per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+    return per_token[counted].mean().item()
+
+
+def mean_kl(clean_logits: Tensor, logits: Tensor, counted: Tensor) -> float:
+    """Mean KL(p_clean ‖ p) of the next-token distributions over the counted predictions."""
+    p, q = clean_logits[:, :-1].log_softmax(-1), logits[:, :-1].log_softmax(-1)
+    return torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1)[counted].mean().item()
+
+
 class LinearSAE(nn.Module):
     """A minimal SAE for splicing tests: latents = ReLU(x W_enc), x̂ = latents W_dec."""
 

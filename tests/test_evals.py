@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from models_helpers import LinearSAE, save_gpt2
+from models_helpers import LinearSAE, mean_ce, mean_kl, save_gpt2
 
 from saelab.errors import SaelabError
 from saelab.models.access import load_model
@@ -58,12 +58,10 @@ def test_metrics_match_an_independent_computation(lm, dataset):
     assert metrics.predictions == counted.sum()
 
     def ce(logits):
-        per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
-        return per_token[counted].mean().item()
+        return mean_ce(logits, tokens, counted)
 
     def kl(logits):
-        p, q = clean_logits[:, :-1].log_softmax(-1), logits[:, :-1].log_softmax(-1)
-        return torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1)[counted].mean().item()
+        return mean_kl(clean_logits, logits, counted)
 
     ce_clean, ce_sae, ce_abl = ce(clean_logits), ce(logits["sae"]), ce(logits["abl"])
     assert metrics.ce_loss_clean == pytest.approx(ce_clean, rel=1e-5)

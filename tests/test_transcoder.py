@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from models_helpers import mean_ce, mean_kl
 from sae_helpers import one_thread  # noqa: F401  (autouse)
 
 from saelab.errors import SaelabError
@@ -362,12 +363,10 @@ def test_lm_evals_of_a_transcoder_match_a_splice_by_hand(lm, dataset) -> None:
     assert metrics.predictions == counted.sum()
 
     def ce(logits):
-        per_token = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
-        return per_token[counted].mean().item()
+        return mean_ce(logits, tokens, counted)
 
     def kl(logits):
-        p, q = clean_logits[:, :-1].log_softmax(-1), logits[:, :-1].log_softmax(-1)
-        return torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1)[counted].mean().item()
+        return mean_kl(clean_logits, logits, counted)
 
     ce_clean, ce_tc, ce_abl = ce(clean_logits), ce(logits["tc"]), ce(logits["abl"])
     assert ce_tc != pytest.approx(ce_clean, rel=1e-3) and ce_abl != pytest.approx(ce_clean, rel=1e-3)
