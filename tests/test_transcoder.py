@@ -424,3 +424,23 @@ def test_a_transcoder_trains_on_a_zoo_models_mlp_and_its_task_evals_match_a_spli
     # It learned the MLP's output (EV ≈ 0.98 here), yet the task's loss is worse than with no MLP at all: cumsum's MLP
     # must tell an exact zero sum apart, and small errors in its output flip those answers.
     assert fast["explained_variance"] > 0.9
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_transcoder_as_one(lm, dataset, tmp_path) -> None:
+    """torchrun with gloo: each rank reads its half of every cached batch, at both hooks."""
+    from test_sae_distributed import saelab
+
+    from saelab.models.cache import write_activation_cache
+    from saelab.sae.io import load_sae
+
+    cache = write_activation_cache(_store(lm, dataset), 16384 + 10 * 128, tmp_path / "cache")
+    args = ["sae", "train", "--source", f"cache:{cache}", "--hook-in", HOOK_IN, "--hook-out", HOOK_OUT, "--skip"]
+    args += ["--d-sae", "64", "--k", "4", "--steps", "10", "--batch-size", "128", "--quiet"]
+    for processes in (1, 2):
+        result = saelab([*args, "--out", str(tmp_path / f"p{processes}")], processes)
+        assert result.returncode == 0 and result.stdout.count("saved 1 transcoder") == 1, result.stderr[-3000:]
+    one, two = load_sae(tmp_path / "p1"), load_sae(tmp_path / "p2")
+    assert two.cfg.skip and two.metadata["hook_name_out"] == HOOK_OUT
+    for name, tensor in one.state_dict().items():
+        torch.testing.assert_close(two.state_dict()[name], tensor, atol=2e-5, rtol=1e-4, msg=name)
