@@ -41,13 +41,10 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 FROM_SAELENS = {cls.saelens_architecture: name for name, cls in SAE_CLASSES.items() if cls.loads_from_saelens}
 # SAELens transcoder architecture name → (saelab's architecture, skip connection)
 TRANSCODERS_FROM_SAELENS = {
-    name: (architecture, skip)
+    cls.transcoder_architecture(skip): (architecture, skip)
     for architecture, cls in SAE_CLASSES.items()
     if cls.loads_from_saelens and cls.saelens_transcoder is not None
-    for name, skip in (
-        (cls.saelens_transcoder, False),
-        (cls.saelens_transcoder.replace("transcoder", "skip_transcoder"), True),
-    )
+    for skip in (False, True)
 }
 
 

@@ -238,10 +238,13 @@ class SAE(nn.Module):
         """The `architecture` its cfg.json names: SAELens's name for it where SAELens has one (a transcoder:
         `transcoder`, `skip_transcoder`, `jumprelu_transcoder`, `jumprelu_skip_transcoder`), else saelab's own
         `<architecture>[_skip]_transcoder`, which SAELens does not load."""
-        if not self.cfg.transcoder:
-            return self.saelens_architecture
-        name = self.saelens_transcoder or f"{self.architecture}_transcoder"
-        return name.replace("transcoder", "skip_transcoder") if self.cfg.skip else name
+        return self.transcoder_architecture(self.cfg.skip) if self.cfg.transcoder else self.saelens_architecture
+
+    @classmethod
+    def transcoder_architecture(cls, skip: bool) -> str:
+        """The cfg.json `architecture` of a transcoder of this kind, with or without the skip connection."""
+        name = cls.saelens_transcoder or f"{cls.architecture}_transcoder"
+        return name.replace("transcoder", "skip_transcoder") if skip else name
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
         d_in, d_sae, d_out = self.cfg.d_in, self.cfg.d_sae, self.cfg.d_target
