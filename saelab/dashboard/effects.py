@@ -110,33 +110,31 @@ def reference_total_effects(
 
 def unembed_ce(
     model, normed: Tensor, targets: Tensor, weights: Tensor | None = None, rows: int = UNEMBED_ROWS
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor | None, Tensor | None]:
     """Next-token CE [n] (float32) of targets [n] from normed final residuals [n, d_model] through a TransformerLens
-    model's unembedding and logit soft cap; given `weights` [n], also the gradient of Σ weights · CE w.r.t. the
-    normed residuals [n, d_model], in closed form: (softmax − onehot) · weight, through the soft cap, @ W_Uᵀ.
+    model's unembedding and logit soft cap; or, given `weights` [n], instead the gradient of Σ weights · CE w.r.t.
+    the normed residuals [n, d_model], in closed form: (softmax − onehot), through the soft cap, @ W_Uᵀ · weight.
 
     The same numbers as `next_token_ce` of the model's logits and its autograd backward, but the logits are made
     `rows` positions at a time and never kept: a block that stays in cache, reused for the softmax and its
     gradient, where autograd would keep the whole batch's logits and write the softmax's gradient beside them."""
     W_U, b_U, cap = model.W_U, model.b_U, model.cfg.output_logits_soft_cap
-    ce = torch.empty(len(normed), dtype=torch.float32, device=normed.device)
-    grad = None if weights is None else torch.empty(normed.shape, dtype=torch.float32, device=normed.device)
+    out = torch.empty(normed.shape if weights is not None else len(normed), dtype=torch.float32, device=normed.device)
     for i in range(0, len(normed), rows):
         h, t = normed[i : i + rows].to(W_U.dtype), targets[i : i + rows].to(normed.device)
         logits = torch.addmm(b_U, h, W_U).float()
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)
-        slope = 1 - (logits / cap).square() if cap > 0 and grad is not None else None  # d(cap · tanh(z / cap)) / dz
-        logp = torch.log_softmax(logits, 1)  # as F.cross_entropy computes it
-        ce[i : i + rows] = -logp.gather(1, t[:, None])[:, 0]
-        if grad is not None:
-            probs = logp.exp_()  # softmax, in place
-            probs[torch.arange(len(t), device=t.device), t] -= 1
-            if slope is not None:
-                probs *= slope
-            probs *= weights[i : i + rows, None].to(probs)
-            grad[i : i + rows] = probs.to(W_U.dtype) @ W_U.T
-    return ce, grad
+        if weights is None:
+            out[i : i + rows] = -torch.log_softmax(logits, 1).gather(1, t[:, None])[:, 0]  # as F.cross_entropy
+            continue
+        slope = 1 - (logits / cap).square() if cap > 0 else None  # d(cap · tanh(z / cap)) / dz
+        probs = torch.softmax(logits, 1)
+        probs[torch.arange(len(t), device=t.device), t] -= 1
+        if slope is not None:
+            probs *= slope
+        out[i : i + rows] = (probs.to(W_U.dtype) @ W_U.T) * weights[i : i + rows, None].to(out)
+    return (out, None) if weights is None else (None, out)
 
 
 def loss_gradient(
