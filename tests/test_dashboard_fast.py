@@ -220,3 +220,22 @@ def test_fused_loss_gradient_equals_autograd_of_the_full_logits(tok, normalizati
         assert torch.allclose(fast[name], reference[name], atol=1e-5), name
     assert fast["grad"].abs().max() > 1e-2  # not vacuous
     assert all(p.requires_grad for p in lm.model.parameters())  # the weights are given back their gradients
+
+
+def test_top_n_replaying_the_ranking_pass_equals_running_pass_1_again(tok, monkeypatch):
+    """`top:N` keeps the ranking pass's firings sparse and replays them for the statistics; with nothing kept (too
+    large to keep), pass 1 runs the model again: the same dashboard."""
+    import saelab.dashboard.compute as compute
+
+    lm = make_model(tok)
+    sae = TinySAE(32, 24, HOOK, seed=1)
+    tokens = make_tokens(tok, n_seq=10, length=24)
+    cfg = DashboardConfig(exact_firings=6, top_windows=2, min_firings=3, corr_tokens=1000, batch_size=3)
+    kept = compute_dashboard(lm, sae, tokens, HOOK, features=compute.Top(4, [2]), cfg=cfg)
+    monkeypatch.setattr(compute, "KEPT_BYTES", 0)
+    again = compute_dashboard(lm, sae, tokens, HOOK, features=compute.Top(4, [2]), cfg=cfg)
+    assert len(kept.latents) == 5
+    assert kept.latents == again.latents
+    assert {k: v for k, v in kept.meta.items() if k != "seconds"} == {
+        k: v for k, v in again.meta.items() if k != "seconds"
+    }

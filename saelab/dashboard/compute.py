@@ -47,6 +47,7 @@ from saelab.models.zoo.tasks import IGNORE
 
 ENCODE_FLOATS = 4 * 2**20  # latent activations encoded at once (16 MB)
 EXACT_TOTAL = 512  # exact total-ΔCE firings for all latents together, by default
+KEPT_BYTES = 2**30  # pass 1's firings (16 bytes each) and SAE inputs kept for the statistics after ranking (top:N)
 LOGIT_SAMPLE = 64  # uniformly sampled firings per latent for logit effects and quantile windows (the exact ones first)
 MORE_BEFORE, MORE_AFTER = 24, 12  # tokens of extra context a window shows when clicked
 
@@ -242,8 +243,16 @@ def compute_dashboard(
     else:
         engine = downstream(lm, hook, fast=cfg.exact == "fast")
     chosen = "top:" + ",".join(map(str, [features.n, *features.also])) if isinstance(features, Top) else None
-    if isinstance(features, Top):
-        ranking = rank_latents(lm, sae, tokens, hook, cfg, progress, labels)
+    # The second pass starts at the hooked block from residuals kept in pass 1, when they fit in memory.
+    d_model = getattr(getattr(lm.model, "cfg", None), "d_model", 0)
+    keep = engine.start_name is not None and n_seq * T * d_model * 4 <= cfg.resid_cache_mb * 2**20
+    read = (engine.start_name,) if keep and not engine.hook_is_start else ()
+    batch_size = _batch_size(lm, sae, T, cfg)
+    _recycle_large_blocks()
+    kept: list[_KeptBatch] | None = None
+    if isinstance(features, Top):  # rank first; pass 1 then replays the firings kept here, if they fit
+        batches = _attributed_batches(lm, sae, tokens, hook, batch_size, read, progress, labels)
+        ranking, kept = _rank(lm, sae.cfg.d_sae, batches, KEPT_BYTES)
         eligible = torch.tensor(ranking["firings"]) >= cfg.min_firings
         score = torch.tensor([x if x is not None else -math.inf for x in ranking["per_token"]], dtype=torch.float64)
         score[~eligible] = -math.inf
@@ -259,15 +268,12 @@ def compute_dashboard(
         max(cfg.exact_budget(len(latents)), LOGIT_SAMPLE),
         cfg.corr_tokens, generator,
     )  # fmt: skip
-    # The second pass starts at the hooked block from residuals kept here, when they fit in memory.
-    d_model = getattr(getattr(lm.model, "cfg", None), "d_model", 0)
-    keep = engine.start_name is not None and n_seq * T * d_model * 4 <= cfg.resid_cache_mb * 2**20
     resid = torch.empty(n_seq, T, d_model) if keep else None
     W_dec = sae.W_dec.detach()
-    batch_size = _batch_size(lm, sae, T, cfg)
-    _recycle_large_blocks()
-    read = (engine.start_name,) if keep and not engine.hook_is_start else ()
-    batches = _attributed_batches(lm, sae, tokens, hook, batch_size, read, progress, labels)
+    if kept is not None:
+        batches = (batch.replay() for batch in kept)
+    else:
+        batches = _attributed_batches(lm, sae, tokens, hook, batch_size, read, progress, labels)
     for first, batch, found, acts, (nonzero, estimate) in batches:
         if keep:
             resid[first : first + len(batch)] = found[read[0] if read else "x"].view(len(batch), T, d_model).cpu()
@@ -360,26 +366,61 @@ def _attributed_batches(
         yield first, batch, found, acts, attribution(acts, found["grad"], W_dec)
 
 
+@dataclass
+class _KeptBatch:
+    """One batch of pass 1 kept sparse (`top:N` ranks every latent before the statistics of the chosen ones), so
+    that the statistics need no second forward and backward pass: the same tuple `_attributed_batches` yields."""
+
+    first: int
+    tokens: Tensor
+    found: dict[str, Tensor]  # what `loss_gradient` found, but the gradient
+    shape: tuple[int, ...]  # of the latent activations [S, T, d_sae]
+    nonzero: Tensor  # flat indices of their non-zeros
+    values: Tensor  # ... their values
+    estimate: Tensor  # ... and gradient attributions
+
+    def replay(self) -> tuple[int, Tensor, dict[str, Tensor], Tensor, tuple[Tensor, Tensor]]:
+        acts = torch.zeros(self.shape)
+        acts.view(-1)[self.nonzero] = self.values
+        return self.first, self.tokens, self.found, acts, (self.nonzero, self.estimate)
+
+    def nbytes(self) -> int:
+        tensors = (*self.found.values(), self.nonzero, self.values, self.estimate)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _rank(lm, d_sae: int, batches, keep_bytes: int = 0) -> tuple[dict[str, list], list[_KeptBatch] | None]:
+    """The ranking of `rank_latents` from pass-1 batches, and the batches kept sparse while they fit in
+    `keep_bytes` (None where they did not)."""
+    estimate = torch.zeros(d_sae, dtype=torch.float64)
+    firings = torch.zeros(d_sae, dtype=torch.int64)
+    n_tokens, size = 0, 0
+    kept: list[_KeptBatch] | None = [] if keep_bytes > 0 else None
+    for first, batch, found, acts, (nonzero, est) in batches:
+        valid = lm.regular_positions(batch).cpu()
+        nonzero, est = nonzero.cpu(), est.cpu()
+        values = acts.reshape(-1)[nonzero.to(acts.device)].float().cpu()
+        token, latent = nonzero // d_sae, nonzero % d_sae
+        firing = (values > 0) & firing_positions(lm, valid).reshape(-1)[token]
+        estimate.index_add_(0, latent[firing], est[firing].double())
+        firings += torch.bincount(latent[firing], minlength=d_sae)
+        n_tokens += int(valid.sum())
+        if kept is not None:
+            rest = {name: value.cpu() for name, value in found.items() if name != "grad"}
+            kept.append(_KeptBatch(first, batch, rest, tuple(acts.shape), nonzero, values, est))
+            size += kept[-1].nbytes()
+            kept = kept if size <= keep_bytes else None
+    return {"per_token": _rounded(estimate / max(n_tokens, 1), 4), "firings": firings.tolist()}, kept
+
+
 @torch.no_grad()
 def rank_latents(
     lm, sae, tokens: Tensor, hook: str, cfg: DashboardConfig, progress: bool = False, labels: Tensor | None = None
 ) -> dict[str, list]:
     """Every latent of the SAE by the cheap estimate of its importance per token (see `_ranking`), from one forward
     and backward pass over the tokens; what `Top` chooses by."""
-    T = tokens.shape[1]
-    estimate = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
-    firings = torch.zeros(sae.cfg.d_sae, dtype=torch.int64)
-    n_tokens = 0
-    batches = _attributed_batches(lm, sae, tokens, hook, _batch_size(lm, sae, T, cfg), (), progress, labels)
-    for _, batch, _, acts, (nonzero, est) in batches:
-        valid = lm.regular_positions(batch).cpu()
-        nonzero, est = nonzero.cpu(), est.cpu()
-        token, latent = nonzero // sae.cfg.d_sae, nonzero % sae.cfg.d_sae
-        firing = (acts.reshape(-1)[nonzero.to(acts.device)].cpu() > 0) & firing_positions(lm, valid).reshape(-1)[token]
-        estimate.index_add_(0, latent[firing], est[firing].double())
-        firings += torch.bincount(latent[firing], minlength=sae.cfg.d_sae)
-        n_tokens += int(valid.sum())
-    return {"per_token": _rounded(estimate / max(n_tokens, 1), 4), "firings": firings.tolist()}
+    batch_size = _batch_size(lm, sae, tokens.shape[1], cfg)
+    return _rank(lm, sae.cfg.d_sae, _attributed_batches(lm, sae, tokens, hook, batch_size, (), progress, labels))[0]
 
 
 def _recycle_large_blocks() -> None:

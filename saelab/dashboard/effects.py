@@ -564,11 +564,13 @@ class Downstream:
         self.model(resid, start_at_layer=self.start, past_kv_cache=past, return_type=None)  # no unembedding here:
         final = state["final"][:, :-1]  # [rows, T − first − 1, d_model]
         # ... the loss is only needed where it can change: from each row's own position on, where it counts (and at
-        # the position itself, for the same-position ΔCE); clean rows need it everywhere.
+        # the position itself, for the same-position ΔCE); a clean row wherever one of its sequence's rows needs it.
         later = later_loss_mask(eligible[seq, first:-1], pos - first)
         at = torch.arange(n, device=pos.device), pos - first
-        needed = torch.cat([later, torch.ones(len(clean_seqs), later.shape[1], dtype=torch.bool, device=later.device)])
+        needed = later.clone()
         needed[at] = True
+        clean_needed = torch.zeros(len(clean_seqs), needed.shape[1], dtype=torch.int32, device=needed.device)
+        needed = torch.cat([needed, clean_needed.index_add_(0, which, needed.int()) > 0])
         where = needed.nonzero(as_tuple=True)
         targets = run.tokens[rows, first + 1 :][where]
         ce = torch.zeros(needed.shape, dtype=torch.float64, device=needed.device)
