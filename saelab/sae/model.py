@@ -122,8 +122,9 @@ class SAEConfig:
             "aux_k_coefficient": self.aux_k_coefficient,
             "jumprelu_init_threshold": self.jumprelu_init_threshold,
         }
-        if not isinstance(self.skip, bool) or not isinstance(self.apply_b_dec_to_input, bool):
-            raise SaelabError(f"skip and apply_b_dec_to_input must be true or false, got {self.skip!r}")
+        for name in ("skip", "apply_b_dec_to_input"):
+            if not isinstance(getattr(self, name), bool):
+                raise SaelabError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name, value in numbers.items():
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise SaelabError(f"{name} must be a non-negative number, got {value!r}")
