@@ -307,6 +307,20 @@ def test_sae_train_command_trains_transcoders(lm, dataset, tmp_path) -> None:
     info = CliRunner().invoke(app, ["sae", "info", str(tmp_path / "run" / "topk_k2"), "--json"], catch_exceptions=False)
     shown = json.loads(info.output)
     assert shown["d_out"] == 32 and shown["skip"] is True and shown["hook_name_out"] == HOOK_OUT
+    # Evaluated on the cache itself (`sae eval --source cache:DIR`): the metrics of its prediction of HOOK_OUT
+    from saelab.models.cache import CachedActivations
+    from saelab.sae.evaluate import evaluate_saved
+
+    report = evaluate_saved(tmp_path / "run" / "topk_k2", f"cache:{cache}", tokens=600, batch_size=200)
+    rows = CachedActivations(cache).next_batches(600)
+    x, y = rows[HOOK_IN], rows[HOOK_OUT]
+    tc = load_sae(tmp_path / "run" / "topk_k2")
+    with torch.no_grad():
+        y_hat = tc.output(x, tc.encode(x))
+    assert report["tokens"] == 600 and report["l0"] <= 2
+    assert report["explained_variance"] == pytest.approx(
+        1 - ((y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item(), rel=1e-5
+    )
     for bad, message in (
         (["--source", f"cache:{cache}", "--skip", "--hook", HOOK_IN], "--skip gives a transcoder"),
         (["--source", f"cache:{cache}", "--hook-out", HOOK_OUT], "needs its input hook too"),
