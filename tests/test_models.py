@@ -394,5 +394,5 @@ def test_a_streamed_hub_dataset_is_read_in_a_seeded_shuffle_per_epoch_and_resume
         resumed.load_state_dict(state)
         assert torch.equal(resumed.next(n), after)
     # The evals' and dashboards' spread reads epoch 0 of the same shuffle.
-    spread, sources = spread_contexts(docs, tokenizer, 16, bos, 10**6, seed=3)
+    spread, _ = spread_contexts(docs, tokenizer, 16, bos, 10**6, seed=3)
     assert spread[:, 1:].flatten().tolist() == expected[: spread[:, 1:].numel()]

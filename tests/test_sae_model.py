@@ -90,6 +90,47 @@ def test_matryoshka_adds_the_error_of_every_nested_prefix_to_batchtopk() -> None
     assert not torch.allclose(sae.W_dec.grad[:20], batchtopk.W_dec.grad[:20])
 
 
+def test_matryoshka_trains_on_the_loss_and_gradients_of_saelens_matryoshka() -> None:
+    """SAELens 6's `MatryoshkaBatchTopKTrainingSAE.training_forward_pass` on the same weights and batch: the same
+    latents, loss (its inner prefix errors plus the whole dictionary's error) and gradients. (With dead latents the
+    AuxK terms differ slightly: saelab's, shared with TopK, takes the ReLU of the dead pre-activations, as
+    EleutherAI's sparsify does; SAELens's takes them raw.)"""
+    from sae_lens.saes.matryoshka_batchtopk_sae import (
+        MatryoshkaBatchTopKTrainingSAE,
+        MatryoshkaBatchTopKTrainingSAEConfig,
+    )
+    from sae_lens.saes.sae import TrainStepInput
+
+    widths = (6, 20, 48)
+    ours = _perturbed_sae("matryoshka_batchtopk", "float64", k=2.5, matryoshka_widths=widths)
+    with torch.no_grad():
+        ours.W_dec.div_(ours.W_dec.norm(dim=1, keepdim=True))  # unit rows: SAELens's decoder-norm rescaling is 1
+    theirs = MatryoshkaBatchTopKTrainingSAE(
+        MatryoshkaBatchTopKTrainingSAEConfig(d_in=12, d_sae=48, k=2.5, matryoshka_widths=list(widths), dtype="float64")
+    )
+    with torch.no_grad():
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            getattr(theirs, name).copy_(getattr(ours, name))
+    x = torch.randn(40, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out = ours(x, fast=False)
+    step = TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None, n_training_steps=0, is_logging_step=False)
+    reference = theirs.training_forward_pass(step)
+    torch.testing.assert_close(out.latents, reference.feature_acts, rtol=1e-12, atol=1e-12)  # rows of norm 1 ± 1e-16
+    assert torch.equal(out.latents != 0, reference.feature_acts != 0)
+    torch.testing.assert_close(out.loss, reference.loss, rtol=1e-12, atol=1e-12)
+    assert set(reference.losses) == {
+        "mse_loss",
+        "auxiliary_reconstruction_loss",
+        "inner_mse_loss_6",
+        "inner_mse_loss_20",
+    }
+    out.loss.backward()
+    reference.loss.backward()
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(ours, name).grad, getattr(theirs, name).grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.threshold[0], theirs.topk_threshold)  # the same running threshold
+
+
 def test_matryoshka_widths_default_and_validation() -> None:
     assert build_sae(SAEConfig("matryoshka_batchtopk", 4, 2048, k=4)).prefix_widths == (32, 128, 512, 2048)
     assert build_sae(SAEConfig("matryoshka_batchtopk", 4, 16, k=4)).prefix_widths == (1, 4, 16)
