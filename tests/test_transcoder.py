@@ -458,3 +458,24 @@ def test_two_processes_train_the_same_transcoder_as_one(lm, dataset, tmp_path) -
     assert two.cfg.skip and two.metadata["hook_name_out"] == HOOK_OUT
     for name, tensor in one.state_dict().items():
         torch.testing.assert_close(two.state_dict()[name], tensor, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_transcoder_evals_agree_between_transformer_lens_and_hugging_face(tokenizer, dataset, tmp_path) -> None:
+    """On a Hugging Face GPT-2, hook_resid_mid is ln_2's input and hook_mlp_out the MLP's output: the same splice."""
+    from models_helpers import save_gpt2
+
+    from saelab.models.access import load_model
+    from saelab.models.evals import lm_eval
+
+    folder = save_gpt2(tmp_path / "gpt2", tokenizer)
+    tc = build_sae(SAEConfig("relu", 32, 64, d_out=32, skip=True), torch.Generator().manual_seed(0)).eval()
+    with torch.no_grad():
+        tc.W_skip.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    tc.metadata = {"hook_name": "blocks.1.hook_resid_mid", "hook_name_out": "blocks.1.hook_mlp_out"}
+    runs = [
+        lm_eval(tc, model=load_model(str(folder), backend=backend), dataset=dataset, n_tokens=300, context_length=32)
+        for backend in ("hf", "transformer_lens")
+    ]
+    assert abs(runs[0].ce_loss_with_sae - runs[0].ce_loss_clean) > 1e-3  # the splice changes the model's output
+    for key in ("ce_loss_clean", "ce_loss_with_sae", "ce_loss_with_ablation", "kl_div_with_sae", "explained_variance"):
+        assert getattr(runs[0], key) == pytest.approx(getattr(runs[1], key), rel=1e-4), key
