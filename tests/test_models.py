@@ -396,3 +396,23 @@ def test_a_streamed_hub_dataset_is_read_in_a_seeded_shuffle_per_epoch_and_resume
     # The evals' and dashboards' spread reads epoch 0 of the same shuffle.
     spread, _ = spread_contexts(docs, tokenizer, 16, bos, 10**6, seed=3)
     assert spread[:, 1:].flatten().tolist() == expected[: spread[:, 1:].numel()]
+
+
+def test_the_activation_store_reads_a_saved_hugging_face_dataset_in_its_seeded_order(lm, tmp_path):
+    import datasets
+
+    from saelab.models.store import build_lm_source
+
+    texts = [text[:600] for text in corpus()]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+    store = build_lm_source(
+        lm, str(tmp_path / "saved"), "blocks.0.hook_resid_post", 16, 32, 7, "cpu", buffer_tokens=640
+    )
+    batch = store.next_batches(32)["blocks.0.hook_resid_post"]
+    assert batch.shape == (32, 32) and torch.isfinite(batch).all()
+    order = store.contexts.order(0)
+    fresh = ContextStream(documents(str(tmp_path / "saved")), lm.tokenizer, 16, lm.bos_token_id, seed=7)
+    assert order == fresh.order(0) and order != list(range(len(texts)))  # the store's seed, not the row order
+    state = store.contexts.state_dict()
+    read = {d for docs in store.contexts.documents for d in docs}  # documents of the last contexts it read
+    assert state["epoch"] == 0 and read <= set(order[: state["documents"]]) and order[state["documents"] - 1] in read

@@ -18,7 +18,9 @@ def cache(
     hook: list[str] = typer.Option(..., help="Hook name, e.g. blocks.0.hook_resid_post; repeat for several hooks."),
     tokens: int = typer.Option(..., help="Activations (tokens) to write for each hook."),
     model: str | None = typer.Option(None, help="TransformerLens name, Hugging Face name or local folder [built-in]."),
-    dataset: str | None = typer.Option(None, help="A .txt/.jsonl file or folder, or an HF dataset [built-in corpus]."),
+    dataset: str | None = typer.Option(
+        None, help="A .txt/.jsonl file or folder, a save_to_disk folder or an HF hub name [built-in corpus]."
+    ),
     context_length: int = typer.Option(128, help="Tokens per context, BOS included."),
     batch_size: int = typer.Option(4096, help="The SAE batch size the cache is for: it sizes the mixing buffer."),
     buffer_tokens: int | None = typer.Option(None, help="Tokens per mixing buffer [max(2^17, 16 x batch size)]."),
