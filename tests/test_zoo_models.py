@@ -11,6 +11,7 @@ import torch
 
 from saelab.config import load_json
 from saelab.errors import SaelabError
+from saelab.io import load_tensors
 from saelab.models.zoo.model import (
     evaluate,
     fit_linear_probe,
@@ -87,6 +88,16 @@ def test_a_short_training_run_beats_chance_widely():
     assert result["loss"] < untrained["loss"] - 0.4
 
 
+def test_training_is_reproducible_bit_for_bit():
+    """One thread and one seed give the same weights, so the shipped ones can be remade exactly; another seed
+    gives others."""
+    task = get_task("sum")
+    recipe = dataclasses.replace(task.recipe, steps=25, batch_size=64, warmup_steps=5)
+    first, second, other = (train_task_model(task, recipe, seed=s).state_dict() for s in (4, 4, 5))
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert not torch.equal(first["embed.W_E"], other["embed.W_E"])
+
+
 def test_probe_fits_a_planted_linear_variable_and_not_noise():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4000, 8, generator=g)
@@ -144,6 +155,13 @@ def test_cli_list_train_eval(tmp_path):
     assert trained.returncode == 0, trained.stderr
     cfg = load_json(out / "cfg.json")
     assert cfg["recipe"]["steps"] == 40 and cfg["results"]["samples"] == 10_000
+    assert cfg["results"]["torch_threads"] == 1 and cfg["results"]["train_cpu_seconds"] > 0
+    # The command trains with one thread by default: its weights are those of the same recipe trained here.
+    task = get_task("cumsum")
+    here = train_task_model(task, dataclasses.replace(task.recipe, steps=40), seed=0)
+    written = load_tensors(out / "model.safetensors")
+    assert written.keys() == dict(here.named_parameters()).keys()
+    assert all(torch.equal(written[name], p) for name, p in here.named_parameters())
     again = run_cli("zoo", "train", "cumsum", "--steps", "40", "--out", str(out))
     assert again.returncode == 2 and "already exists" in again.stderr
     measured = run_cli("zoo", "eval", str(out), "--samples", "500", "--json")

@@ -182,7 +182,7 @@ PALINDROMES = Task(
     outputs=("no", "yes"),
     n_ctx=2 * PAL_HALF + 2,
     architecture=ZooArchitecture(n_layers=2, n_heads=2, d_model=28),
-    recipe=Recipe(steps=1500, batch_size=256, lr=3e-3),
+    recipe=Recipe(steps=1000, batch_size=256, lr=3e-3),
     probe=ProbeVariable("equals_mirror", "token i equals its mirror token 21−i", ("differs", "equals")),
     generate=_palindromes,
 )
@@ -459,7 +459,7 @@ TRIGRAMS = Task(
     outputs=tuple(str(v) for v in range(TRI_VOCAB)),
     n_ctx=TRI_LEN,
     architecture=ZooArchitecture(n_layers=1, n_heads=1, d_model=32, d_mlp=20, normalization=None),
-    recipe=Recipe(steps=2500, batch_size=128, lr=3e-3),
+    recipe=Recipe(steps=1200, batch_size=128, lr=3e-3),
     probe=ProbeVariable("trigram_prefix", "the previous and current token open a planted trigram", ("no", "yes")),
     generate=_trigrams,
 )
