@@ -257,7 +257,7 @@ def test_training_reads_shuffled_documents_and_a_resumed_run_sees_the_same_token
     texts = [text[:1500] for text in corpus[0][:12]]
     heldout = corpus[1][:1]
     cfg = LMTrainConfig(model=TINY, tokens=60 * 8 * 32, batch_size=8, warmup_steps=5, eval_tokens=2048, seed=3,
-                        checkpoint_every=10)  # fmt: skip
+                        checkpoint_every=10, mix_tokens=24 * 32)  # mixed 3 steps at a time  # fmt: skip
     whole = Reading(texts)
     results = train_lm(cfg, tmp_path / "whole", log=lambda _: None, corpus=(whole, heldout))
     assert results["epochs"] > 2
@@ -288,12 +288,12 @@ def test_resume_refuses_other_settings_and_minutes_budgets(tmp_path, corpus: tup
 
     texts = [text[:1500] for text in corpus[0][:6]]
     cfg = LMTrainConfig(model=TINY, tokens=60 * 4 * 32, batch_size=4, warmup_steps=2, eval_tokens=1024,
-                        checkpoint_every=5)  # fmt: skip
+                        checkpoint_every=5, mix_tokens=8 * 32)  # fmt: skip
     with pytest.raises(OSError):
         train_lm(cfg, tmp_path / "m", log=lambda _: None, corpus=(Reading(texts, fail_after=8), corpus[1][:1]))
     before = (partial_folder(tmp_path / "m") / "checkpoint.pt").read_bytes()
     other = LMTrainConfig(model=TINY, tokens=60 * 4 * 32, batch_size=4, warmup_steps=2, eval_tokens=1024, seed=1,
-                          checkpoint_every=5)  # fmt: skip
+                          checkpoint_every=5, mix_tokens=8 * 32)  # fmt: skip
     with pytest.raises(SaelabError, match="seed: checkpoint 0, now 1"):
         train_lm(other, tmp_path / "m", log=lambda _: None, corpus=(texts, corpus[1][:1]), resume=True)
     with pytest.raises(SaelabError, match="corpus of 6 documents, this one has 5"):

@@ -12,7 +12,7 @@ from models_helpers import LinearSAE, corpus, make_tl_model, save_gpt2, write_co
 
 from saelab.errors import SaelabError
 from saelab.models.access import LanguageModel, load_model, sae_replacement, zero_ablation
-from saelab.models.data import ContextStream, Documents, documents, iter_texts, spread_contexts
+from saelab.models.data import ContextStream, Documents, MixedContexts, documents, iter_texts, spread_contexts
 
 HOOKS = [
     "blocks.0.hook_resid_pre",
@@ -275,6 +275,25 @@ def test_documents_are_read_in_a_seeded_order_reshuffled_every_epoch_and_resume_
         resumed = ContextStream(docs, tokenizer, 16, bos, seed=5)
         resumed.load_state_dict(state)
         assert torch.equal(resumed.next(2 * n), expected)
+
+
+def test_mixed_contexts_permute_each_buffer_of_the_stream_and_resume_exactly(tokenizer, tmp_path):
+    docs = small_documents(tmp_path / "data")
+    bos = tokenizer.bos_token_id
+    plain = ContextStream(docs, tokenizer, 16, bos, seed=5).next(30)
+    mixed = MixedContexts(ContextStream(docs, tokenizer, 16, bos, seed=5), 10, seed=1)
+    served = mixed.next(30)
+    for i in range(3):  # each buffer of 10 is the stream's next 10 contexts, in a seeded order
+        buffer, expected = served[10 * i : 10 * i + 10], plain[10 * i : 10 * i + 10]
+        assert sorted(map(tuple, buffer.tolist())) == sorted(map(tuple, expected.tolist()))
+        assert not torch.equal(buffer, expected)
+    for step in (3, 10, 7):
+        state = json.loads(json.dumps(mixed.state_dict()))
+        after = mixed.next(25)
+        resumed = MixedContexts(ContextStream(docs, tokenizer, 16, bos, seed=5), 10, seed=1)
+        resumed.load_state_dict(state)
+        assert torch.equal(resumed.next(25), after)
+        mixed.next(step)
 
 
 def test_spread_contexts_are_a_seeded_random_subset_of_one_epoch(tokenizer, tmp_path):

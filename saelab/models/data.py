@@ -370,6 +370,58 @@ class ContextStream:
             self._offset = state["offset"]
 
 
+class MixedContexts:
+    """The contexts of a `ContextStream`, served in a seeded random order within buffers of `buffer_contexts`.
+
+    Consecutive contexts of a stream come from the same document, so a batch taken straight from it holds one or
+    two documents; buffer i holds the stream's next `buffer_contexts` contexts, permuted by a generator seeded with
+    (seed, i), and batches are served from it in that order. The position is the stream's position at the start of
+    the buffer, its index and the contexts served from it: `load_state_dict` refills the buffer exactly.
+    """
+
+    def __init__(self, stream: ContextStream, buffer_contexts: int, seed: int = 0) -> None:
+        if not isinstance(buffer_contexts, int) or buffer_contexts < 1:
+            raise SaelabError(f"a mixing buffer holds at least one context, got {buffer_contexts!r}")
+        self.stream = stream
+        self.buffer_contexts = buffer_contexts
+        self.seed = seed
+        self._start = stream.state_dict()
+        self._index = -1  # the buffer being served; -1 before the first
+        self._buffer = torch.zeros(0, stream.context_length, dtype=torch.long)
+        self._served = 0
+
+    def next(self, n: int) -> Tensor:
+        """The next n contexts, [n, context_length] int64."""
+        parts = []
+        while n:
+            if self._served == len(self._buffer):
+                self._fill(self._index + 1)
+            take = min(n, len(self._buffer) - self._served)
+            parts.append(self._buffer[self._served : self._served + take])
+            self._served += take
+            n -= take
+        return torch.cat(parts)
+
+    def _fill(self, index: int) -> None:
+        self._start = self.stream.state_dict()
+        contexts = self.stream.next(self.buffer_contexts)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        self._buffer = contexts[torch.randperm(len(contexts), generator=generator)]
+        self._index, self._served = index, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream": dict(self._start), "buffer": self._index, "served": self._served}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self._start = dict(state["stream"])
+        self._buffer = torch.zeros(0, self.stream.context_length, dtype=torch.long)
+        self._index, self._served = -1, 0
+        if state["buffer"] >= 0:
+            self._fill(state["buffer"])
+            self._served = state["served"]
+
+
 def spread_contexts(
     texts: TextSource,
     tokenizer: Any,

@@ -51,7 +51,7 @@ from saelab.models.builtin import (
     LMConfig,
     wrap_tokenizer,
 )
-from saelab.models.data import ContextStream, documents
+from saelab.models.data import ContextStream, MixedContexts, documents
 
 # ------------------------------------------------------------------------------------------------- tokenizer
 
@@ -262,7 +262,8 @@ class LMTrainConfig:
 
     The budget is `tokens` (reproducible), or `minutes` of wall-clock time when set (the learning-rate
     schedule then follows elapsed time). Each step trains on the next `batch_size` BOS-led contexts of
-    `model.n_ctx` tokens (plus the last target) of the shuffled document stream seeded by `seed`. Every
+    `model.n_ctx` tokens (plus the last target) of the shuffled document stream seeded by `seed`, mixed in buffers
+    of `mix_tokens` (consecutive contexts come from one document: unmixed, a batch would hold one or two). Every
     `checkpoint_every` steps (0: never) the run state is saved for `--resume`; only a token budget can resume.
     Muon updates the blocks' weight matrices at `muon_lr`; AdamW the token and position embeddings at
     `embed_lr` and everything else (unembedding, biases, LayerNorm) at `lr`. The defaults were picked by
@@ -282,6 +283,7 @@ class LMTrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     eval_tokens: int = 2**18
+    mix_tokens: int = 2**18
     checkpoint_every: int = 0
 
     def validate(self) -> None:
@@ -297,7 +299,7 @@ class LMTrainConfig:
                 "--checkpoint-every needs a --tokens budget: with --minutes the schedule follows the clock, so a"
                 " resumed run could not repeat the same steps"
             )
-        require_positive_ints(self, ("tokens", "batch_size", "eval_tokens", "warmup_steps"))
+        require_positive_ints(self, ("tokens", "batch_size", "eval_tokens", "warmup_steps", "mix_tokens"))
         for name in ("lr", "embed_lr", "muon_lr"):
             if not getattr(self, name) > 0:
                 raise SaelabError(f"{name} must be positive, got {getattr(self, name)!r}")
@@ -428,7 +430,8 @@ def _train_lm(
 
     model = FastLM(cfg.model).to(device)
     optimizers = make_optimizers(model, cfg)
-    stream = ContextStream(train_docs, wrap_tokenizer(tokenizer), cfg.model.n_ctx + 1, bos, seed=cfg.seed)
+    documents_in_order = ContextStream(train_docs, wrap_tokenizer(tokenizer), cfg.model.n_ctx + 1, bos, seed=cfg.seed)
+    stream = MixedContexts(documents_in_order, max(cfg.batch_size, cfg.mix_tokens // cfg.model.n_ctx), cfg.seed)
     tokens_per_step = cfg.batch_size * cfg.model.n_ctx
     step, seen, smoothed, before = 0, 0, float("nan"), 0.0  # before: training seconds of earlier sessions
     if checkpoint is not None:
@@ -524,7 +527,7 @@ def save_lm_checkpoint(
     tokenizer,
     model: FastLM,
     optimizers: list[torch.optim.Optimizer],
-    stream: ContextStream,
+    stream: MixedContexts,
     step: int,
     seen: int,
     smoothed: float,
