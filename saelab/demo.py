@@ -4,6 +4,8 @@
     SAEs of every architecture on the toy model → ground-truth recovery  out/toy_sae/
     built-in language model → TopK SAE on blocks.0.hook_resid_post       out/lm_sae/
     → LM evals (CE loss recovered) → feature dashboard                   out/dashboard/
+    zoo model zoo:sum → TopK SAE → task accuracy clean / spliced / ablated out/zoo_sae/
+    → its dashboard (tokens are digits, losses the task's)              out/zoo_dashboard/
 
 Each stage is the same function the CLI calls, so the demo is also the integration test of the whole chain.
 """
@@ -19,9 +21,14 @@ from typing import Any
 from saelab.io import OutputKind, atomic_write_json, check_output, output_lock
 
 DEMO_HOOK = "blocks.0.hook_resid_post"
+# The zoo stage: 4-digit addition, at the residual stream between its two layers (which layer 1 reads).
+DEMO_ZOO_TASK = "sum"
+DEMO_ZOO_HOOK = "blocks.0.hook_resid_post"
 # The demo's folder holds one folder per stage (each written whole by its stage) and summary.json.
 DEMO_FOLDER = OutputKind(
-    "saelab demo folder", ("summary.json", "toy", "toy_sae", "lm_sae", "dashboard"), lambda folder: True
+    "saelab demo folder",
+    ("summary.json", "toy", "toy_sae", "lm_sae", "dashboard", "zoo_sae", "zoo_dashboard"),
+    lambda folder: True,
 )
 
 
@@ -34,18 +41,27 @@ class DemoSizes:
     lm_eval_tokens: int
     dashboard_sequences: int
     dashboard_latents: int
+    zoo_sae_steps: int
+    zoo_eval_sequences: int
+    zoo_dashboard_sequences: int
+    zoo_dashboard_latents: int
 
     @classmethod
     def for_mode(cls, quick: bool) -> DemoSizes:
         if quick:
             return cls(lm_sae_steps=30, lm_batch_size=1024, lm_eval_tokens=4096, dashboard_sequences=16,
-                       dashboard_latents=16)  # fmt: skip
+                       dashboard_latents=16, zoo_sae_steps=30, zoo_eval_sequences=200, zoo_dashboard_sequences=32,
+                       zoo_dashboard_latents=8)  # fmt: skip
         return cls(lm_sae_steps=600, lm_batch_size=4096, lm_eval_tokens=65536, dashboard_sequences=256,
-                   dashboard_latents=256)  # fmt: skip
+                   dashboard_latents=256, zoo_sae_steps=120, zoo_eval_sequences=500, zoo_dashboard_sequences=64,
+                   zoo_dashboard_latents=16)  # fmt: skip
+
+
+STAGES = 5
 
 
 def _stage(number: int, title: str) -> float:
-    print(f"\n[{number}/4] {title}", flush=True)
+    print(f"\n[{number}/{STAGES}] {title}", flush=True)
     return time.perf_counter()
 
 
@@ -122,10 +138,56 @@ def _run_demo(out: Path, quick: bool) -> dict[str, Any]:
     summary["dashboard"] = str(index)
     summary["seconds"]["dashboard"] = _done(started)
 
+    started = _stage(
+        5, f"An algorithmic-problem model: TopK SAE on zoo:{DEMO_ZOO_TASK} at {DEMO_ZOO_HOOK}, its dashboard"
+    )
+    summary["zoo"] = _zoo_stage(out, sizes)
+    summary["seconds"]["zoo"] = _done(started)
+
     atomic_write_json(out / "summary.json", summary)
     print(f"\nAll results: {out}")
     print(f"  toy-model figures:  {out / 'toy'}")
     print(f"  SAE recovery:       {out / 'toy_sae' / 'recovery.json'}")
     print(f"  dashboard:          file://{index}")
     print(f"  live prompt view:   saelab serve {out / 'dashboard'}")
+    print(f"  zoo:{DEMO_ZOO_TASK} dashboard:  file://{summary['zoo']['dashboard']}")
     return summary
+
+
+def _zoo_stage(out: Path, sizes: DemoSizes) -> dict[str, Any]:
+    """An SAE on a shipped zoo model (fresh task sequences, no dataset), its task evals and its dashboard."""
+    from saelab.dashboard.cli import build_dashboard
+    from saelab.dashboard.compute import Top
+    from saelab.models.evals import lm_eval
+    from saelab.models.store import build_lm_source
+    from saelab.models.zoo.tasks import get_task
+    from saelab.sae.model import SAEConfig
+    from saelab.sae.train import SAETrainConfig, train_saes
+
+    model, task_length = f"zoo:{DEMO_ZOO_TASK}", get_task(DEMO_ZOO_TASK).n_ctx
+    source = build_lm_source(model, None, DEMO_ZOO_HOOK, task_length, 1024, seed=0, device="cpu")
+    sae_cfg = SAEConfig("topk", source.d_in, 4 * source.d_in, k=8)
+    train_cfg = SAETrainConfig(steps=sizes.zoo_sae_steps, batch_size=1024, lr=3e-3, seed=0)
+    (sae,) = train_saes(source, sae_cfg, train_cfg, out=out / "zoo_sae", progress=True)
+    metrics = lm_eval(sae, out / "zoo_sae", n_tokens=sizes.zoo_eval_sequences * task_length, progress=True).to_dict()
+    for label, key in (
+        ("task accuracy, clean", "accuracy_clean"),
+        ("with the SAE spliced in", "accuracy_with_sae"),
+        ("with the hook zero-ablated", "accuracy_with_ablation"),
+        ("CE loss recovered", "ce_loss_recovered"),
+    ):
+        value = metrics[key]
+        print(f"      {label:<27} {'undefined' if value is None else f'{value:.4f}'}")
+    for match in metrics["variable_latents"]:
+        print(f"      best latent for {match['value']}: {match['latent']} (r = {match['correlation']:.3f})")
+    index = build_dashboard(
+        out / "zoo_sae",
+        out / "zoo_dashboard",
+        features=Top(sizes.zoo_dashboard_latents),
+        n_sequences=sizes.zoo_dashboard_sequences,
+        progress=True,
+    )
+    keys = ("task", "accuracy_clean", "accuracy_with_sae", "accuracy_with_ablation", "ce_loss_recovered",
+            "explained_variance", "l0", "variable_latents")  # fmt: skip
+    summary = {"dir": str(out / "zoo_sae"), "model": model, "hook": DEMO_ZOO_HOOK, "d_sae": sae_cfg.d_sae}
+    return summary | {key: metrics[key] for key in keys} | {"dashboard": str(index)}

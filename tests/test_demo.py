@@ -1,5 +1,6 @@
-"""`saelab demo --quick`, end to end in its own process: every stage runs, prints its figures (the ablated CE loss
-among them) and writes the folders it names; a second run into the same folder replaces its own results."""
+"""`saelab demo --quick`, end to end in its own process: every stage runs (the zoo model's SAE among them), prints
+its figures (the ablated CE loss among them) and writes the folders it names; a second run into the same folder
+replaces its own results."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def test_the_quick_demo_runs_every_stage(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "saelab.cli", "demo", "--quick", "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):
+    for stage in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
         assert stage in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     lm = summary["lm_sae"]
@@ -35,6 +36,13 @@ def test_the_quick_demo_runs_every_stage(tmp_path: Path) -> None:
     load_toy_model(out / "toy" / "pentagon")
     load_sae(out / "lm_sae")
     assert (out / "dashboard" / "index.html").is_file()
+    zoo = summary["zoo"]  # the zoo stage: an SAE on zoo:sum, its task accuracies and its dashboard
+    assert zoo["task"] == "sum" and zoo["accuracy_clean"] > 0.99
+    assert zoo["accuracy_with_ablation"] < zoo["accuracy_clean"] - 0.3
+    printed_zoo = [line.split()[-1] for line in result.stdout.splitlines() if "task accuracy, clean" in line]
+    assert printed_zoo and float(printed_zoo[0]) == pytest.approx(zoo["accuracy_clean"], abs=1e-4)
+    assert load_sae(out / "zoo_sae").metadata["model_name"] == "zoo:sum"
+    assert (out / "zoo_dashboard" / "index.html").is_file()
     assert "it/s" in result.stderr or "s/it" in result.stderr  # the stages showed progress bars
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]  # an earlier demo's folder is replaced, not refused
