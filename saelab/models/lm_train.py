@@ -263,7 +263,9 @@ class LMTrainConfig:
     The budget is `tokens` (reproducible), or `minutes` of wall-clock time when set (the learning-rate
     schedule then follows elapsed time). Each step trains on the next `batch_size` BOS-led contexts of
     `model.n_ctx` tokens (plus the last target) of the shuffled document stream seeded by `seed`, mixed in buffers
-    of `mix_tokens` (consecutive contexts come from one document: unmixed, a batch would hold one or two). Every
+    of `mix_tokens` (consecutive contexts come from one document: unmixed, a batch would hold one or two, and a
+    short run would read only the documents at the front of the epoch); a buffer never holds more than one epoch,
+    and the default holds all of the built-in corpus's (which trains as well as random windows did). Every
     `checkpoint_every` steps (0: never) the run state is saved for `--resume`; only a token budget can resume.
     Muon updates the blocks' weight matrices at `muon_lr`; AdamW the token and position embeddings at
     `embed_lr` and everything else (unembedding, biases, LayerNorm) at `lr`. The defaults were picked by
@@ -283,7 +285,7 @@ class LMTrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     eval_tokens: int = 2**18
-    mix_tokens: int = 2**18
+    mix_tokens: int = 2**22
     checkpoint_every: int = 0
 
     def validate(self) -> None:
@@ -431,7 +433,9 @@ def _train_lm(
     model = FastLM(cfg.model).to(device)
     optimizers = make_optimizers(model, cfg)
     documents_in_order = ContextStream(train_docs, wrap_tokenizer(tokenizer), cfg.model.n_ctx + 1, bos, seed=cfg.seed)
-    stream = MixedContexts(documents_in_order, max(cfg.batch_size, cfg.mix_tokens // cfg.model.n_ctx), cfg.seed)
+    # A buffer holds mix_tokens, or one epoch of a smaller corpus.
+    mix_contexts = max(cfg.batch_size, min(cfg.mix_tokens, corpus_tokens) // cfg.model.n_ctx)
+    stream = MixedContexts(documents_in_order, mix_contexts, cfg.seed)
     tokens_per_step = cfg.batch_size * cfg.model.n_ctx
     step, seen, smoothed, before = 0, 0, float("nan"), 0.0  # before: training seconds of earlier sessions
     if checkpoint is not None:
