@@ -283,7 +283,7 @@ SUM = Task(
     outputs=(*(str(d) for d in range(10)), "+", "="),
     n_ctx=3 * SUM_DIGITS + 2,
     architecture=ZooArchitecture(n_layers=2, n_heads=3, d_model=48),
-    recipe=Recipe(steps=2500, batch_size=256, lr=3e-3),
+    recipe=Recipe(steps=3000, batch_size=256, lr=3e-3),
     probe=ProbeVariable("carry", "the carry into the answer digit predicted here", ("no carry", "carry")),
     generate=_sum,
 )
