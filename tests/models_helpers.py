@@ -110,6 +110,24 @@ def mean_kl(clean_logits: Tensor, logits: Tensor, counted: Tensor) -> float:
     return torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1)[counted].mean().item()
 
 
+def check_splice_metrics(metrics, tokens: Tensor, clean: Tensor, spliced: Tensor, ablated: Tensor) -> None:
+    """Assert an eval's CE and KL figures against the logits of a clean, a spliced and an ablated run done by hand
+    (CE over predictions between two non-BOS tokens; CE loss recovered and the KL score from their definitions)."""
+    import pytest
+
+    counted = (tokens[:, :-1] != 0) & (tokens[:, 1:] != 0)
+    assert metrics.predictions == counted.sum()
+    ce_clean, ce_spliced, ce_abl = (mean_ce(logits, tokens, counted) for logits in (clean, spliced, ablated))
+    assert metrics.ce_loss_clean == pytest.approx(ce_clean, rel=1e-5)
+    assert metrics.ce_loss_with_sae == pytest.approx(ce_spliced, rel=1e-5)
+    assert metrics.ce_loss_with_ablation == pytest.approx(ce_abl, rel=1e-5)
+    assert metrics.ce_loss_recovered == pytest.approx((ce_abl - ce_spliced) / (ce_abl - ce_clean), rel=1e-4)
+    kl_spliced, kl_abl = mean_kl(clean, spliced, counted), mean_kl(clean, ablated, counted)
+    assert metrics.kl_div_with_sae == pytest.approx(kl_spliced, rel=1e-4)
+    assert metrics.kl_div_with_ablation == pytest.approx(kl_abl, rel=1e-4)
+    assert metrics.kl_div_score == pytest.approx((kl_abl - kl_spliced) / kl_abl, rel=1e-4)
+
+
 class LinearSAE(nn.Module):
     """A minimal SAE for splicing tests: latents = ReLU(x W_enc), x̂ = latents W_dec."""
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from models_helpers import LinearSAE, mean_ce, mean_kl, save_gpt2
+from models_helpers import LinearSAE, check_splice_metrics, save_gpt2
 
 from saelab.errors import SaelabError
 from saelab.models.access import load_model
@@ -54,23 +54,7 @@ def test_metrics_match_an_independent_computation(lm, dataset):
     with torch.no_grad():
         clean_logits = model(tokens)
         logits = {name: model.run_with_hooks(tokens, fwd_hooks=[(HOOK, fn)]) for name, fn in splice.items()}
-    counted = (tokens[:, :-1] != 0) & (tokens[:, 1:] != 0)
-    assert metrics.predictions == counted.sum()
-
-    def ce(logits):
-        return mean_ce(logits, tokens, counted)
-
-    def kl(logits):
-        return mean_kl(clean_logits, logits, counted)
-
-    ce_clean, ce_sae, ce_abl = ce(clean_logits), ce(logits["sae"]), ce(logits["abl"])
-    assert metrics.ce_loss_clean == pytest.approx(ce_clean, rel=1e-5)
-    assert metrics.ce_loss_with_sae == pytest.approx(ce_sae, rel=1e-5)
-    assert metrics.ce_loss_with_ablation == pytest.approx(ce_abl, rel=1e-5)
-    assert metrics.ce_loss_recovered == pytest.approx((ce_abl - ce_sae) / (ce_abl - ce_clean), rel=1e-4)
-    kl_sae, kl_abl = kl(logits["sae"]), kl(logits["abl"])
-    assert metrics.kl_div_with_sae == pytest.approx(kl_sae, rel=1e-4)
-    assert metrics.kl_div_score == pytest.approx((kl_abl - kl_sae) / kl_abl, rel=1e-4)
+    check_splice_metrics(metrics, tokens, clean_logits, logits["sae"], logits["abl"])
 
     x = lm.activations(tokens, [HOOK])[HOOK][tokens != 0]
     x_hat = sae.decode(sae.encode(x)).detach()
