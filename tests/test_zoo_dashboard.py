@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from saelab.dashboard.cli import build_dashboard
-from saelab.dashboard.compute import DashboardConfig
+from saelab.dashboard.compute import DashboardConfig, compute_dashboard
 from saelab.dashboard.effects import CleanRun, loss_gradient
 from saelab.dashboard.live import PromptAnalyzer
 from saelab.dashboard.server import make_server
@@ -144,6 +145,70 @@ def test_total_effects_sum_the_loss_change_over_scored_positions_only(name):
             assert float(same[i]) == pytest.approx(float(change[p]), rel=1e-4, abs=1e-6)
         else:
             assert same[i].isnan()
+
+
+@pytest.mark.parametrize("name", ["sum", "palindromes"])
+@torch.no_grad()
+def test_output_logits_and_direct_path_match_plain_runs_through_the_final_residual(name):
+    """An SAE on block 0 of a two-block LayerNorm model. Each latent's promoted and suppressed task outputs are the
+    mean, over its firings, of the change in the output logits at the firing when a·W_dec[j] is removed from the
+    final residual there, in a whole forward pass; each output listed once (sum: 6 and 6 of 12; palindromes: 1 and
+    1). A window's direct-path ΔCE is the task loss change of that same pass at the firing (blank where it is not
+    scored), and its logit change is the label's."""
+    lm = load_model(f"zoo:{name}")
+    final = f"blocks.{lm.model.cfg.n_layers - 1}.hook_resid_post"
+    assert final != HOOK and lm.model.cfg.normalization_type == "LN"
+    sae = build_sae(
+        SAEConfig(architecture="topk", d_in=lm.d_hook(HOOK), d_sae=12, k=3), torch.Generator().manual_seed(1)
+    )
+    sae.metadata = {"hook_name": HOOK}
+    data = lm.task.sample(6, 11, "heldout")
+    cfg = DashboardConfig(top_windows=2, windows_per_interval=1)
+    board = compute_dashboard(lm, sae, data.tokens, HOOK, cfg=cfg, labels=data.labels)
+    acts = sae.encode(lm.activations(data.tokens, [HOOK])[HOOK])  # [S, T, d_sae]
+    clean = lm.model(data.tokens).double()
+    outputs = lm.task.outputs
+
+    def removed(s: int, p: int, j: int) -> Tensor:  # output logits [n_outputs] at p, the contribution removed
+        def remove(act, hook):
+            act = act.clone()
+            act[0, p] -= acts[s, p, j] * sae.W_dec[j]
+            return act
+
+        return lm.model.run_with_hooks(data.tokens[s : s + 1], fwd_hooks=[(final, remove)])[0, p].double()
+
+    n_top, n_bottom = min(10, (len(outputs) + 1) // 2), min(10, len(outputs) // 2)
+    checked_logits, checked_direct = 0, set()
+    for page in board.latents:
+        j = page["id"]
+        firings = (acts[..., j] > 0).nonzero().tolist()
+        if page["logits"]["positions"] == len(firings):  # every firing sampled (at most 64)
+            change = torch.stack([clean[s, p] - removed(s, p, j) for s, p in firings]).mean(0)
+            order = change.argsort(descending=True).tolist()
+            top, bottom = page["logits"]["top"], page["logits"]["bottom"]
+            assert [t for t, _ in top] == [outputs[i] for i in order[:n_top]]
+            assert [t for t, _ in bottom] == [outputs[i] for i in order[::-1][:n_bottom]]
+            for (_, shown), i in zip(top + bottom, order[:n_top] + order[::-1][:n_bottom], strict=True):
+                assert shown == pytest.approx(float(change[i]), rel=1e-3, abs=1e-5)
+            checked_logits += 1
+        for window in page["windows"]["top"] + [w for iv in page["windows"]["intervals"] for w in iv["windows"]]:
+            s = window["seq"]
+            for p, a in enumerate(window["acts"]):
+                if a <= 0:
+                    continue
+                label = int(data.labels[s, p])
+                if label == IGNORE:
+                    assert window["direct"][p] is None and window["logit"][p] is None
+                    continue
+                logits = removed(s, p, j)
+                ce = F.cross_entropy(logits, torch.tensor(label)) - F.cross_entropy(clean[s, p], torch.tensor(label))
+                assert window["direct"][p] == pytest.approx(float(ce), rel=2e-3, abs=1e-5)
+                assert window["logit"][p] == pytest.approx(
+                    float(clean[s, p, label] - logits[label]), rel=2e-3, abs=1e-5
+                )
+                checked_direct.add((s, p, j))
+    assert checked_logits >= 4 and len(checked_direct) >= 3
+    assert board.meta["approximation"]["direct_path"]["positions"] >= len(checked_direct)
 
 
 def test_attribution_gradient_is_that_of_the_task_loss_on_scored_positions():

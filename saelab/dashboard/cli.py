@@ -123,12 +123,18 @@ def compute_zoo_dashboard(lm, sae, hook, features, cfg: DashboardConfig | None, 
     """The dashboard of an SAE on a zoo model, on `n_sequences` fresh task sequences (seeded by cfg.seed), with the
     best-matching latent per value of the task's probe variable in its meta (shown on the index page)."""
     from saelab.dashboard.zoo import DASHBOARD_SEED, zoo_variable_latents
+    from saelab.models.zoo.tasks import IGNORE
 
     seed = cfg.seed if cfg else 0
     data = lm.task.sample(n_sequences, DASHBOARD_SEED + seed, "heldout")
     board = compute_dashboard(lm, sae, data.tokens, hook, features, cfg, progress, data.labels)
     board.meta["tokens"] |= {"source": f"task generator ({lm.task.name}, heldout split)", "seed": DASHBOARD_SEED + seed,
                              "scored": int(data.scored.sum())}  # fmt: skip
+    for page in board.latents:  # each window is a whole sequence: the label its loss scores at each position
+        for window in page["windows"]["top"] + [w for iv in page["windows"]["intervals"] for w in iv["windows"]]:
+            window["labels"] = [
+                lm.task.outputs[y] if y != IGNORE else None for y in data.labels[window["seq"]].tolist()
+            ]
     board.meta["task"] = {
         "name": lm.task.name,
         "summary": lm.task.summary,

@@ -559,12 +559,15 @@ class _Effects:
             clean = Clean(torch.empty(len(rows), clean_w.final.shape[1]), torch.empty(len(rows)))
             for part, c in ((s, clean_s), (w, clean_w)):
                 clean.final[part], clean.ce[part] = c.final.cpu(), c.ce.cpu()
-            targets = tokens[chunk][local, pos + 1]
+            # What the loss at a position scores: the next token, or a zoo model's task label (IGNORE: unscored).
+            targets = tokens[chunk][local, pos + 1] if labels is None else labels[chunk][local, pos]
             for part in torch.arange(len(rows)).split(1024):  # logits [1024, d_vocab] at a time: reused memory
                 direct, normed = engine.direct_effects(clean[part], targets[part], delta_res[part])
                 self.direct[rows[part]] = direct
-                if W_U is not None:  # the logit change the latent makes for the actual next token
-                    self.next_logit[rows[part]] = (normed * W_U[:, targets[part]].T).sum(-1)
+                if W_U is not None:  # the logit change the latent makes for the actual next token (or label)
+                    t = targets[part]
+                    logit = (normed * W_U[:, t.clamp(min=0)].T).sum(-1)
+                    self.next_logit[rows[part]] = torch.where(t != IGNORE, logit, float("nan"))
                 sampled = self.is_sample[rows[part]]
                 lat = self.latent[rows[part]][sampled]
                 self.normed_sum.index_add_(0, lat, normed[sampled].double())
@@ -641,25 +644,28 @@ def _ranking(stats: LatentStats) -> dict[str, list]:
 
 
 def _logit_effects(lm, effects: _Effects, n: int) -> list[dict[str, Any] | None]:
-    """Per latent: the n most promoted and suppressed tokens, W_U applied to the mean normed-residual change."""
+    """Per latent: the n most promoted and suppressed tokens, W_U applied to the mean normed-residual change. A zoo
+    model's logits are its task's outputs (labelled by `task.outputs`): with few of them, what fits, each output
+    listed once (the top half promoted, the bottom half suppressed)."""
     model = lm.model
     if not hasattr(model, "W_U") or effects.normed_n.sum() == 0:
         return [None] * len(effects.normed_n)
     W_U = model.W_U.detach().float().cpu()
+    n_top, n_bottom = min(n, (W_U.shape[1] + 1) // 2), min(n, W_U.shape[1] // 2)
     out: list[dict[str, Any] | None] = []
     seen: dict[int, str] = {}
 
     def label(token_id: int) -> str:  # the same tokens recur across latents: decode each once
         if token_id not in seen:
-            seen[token_id] = token_label(lm.tokenizer, token_id)
+            seen[token_id] = token_label(lm.tokenizer, token_id) if lm.task is None else lm.task.outputs[token_id]
         return seen[token_id]
 
     for start in range(0, len(effects.normed_n), 512):
         counts = effects.normed_n[start : start + 512]
         mean = (effects.normed_sum[start : start + 512] / counts.clamp(min=1)[:, None]).float()
         logits = mean @ W_U  # [chunk, d_vocab]
-        top_v, top_i = logits.topk(n, dim=1)
-        bot_v, bot_i = logits.topk(n, dim=1, largest=False)
+        top_v, top_i = logits.topk(n_top, dim=1)
+        bot_v, bot_i = logits.scatter(1, top_i, math.inf).topk(n_bottom, dim=1, largest=False)  # none listed twice
         for j in range(len(counts)):
             if counts[j] == 0:
                 out.append(None)
@@ -667,7 +673,8 @@ def _logit_effects(lm, effects: _Effects, n: int) -> list[dict[str, Any] | None]
             labels = lambda ids: [label(t) for t in ids.tolist()]  # noqa: E731
             out.append({
                 "top": _pairs(labels(top_i[j]), top_v[j].tolist()),
-                "ids": top_i[j].tolist(),
+                # The next token among the most promoted (`_helps`): a zoo model's outputs are not next tokens.
+                "ids": top_i[j].tolist() if lm.task is None else [],
                 "bottom": _pairs(labels(bot_i[j]), bot_v[j].tolist()),
                 "positions": int(counts[j]),
             })  # fmt: skip

@@ -9,8 +9,11 @@ generator marks as scored. So here:
   latent's contribution is removed at p only: a firing at an unscored position counts through later positions.
 
 `TaskDownstream` computes these by the plain definition, one whole forward pass per (latent, position) batched
-per sequence (the models and contexts are tiny); it has no direct path. It is a `LossEffectEngine`, so the
-dashboard's one pipeline (`saelab.dashboard.compute`) runs unchanged on top of it.
+per sequence (the models and contexts are tiny). Its direct path is the language model's with the task's label for
+the next token: the contribution removed from the final residual at p only, through the model's own final norm and
+unembedding, scored against labels[p] (NaN where p is not scored); the same pass gives the exact change of the
+normed final residual, whose mean times W_U is a latent's effect on the task's output logits. It is a
+`LossEffectEngine`, so the dashboard's one pipeline (`saelab.dashboard.compute`) runs unchanged on top of it.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saelab.dashboard.effects import CleanRun, later_loss_mask
+from saelab.dashboard.effects import _BLOCK_HOOK, Clean, CleanRun, Downstream, later_loss_mask
 from saelab.errors import SaelabError
+from saelab.models.zoo.tasks import IGNORE
 
 DASHBOARD_SEED = 1_000_003  # fresh task samples for dashboards, distinct from training and the evals
 
@@ -39,7 +43,8 @@ def with_targets(run: CleanRun, labels: Tensor | None) -> CleanRun:
 
 
 class TaskDownstream:
-    """Exact loss effects on a zoo model: whole forward passes with the contribution removed at one position."""
+    """Exact and direct-path loss effects on a zoo model: whole forward passes with the contribution removed at one
+    position, and the final-residual-only removal for the direct path."""
 
     start = 0
     start_name = None
@@ -51,11 +56,16 @@ class TaskDownstream:
         self.lm = lm
         self.hook = lm.check_hook(hook)
         self.per_pass = per_pass
+        # The residual-stream write of a hook inside a block and the final norm are the language model's engine's
+        # (a zoo model is a HookedTransformer); other hooks (embeddings) have no direct path, as on LM pages.
+        self.residual = Downstream(lm, self.hook) if _BLOCK_HOOK.match(self.hook) else None
+        self.final_name = f"blocks.{lm.model.cfg.n_layers - 1}.hook_resid_post"
 
     @torch.no_grad()
     def clean(self, tokens: Tensor, resid_start: Tensor | None = None) -> CleanRun:
         tokens = tokens.to(self.lm.device)
-        return CleanRun(tokens=tokens, x_hook=self.lm.activations(tokens, [self.hook])[self.hook].flatten(2))
+        found = self.lm.activations(tokens, [self.hook, self.final_name])
+        return CleanRun(tokens=tokens, x_hook=found[self.hook].flatten(2), final_resid=found[self.final_name])
 
     def _labels(self, run: CleanRun) -> Tensor:
         if run.targets is None:
@@ -87,17 +97,20 @@ class TaskDownstream:
                 logits = self.lm.logits(tokens.expand(len(chunk), -1), {self.hook: remove})
                 yield chunk, clean, task_ce(logits, labels[s : s + 1].expand(len(chunk), -1))
 
-    def loss_effects(self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor) -> tuple[Tensor, None]:
-        return self.total_effects(run, seq, pos, delta, self._labels(run) != -100)[1], None
+    def loss_effects(self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor) -> tuple[Tensor, Clean]:
+        _, same, clean = self.total_effects(run, seq, pos, delta, self._labels(run) != IGNORE)
+        return same, clean
 
     def total_effects(
         self, run: CleanRun, seq: Tensor, pos: Tensor, delta: Tensor, eligible: Tensor
-    ) -> tuple[Tensor, Tensor, None]:
-        """Total ΔCE [n] over the scored positions from pos[i] on (`eligible` [S, T]: the scored positions), and
-        the same-position ΔCE [n] (NaN where pos[i] is not scored)."""
+    ) -> tuple[Tensor, Tensor, Clean]:
+        """Total ΔCE [n] over the scored positions from pos[i] on (`eligible` [S, T]: the scored positions), the
+        same-position ΔCE [n] (NaN where pos[i] is not scored), and the clean final residual and task CE at pos[i]
+        (0 where not scored), which the direct path starts from."""
         total = torch.empty(len(seq), dtype=torch.float64)
         same = torch.full((len(seq),), float("nan"))
-        scored = self._labels(run) != -100
+        clean_ce = torch.empty(len(seq))
+        scored = self._labels(run) != IGNORE
         for rows, clean, ablated in self._ablated(run, seq, pos, delta):
             p = pos[rows].to(ablated.device)
             change = ablated.double() - clean.double()
@@ -105,13 +118,26 @@ class TaskDownstream:
             total[rows] = (change * mask).sum(1).cpu()
             here = torch.arange(len(rows), device=p.device), p
             same[rows] = torch.where(scored[seq[rows].to(p.device), p], change[here], float("nan")).float().cpu()
-        return total, same, None
+            clean_ce[rows] = clean[p].float().cpu()
+        final = run.final_resid[seq.to(run.final_resid.device), pos.to(run.final_resid.device)]
+        return total, same, Clean(final.float().cpu(), clean_ce)
 
     def to_residual(self, delta: Tensor) -> Tensor | None:
-        return None  # no direct path: direct_effects is never called
+        return None if self.residual is None else self.residual.to_residual(delta)
 
-    def direct_effects(self, clean, targets: Tensor, delta_res: Tensor) -> tuple[Tensor, Tensor]:
-        raise SaelabError("zoo dashboards have no direct path")
+    @torch.no_grad()
+    def direct_effects(self, clean: Clean, targets: Tensor, delta_res: Tensor) -> tuple[Tensor, Tensor]:
+        """Direct-path ΔCE [n] of the task loss (NaN where targets [n], the labels at the re-run positions, are
+        IGNORE) and the exact change to the normed final residual [n, d_model] of removing delta_res [n, d_model]
+        from the clean final residuals. The clean loss comes from the same unembedding as the ablated one."""
+        model = self.lm.model
+        x = clean.final.to(self.lm.device)
+        ablated = x - delta_res.to(x.device, x.dtype)
+        normed_clean, normed_ablated = self.residual.final_norm(x), self.residual.final_norm(ablated)
+        targets = targets.to(x.device)
+        dce = task_ce(model.unembed(normed_ablated), targets) - task_ce(model.unembed(normed_clean), targets)
+        dce = torch.where(targets != IGNORE, dce, float("nan"))
+        return dce.cpu(), (normed_clean - normed_ablated).float().cpu()
 
 
 @torch.no_grad()

@@ -225,7 +225,9 @@
         ["position", String(win.start + i)],
         ["activation", num(a, 4)],
       ];
-      if (next != null) rows.push(["next token", JSON.stringify(next)]);
+      if (win.labels) { // a zoo task: the loss scores the task's label here, not the next token
+        rows.push(["label", win.labels[i] == null ? "not scored" : win.labels[i]]);
+      } else if (next != null) rows.push(["next token", JSON.stringify(next)]);
       if (win.logit && win.logit[i] != null) rows.push(["its logit change", signed(win.logit[i], 4)]);
       if (loss != null) rows.push(["ΔCE here (exact)", signed(loss, 4)]);
       if (direct != null) rows.push(["ΔCE here (direct path)", signed(direct, 4)]);
@@ -486,14 +488,15 @@
     ["raises", "Helps", "num", "fraction of exactly computed firings where removing the latent raises the loss (– below 10 exact firings; the latent's page shows the count)"],
     ["hit", "Next in top 10", "num", "how often the actual next token is among the latent's 10 most promoted tokens"],
     ["fires", "Fires on", "", "tokens at the centre of the top windows"],
-    ["promotes", "Promotes", "", "tokens whose logits the latent raises most"],
+    ["promotes", "Promotes", "", "tokens (a zoo task's outputs) whose logits the latent raises most"],
     ["gt", "Ground truth", "", "the true toy feature whose direction the decoder row matches"],
   ];
   const RANKED = new Set(["total", "totalLo", "imp", "raises"]);
 
   function renderTable(box, rows, index) {
     const toy = index.meta.kind === "toy";
-    const cols = COLUMNS.filter((c) => (toy ? !["fires", "promotes", "hit", "raises"].includes(c[0]) : c[0] !== "gt"));
+    const task = !!index.meta.task; // a zoo task's outputs are not next tokens: no "next in top 10"
+    const cols = COLUMNS.filter((c) => (toy ? !["fires", "promotes", "hit", "raises"].includes(c[0]) : c[0] !== "gt" && !(task && c[0] === "hit")));
     const q = state.query.trim().toLowerCase();
     let shown = rows;
     if (q) {
@@ -620,10 +623,10 @@
     const histPanel = h("section", { class: "panel" }, [h("h2", { text: "Activation histogram (non-zero)" }), toggles, histBox]);
 
     const panels = [title];
-    const side = d.logits ? logitPanel(d.logits) : d.ground_truth ? groundTruthPanel(d.ground_truth) : null;
+    const side = d.logits ? logitPanel(d.logits, index.meta.task) : d.ground_truth ? groundTruthPanel(d.ground_truth) : null;
     panels.push(side ? h("div", { class: "grid two" }, [histPanel, side]) : histPanel);
     if (d.ground_truth) panels.push(inputsPanel(d.ground_truth));
-    if (d.helps) panels.push(helpsPanel(d.helps));
+    if (d.helps) panels.push(helpsPanel(d.helps, index.meta.task));
     panels.push(h("div", { class: "grid two" }, [
       listPanel("Nearest by decoder cosine", d.neighbours, "cos", known),
       listPanel("Most correlated activations", d.correlated, "r", known),
@@ -639,14 +642,16 @@
     return h("label", { class: "toggle" }, [box, label]);
   }
 
-  function logitPanel(logits) {
+  function logitPanel(logits, task) {
     const table = (entries, cls) => h("table", { class: "logits" }, entries.map((e) => h("tr", {}, [
       h("td", {}, chip(e[0])),
       h("td", { class: "num " + cls, text: signed(e[1], 3) }),
     ])));
-    return h("section", { class: "panel" }, [
-      h("h2", { text: "Logit effects" }),
-      h("p", { class: "muted small", text: "Mean change in logits from the latent's contribution, through the model's final norm at the actual residual, over " + logits.positions + " firing positions." }),
+    const what = task ? "the task's output logits (" + task.name + " outputs, each listed once)" : "logits";
+    const caveat = task ? " Only differences between outputs matter to the softmax, so an output raised less than the others is suppressed relative to them." : "";
+    return h("section", { class: "panel", id: "logit-effects" }, [
+      h("h2", { text: task ? "Output logit effects" : "Logit effects" }),
+      h("p", { class: "muted small", text: "Mean change in " + what + " from the latent's contribution, through the model's final norm at the actual residual, over " + logits.positions + " firing positions." + caveat }),
       h("div", { class: "grid two" }, [
         h("div", {}, [h("div", { class: "small muted", text: "promoted" }), table(logits.top, "pos")]),
         h("div", {}, [h("div", { class: "small muted", text: "suppressed" }), table(logits.bottom, "neg")]),
@@ -654,7 +659,7 @@
     ]);
   }
 
-  function helpsPanel(helps) {
+  function helpsPanel(helps, task) {
     const rows = helps.intervals.map((iv) => h("tr", {}, [
       h("td", { class: "num", text: Math.round(iv.q[0] * 100) + "–" + Math.round(iv.q[1] * 100) + "%" }),
       h("td", { class: "num", text: num(iv.lo) + " – " + num(iv.hi) }),
@@ -665,7 +670,7 @@
       h("h2", { text: "When does it help?" }),
       h("div", { class: "stats" }, [
         stat("removing it raises the loss", helps.raises_loss == null ? "–" : percent(helps.raises_loss), "of " + helps.raises_loss_n + " exactly computed firings"),
-        stat("next token among its top 10", helps.next_token_in_top10 == null ? "–" : percent(helps.next_token_in_top10), "of its firings"),
+        task ? null : stat("next token among its top 10", helps.next_token_in_top10 == null ? "–" : percent(helps.next_token_in_top10), "of its firings"),
       ]),
       h("table", { class: "logits" }, [
         h("thead", {}, h("tr", {}, ["activation quantiles", "activation", "firings", "mean total " + LOSS].map((t) => h("th", { text: t })))),
