@@ -8,7 +8,7 @@ and characters split across tokens exercise the whole-sequence decoding.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -82,16 +82,21 @@ class _Cfg:
     d_in: int
     d_sae: int
     architecture: str = "relu"
-    metadata: dict = field(default_factory=dict)
+    transcoder: bool = False
+
+    @property
+    def d_target(self) -> int:
+        return self.d_in
 
 
 class TinySAE(nn.Module):
-    """The minimal SAE contract the dashboard relies on: encode, decode, W_dec, cfg.d_in/d_sae/metadata."""
+    """The minimal SAE the dashboard relies on (`saelab.dashboard.compute.DashboardSAE`), and decode."""
 
     def __init__(self, d_in: int, d_sae: int, hook: str, seed: int = 0, bias: float = -0.3) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.cfg = _Cfg(d_in, d_sae, metadata={"hook_name": hook, "model_name": "tiny"})
+        self.cfg = _Cfg(d_in, d_sae)
+        self.metadata = {"hook_name": hook, "model_name": "tiny"}
         self.W_enc = nn.Parameter(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
         self.W_dec = nn.Parameter(torch.randn(d_sae, d_in, generator=g) / d_in**0.5)
         self.b_enc = nn.Parameter(torch.full((d_sae,), bias))

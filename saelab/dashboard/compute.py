@@ -27,7 +27,7 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -169,31 +169,58 @@ def _rounded(values: Tensor, digits: int = 5) -> list[float | None]:
     return [None if v != v or v in (math.inf, -math.inf) else v for v in out]
 
 
-def sae_metadata(sae) -> dict[str, Any]:
-    """The SAE's metadata (hook_name, model_name, source, …): `sae.metadata` for saelab SAEs, `sae.cfg.metadata`
-    for SAELens-style objects."""
-    return getattr(sae, "metadata", None) or getattr(sae.cfg, "metadata", None) or {}
+class SAEShape(Protocol):
+    """What the dashboard reads of an SAE's config (`saelab.sae.model.SAEConfig` has it all)."""
+
+    architecture: str
+    d_in: int  # width of the activation the latents read
+    d_sae: int
+
+    @property
+    def transcoder(self) -> bool:
+        """Whether the latents write another activation (`metadata["hook_name_out"]`) than the one they read."""
+        ...
+
+    @property
+    def d_target(self) -> int:
+        """Width of the activation the decoder rows write into (d_in for an SAE)."""
+        ...
 
 
-def latent_hooks(lm, sae, hook: str | None = None) -> tuple[str, str]:
+class DashboardSAE(Protocol):
+    """What the dashboard needs of an SAE: saelab's `SAE` (any architecture, transcoders included) is one."""
+
+    cfg: SAEShape
+    metadata: dict[str, Any]  # hook_name (and a transcoder's hook_name_out), model_name, source, …
+    W_dec: Tensor  # [d_sae, d_target]
+
+    def encode(self, x: Tensor) -> Tensor: ...
+
+
+def sae_metadata(sae: DashboardSAE) -> dict[str, Any]:
+    """The SAE's metadata (hook_name, model_name, source, …), as saved in its cfg.json."""
+    return sae.metadata
+
+
+def latent_hooks(lm, sae: DashboardSAE, hook: str | None = None) -> tuple[str, str]:
     """(the hook the latents read, the hook their decoder rows write into) for `sae` on `lm`, checked.
 
     An SAE reads and writes one hook: `hook`, by default its metadata's. A transcoder reads its input hook and writes
     the hook whose activation (the MLP's output) it replaces, `hook_name_out`: there a latent's contribution
     a · W_dec[j] is removed to measure its loss effects, while its activation comes from the input hook. `hook`, if
     given, must be one of the two."""
-    metadata = sae_metadata(sae)
+    metadata = sae.metadata
     hook_in = hook or metadata.get("hook_name")
     if not hook_in:
         raise SaelabError("the SAE's cfg.json names no hook (metadata.hook_name); pass --hook")
     hook_out = hook_in
-    if getattr(sae.cfg, "transcoder", False):
+    if sae.cfg.transcoder:
         hook_in, hook_out = metadata.get("hook_name"), metadata.get("hook_name_out")
         if not hook_in or not hook_out:
             raise SaelabError("the transcoder's metadata lacks hook_name or hook_name_out; dashboards need both")
         if hook not in (None, hook_in, hook_out):
             raise SaelabError(f"this transcoder reads {hook_in} and writes {hook_out}; --hook {hook} is neither")
-    for name, width in ((hook_in, sae.cfg.d_in), (hook_out, getattr(sae.cfg, "d_target", sae.cfg.d_in))):
+    for name, width in ((hook_in, sae.cfg.d_in), (hook_out, sae.cfg.d_target)):
         lm.check_hook(name)
         if lm.d_hook(name) != width:
             raise SaelabError(
@@ -211,7 +238,7 @@ def _sae_encode(sae, x: Tensor) -> Tensor:
 @torch.no_grad()
 def compute_dashboard(
     lm,
-    sae,
+    sae: DashboardSAE,
     tokens: Tensor,
     hook: str | None = None,
     features: int | list[int] | Tensor | Top | None = None,
@@ -304,7 +331,7 @@ def compute_dashboard(
         "model": lm.name,
         "hook": hook,
         **({"hook_in": hook_in} if hook_in != hook else {}),
-        "sae": {"architecture": getattr(sae.cfg, "architecture", "?"), "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae},
+        "sae": {"architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae},
         "tokens": {"sequences": n_seq, "length": T, "counted": stats.n_tokens},
         "config": asdict(cfg),
         "histogram": {"log10_lo": LOG10_LO, "bins_per_decade": BINS_PER_DECADE},

@@ -113,7 +113,7 @@ def compute_toy_dashboard(
         "kind": "toy",
         "model": source,
         "hook": "hidden",
-        "sae": {"architecture": getattr(sae.cfg, "architecture", "?"), "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae},
+        "sae": {"architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae},
         "tokens": {"sequences": n_samples, "length": 1, "counted": stats.n_tokens},
         "config": asdict(cfg),
         "histogram": {"log10_lo": LOG10_LO, "bins_per_decade": BINS_PER_DECADE},
