@@ -16,8 +16,10 @@ from saelab.models.zoo.model import (
     evaluate,
     fit_linear_probe,
     load_zoo_model,
+    longest_first,
     probe_report,
     shipped_folder,
+    train_all,
     train_task_model,
 )
 from saelab.models.zoo.tasks import IGNORE, TASKS, get_task
@@ -176,3 +178,43 @@ def test_cli_list_train_eval(tmp_path):
 def test_labels_outside_scored_positions_are_ignored():
     batch = get_task("palindromes").sample(16, 0)
     assert (batch.labels[~batch.scored] == IGNORE).all()
+
+
+def test_train_all_hands_out_the_longest_recorded_training_first():
+    recorded = {name: load_json(shipped_folder(name) / "cfg.json")["results"]["train_cpu_seconds"] for name in TASKS}
+    assert longest_first(list(TASKS)) == sorted(TASKS, key=lambda name: recorded[name], reverse=True)
+    # With --steps, each task's time scales by its own steps: CPU time per step of the recorded run × steps.
+    per_step = {name: recorded[name] / get_task(name).recipe.steps for name in TASKS}
+    assert longest_first(["cumsum", "sum", "sorted_list"], steps=10) == sorted(
+        ["cumsum", "sum", "sorted_list"], key=lambda name: per_step[name], reverse=True
+    )
+
+
+@pytest.mark.slow  # two fresh interpreters and two 10k-sample evaluations: 10–25 s
+def test_train_all_writes_what_train_writes_for_each_task(tmp_path):
+    lines = []
+    results = train_all(tmp_path / "zoo", names=["cumsum", "palindromes"], steps=6, report=lines.append)
+    assert list(results) == ["palindromes", "cumsum"]  # longest first
+    assert lines[0].startswith("training 2 zoo models") and len(lines) == 3
+    for name in ("cumsum", "palindromes"):
+        task = get_task(name)
+        here = train_task_model(task, dataclasses.replace(task.recipe, steps=6), seed=0)
+        written = load_tensors(tmp_path / "zoo" / name / "model.safetensors")
+        assert written.keys() == dict(here.named_parameters()).keys()
+        assert all(torch.equal(written[key], p) for key, p in here.named_parameters()), name
+        cfg = load_json(tmp_path / "zoo" / name / "cfg.json")
+        assert cfg["results"] == results[name] and cfg["results"]["torch_threads"] == 1
+
+
+def test_cli_train_all_refuses_before_training(tmp_path):
+    out = tmp_path / "zoo"
+    (out / "sum").mkdir(parents=True)
+    (out / "sum" / "notes.txt").write_text("mine")
+    refused = run_cli("zoo", "train", "--all", "--steps", "2", "--out", str(out))
+    assert refused.returncode == 2 and refused.stderr.startswith("saelab: error: --out")
+    assert len(refused.stderr.strip().splitlines()) == 1 and "notes.txt" in refused.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["sum"] and (out / "sum" / "notes.txt").read_text() == "mine"
+    for args in (["sum", "--all"], []):
+        wrong = run_cli("zoo", "train", *args, "--out", str(tmp_path / "x"))
+        assert wrong.returncode == 2 and wrong.stderr.startswith("saelab: error:"), wrong.stderr
+        assert not (tmp_path / "x").exists()

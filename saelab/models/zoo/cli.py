@@ -1,4 +1,4 @@
-"""`saelab zoo ...`: list the algorithmic-task models, train one from scratch, measure one."""
+"""`saelab zoo ...`: list the algorithmic-task models, train one (or all seven) from scratch, measure one."""
 
 from __future__ import annotations
 
@@ -34,18 +34,31 @@ def list_tasks() -> None:
 
 @app.command("train")
 def train(
-    name: str = typer.Argument(..., help="Task name (see `saelab zoo list`)."),
-    out: Path = typer.Option(None, "--out", help="Folder to write: cfg.json and model.safetensors [zoo_runs/NAME]."),
+    name: str = typer.Argument(None, help="Task name (see `saelab zoo list`); or --all."),
+    all_tasks: bool = typer.Option(False, "--all", help="Train all seven tasks, --workers at a time, into --out/NAME."),
+    out: Path = typer.Option(
+        None, "--out", help="Folder to write: cfg.json and model.safetensors [zoo_runs/NAME]; with --all, the parent."
+    ),
     seed: int = typer.Option(0, help="Seed of the initialisation and the training stream."),
     steps: int | None = typer.Option(None, help="Training steps instead of the recipe's (a quick, weaker model)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out folder."),
     threads: int = typer.Option(1, min=1, help="Torch CPU threads; with 1 the same seed gives the same weights."),
+    workers: int = typer.Option(2, min=1, help="With --all: tasks trained side by side, each in its own process."),
 ) -> None:
     """Train a task's transformer from scratch with its recipe, evaluate it on 10k fresh samples, save it."""
     import torch
 
-    from saelab.models.zoo.model import train_zoo
+    from saelab.errors import SaelabError
+    from saelab.models.zoo.model import train_all, train_zoo
 
+    if all_tasks and name is not None:
+        raise SaelabError(f"pass a task name ({name}) or --all, not both")
+    if not all_tasks and name is None:
+        raise SaelabError("name the task to train (see `saelab zoo list`), or pass --all to train all seven")
+    if all_tasks:
+        train_all(out or Path("zoo_runs"), seed=seed, steps=steps, overwrite=overwrite, workers=workers,
+                  threads=threads, report=typer.echo)  # fmt: skip
+        return
     # The models are tiny: a second thread barely helps, and one thread makes the run reproducible bit for bit.
     torch.set_num_threads(threads)
     out = out or Path("zoo_runs") / name

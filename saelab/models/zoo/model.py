@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -286,6 +287,71 @@ def train_zoo(
     }
     save_zoo_model(out, task, model, seed, recipe, results, overwrite)
     return results
+
+
+def recorded_cpu_seconds(name: str, steps: int | None = None) -> float:
+    """The training CPU time the shipped model's run recorded (scaled to `steps` if given); 0 if none is shipped."""
+    cfg_path = shipped_folder(name) / "cfg.json"
+    if not cfg_path.is_file():
+        return 0.0
+    cfg = load_json(cfg_path)
+    seconds = float(cfg["results"]["train_cpu_seconds"])
+    return seconds if steps is None else seconds * steps / cfg["recipe"]["steps"]
+
+
+def longest_first(names: list[str], steps: int | None = None) -> list[str]:
+    """The order `train_all` hands tasks out in: longest recorded training first. Each worker takes the next task
+    when it is free, so the long ones run side by side early and the short ones fill in at the end."""
+    return sorted(names, key=lambda name: -recorded_cpu_seconds(name, steps))
+
+
+def _train_in_worker(name: str, out: Path, seed: int, steps: int | None, overwrite: bool, threads: int) -> dict:
+    torch.set_num_threads(threads)  # as `saelab zoo train NAME --threads N`: 1 thread gives the same weights
+    return train_zoo(name, out, seed=seed, steps=steps, overwrite=overwrite)
+
+
+def train_all(
+    out: Path,
+    names: list[str] | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    overwrite: bool = False,
+    workers: int = 2,
+    threads: int = 1,
+    report: Callable[[str], None] = print,
+) -> dict[str, dict[str, Any]]:
+    """`saelab zoo train --all`: train each task into `out/NAME` (all seven unless `names`), `workers` processes
+    side by side, longest first; each model is what `saelab zoo train NAME` writes. Returns each task's results."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    names = longest_first(list(TASKS) if names is None else [get_task(name).name for name in names], steps)
+    if steps is not None and steps <= 0:
+        raise SaelabError(f"--steps must be positive, got {steps}")
+    if workers < 1:
+        raise SaelabError(f"--workers must be at least 1, got {workers}")
+    for name in names:  # refuse before the first minute of training, not after it
+        check_output(out / name, ZOO_FOLDER, overwrite=overwrite)
+    report(f"training {len(names)} zoo models into {out}, {workers} at a time, longest first: {' '.join(names)}")
+    start = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    # spawn, not fork: a fresh interpreter per worker, whatever torch state this process holds.
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(_train_in_worker, n, out / n, seed, steps, overwrite, threads): n for n in names}
+        try:
+            for future in as_completed(futures):
+                name = futures[future]
+                results[name] = done = future.result()
+                report(
+                    f"[{len(results)}/{len(names)}] {name}: accuracy {done['accuracy']:.4f}, loss "
+                    f"{done['loss']:.4f}; {done['train_cpu_seconds']:.0f} s of CPU; "
+                    f"{time.perf_counter() - start:.0f} s since the start"
+                )
+        except BaseException:
+            # Tasks not yet started are dropped; running ones finish and write whole folders (never half ones).
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return {name: results[name] for name in names}
 
 
 # -------------------------------------------------------------------------------------------------------- probes
