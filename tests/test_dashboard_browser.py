@@ -197,6 +197,58 @@ def test_live_view_runs_the_model_and_shows_the_prompt_as_written(world, browser
     tab.assert_clean()
 
 
+def test_live_table_sorts_by_summed_loss_effect_and_from_the_keyboard(world, browser):
+    """The live view's latent table: headers explain themselves, sorted by Σ ΔCE (descending) at first, re-sorted
+    from the keyboard (Enter, then Space reverses) with aria-sort saying how; the selected latent's row is
+    highlighted; a token's tooltip shows the selected latent's exact ΔCE there, as brute force computes it."""
+    lm, sae = world["lm"], world["sae"]
+    prompt = "def f(x):\n    return x + 1\n"
+    tab = Page(browser, world["server"].url + "#/live")
+    tab.page.fill("textarea", prompt)
+    tab.page.click("button.primary")
+    tab.page.wait_for_selector("#live-output .tok")
+    table = tab.page.locator("#live-output table.live-latents").first
+
+    def column(i: int) -> list[float]:
+        return [float(t) for t in table.locator(f"tbody tr td:nth-child({i})").all_text_contents()]
+
+    heads = table.locator("thead th")
+    assert all(heads.nth(i).get_attribute("title") for i in range(heads.count()))
+    loss_head = table.locator("th[data-key='loss']")
+    assert loss_head.get_attribute("aria-sort") == "descending" and "ΔCE" in loss_head.get_attribute("title")
+    sums = column(3)
+    assert len(sums) >= 3 and sums == sorted(sums, reverse=True) and len(set(sums)) > 1
+    table.locator("th[data-key='max']").focus()
+    tab.page.keyboard.press("Enter")
+    assert table.locator("th[data-key='max']").get_attribute("aria-sort") == "descending"
+    assert table.locator("th[data-key='loss']").get_attribute("aria-sort") is None
+    assert column(2) == sorted(column(2), reverse=True)
+    tab.page.keyboard.press(" ")  # focus stayed on the header
+    assert table.locator("th[data-key='max']").get_attribute("aria-sort") == "ascending"
+    assert column(2) == sorted(column(2))
+    # The selected row stands out from the others.
+    selected = table.locator("tbody tr.selected")
+    other = table.locator("tbody tr:not(.selected)").first
+    colour = "r => getComputedStyle(r.cells[1]).backgroundColor"
+    assert selected.count() == 1 and selected.evaluate(colour) != other.evaluate(colour)
+    # Select the latent that fires most strongly at a token, then hover that token: its exact ΔCE there.
+    ids = torch.tensor([lm.bos_token_id, *world["tok"].encode(prompt, add_special_tokens=False)])
+    acts = brute_acts(lm, sae, ids)
+    position = int(acts[1:-1].max(1).values.argmax()) + 1  # a token with a next token, not BOS
+    latent = int(acts[position].argmax())
+    table.locator("tbody tr", has=tab.page.locator(f"a[href='#/latent/{latent}']")).locator("td").nth(1).click()
+    assert int(table.locator("tbody tr.selected td").first.text_content().lstrip("#")) == latent
+    tab.page.locator("#live-output .window .tok").nth(position).hover()
+    rows = dict(
+        tab.page.eval_on_selector_all(
+            ".tooltip tr", "rs => rs.map(r => [r.cells[0].textContent, r.cells[1].textContent])"
+        )
+    )
+    expected = brute_dce(lm, sae, ids, position, latent)
+    assert float(rows["its ΔCE here (exact)"]) == pytest.approx(expected, rel=2e-3, abs=2e-4)
+    tab.assert_clean()
+
+
 def test_page_fixes_seen_as_a_new_user_would(world, browser, tmp_path):
     """Control characters as escapes, links to latents without a page, windows that open to more context,
     index headers that explain themselves and sort from the keyboard, "too few firings" ranked last."""

@@ -291,7 +291,7 @@ def test_live_view_reads_task_inputs_and_refuses_malformed_ones(cumsum, site):
 def test_pages_show_the_task_variable_and_take_task_inputs_in_chromium(cumsum, site):
     sync_api = pytest.importorskip("playwright.sync_api")
     site_dir, sae = site
-    index, _ = pages(site_dir)
+    index, latents = pages(site_dir)
     (match,) = index["meta"]["task"]["variable_latents"]
     server = make_server(site_dir, 0, PromptAnalyzer(cumsum, sae, HOOK))
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -306,6 +306,26 @@ def test_pages_show_the_task_variable_and_take_task_inputs_in_chromium(cumsum, s
             page.wait_for_selector("#task-variable tbody tr")
             cells = page.eval_on_selector_all("#task-variable tbody td", "ts => ts.map(t => t.textContent)")
             assert cells[:2] == ["running_sum", f"#{match['latent']}"]
+            # A latent page: the output-logit table, labelled by the task's outputs (3 for cumsum: all fit, each
+            # once), and a window token's tooltip names the label its loss scores.
+            j, shown = max(latents.items(), key=lambda item: item[1]["count"])
+            page.goto(server.url + f"#/latent/{j}")
+            page.wait_for_selector("#logit-effects table.logits")
+            assert "Output logit effects" in page.text_content("#logit-effects h2")
+            tables = page.eval_on_selector_all(
+                "#logit-effects table.logits", "ts => ts.map(t => Array.from(t.rows, r => r.cells[0].textContent))"
+            )
+            assert tables == [[t for t, _ in shown["logits"][side]] for side in ("top", "bottom")]
+            assert sorted(tables[0] + tables[1]) == sorted(cumsum.task.outputs)
+            window = shown["windows"]["top"][0]
+            page.locator(".window").first.locator(".tok").nth(window["center"]).hover()
+            rows = dict(
+                page.eval_on_selector_all(
+                    ".tooltip tr", "rs => rs.map(r => [r.cells[0].textContent, r.cells[1].textContent])"
+                )
+            )
+            assert rows["label"] == window["labels"][window["center"]] and "next token" not in rows
+            assert "ΔCE here (direct path)" in rows
             page.goto(server.url + "#/live")
             page.wait_for_selector("textarea")
             assert page.input_value("textarea") == index["meta"]["task"]["example"]
@@ -314,6 +334,11 @@ def test_pages_show_the_task_variable_and_take_task_inputs_in_chromium(cumsum, s
             page.wait_for_selector("#live-output .tok, #live-output .error")
             texts = page.eval_on_selector_all("#live-output .window .tok", "ts => ts.map(t => t.textContent)")
             assert texts == ["3", "1", "-4", "1", "5"]
+            # A typed input has no labels: no loss column, no ΔCE colouring; a token shows the model's answer.
+            heads = page.eval_on_selector_all("#live-output th", "ts => ts.map(t => t.textContent)")
+            assert heads and not any("ΔCE" in t for t in heads) and page.locator("#live-output select").count() == 0
+            page.locator("#live-output .window .tok").nth(2).click()
+            assert "model's answer zero" in page.text_content("#live-output .grid")
             page.fill("textarea", "3 x")
             page.click("button.primary")
             page.wait_for_selector("#live-output .error")

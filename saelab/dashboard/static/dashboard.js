@@ -825,6 +825,7 @@
       perLatent.set(f[0], e);
     }));
     const live = liveState;
+    const task = !!result.answers; // a typed task input: no labels, so no loss effects to show or sort by
     const latents = Array.from(perLatent.values());
     let selected = perLatent.has(live.selected) ? live.selected : latents.length ? latents.slice().sort((a, b) => b.max - a.max)[0].id : null;
     let selectedToken = live.token != null && live.token < result.tokens.length ? live.token : null;
@@ -845,7 +846,7 @@
         if (loss != null) rows.push(["its ΔCE here (exact)", signed(loss, 4)]);
         if (result.ce[pos] != null) rows.push(["next-token CE", num(result.ce[pos], 4)]);
         if (result.answers) rows.push(["model's answer", result.answers[pos]]);
-        const background = live.mode === "loss" ? lossColor(loss, lossMax) : actColor(a, e ? e.max : 0);
+        const background = live.mode === "loss" && !task ? lossColor(loss, lossMax) : actColor(a, e ? e.max : 0);
         const span = tokenSpan(t, { rows: rows, background: background, onclick: () => { selectedToken = pos; draw(); } });
         if (pos === selectedToken) span.classList.add("sel");
         tokensBox.append(span);
@@ -853,23 +854,39 @@
       detail.replaceChildren(selectedToken == null ? h("p", { class: "muted", text: "Click a token to list the latents firing on it." }) : tokenTable(result, selectedToken, known, (id) => { selected = id; draw(); }));
       drawTable();
     };
-    const LIVE_COLUMNS = [["id", "Latent", ""], ["max", "Max act", "num"], ["loss", "Σ ΔCE", "num"], ["n", "Tokens", "num"]];
+    const LIVE_COLUMNS = [
+      ["id", "Latent", "", "latent id; click the row to colour the tokens by it"],
+      ["max", "Max act", "num", "its largest activation on this prompt"],
+      ["loss", "Σ ΔCE", "num", "its exact same-position ΔCE summed over the tokens where it fires: how much the loss rises when it is removed at each (positive: it helps)"],
+      ["n", "Tokens", "num", "tokens where it fires"],
+    ];
+    if (task) LIVE_COLUMNS.splice(2, 1);
     const drawTable = () => {
-      const key = live.sort;
+      const key = LIVE_COLUMNS.some((c) => c[0] === live.sort) ? live.sort : "max";
       const rows = latents.slice().sort((a, b) => (key === "id" ? a.id - b.id : b[key] - a[key]) * (live.desc ? 1 : -1) || a.id - b.id);
+      const sortBy = (c) => {
+        live.desc = live.sort === c[0] ? !live.desc : true;
+        live.sort = c[0];
+        draw();
+        const again = tableBox.querySelector("th[data-key='" + c[0] + "']");
+        if (again) again.focus(); // the keyboard stays on the header it sorted by
+      };
       const head = h("tr", {}, LIVE_COLUMNS.map((c) => h("th", {
         class: (c[2] + (c[0] === key ? " sorted" : "")).trim() || null,
         text: c[1] + (c[0] === key ? (live.desc ? " ▼" : " ▲") : ""),
+        title: c[3],
         tabindex: "0",
-        onclick: () => { live.desc = live.sort === c[0] ? !live.desc : true; live.sort = c[0]; draw(); },
-        onkeydown: (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); live.desc = live.sort === c[0] ? !live.desc : true; live.sort = c[0]; draw(); } },
+        "data-key": c[0],
+        "aria-sort": c[0] === key ? (live.desc ? "descending" : "ascending") : null,
+        onclick: () => sortBy(c),
+        onkeydown: (ev) => { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); sortBy(c); } },
       })));
       tableBox.replaceChildren(h("table", { class: "latents live-latents" }, [
         h("thead", {}, head),
         h("tbody", {}, rows.slice(0, 200).map((e) => h("tr", { class: e.id === selected ? "selected" : null, onclick: () => { selected = e.id; draw(); } }, [
           h("td", {}, known.has(e.id) ? link(e.id) : noPage(e.id)),
           h("td", { class: "num", text: num(e.max) }),
-          h("td", { class: "num", text: signed(e.loss) }),
+          task ? null : h("td", { class: "num", text: signed(e.loss) }),
           h("td", { class: "num", text: String(e.n) }),
         ]))),
       ]));
@@ -882,7 +899,7 @@
     modeBox.addEventListener("change", () => { live.mode = modeBox.value; draw(); });
     draw();
     out.replaceChildren(
-      h("section", { class: "panel" }, [h("h2", { text: "Tokens (coloured by the selected latent)" }), h("div", { class: "controls" }, [modeBox]), tokensBox]),
+      h("section", { class: "panel" }, [h("h2", { text: "Tokens (coloured by the selected latent)" }), task ? null : h("div", { class: "controls" }, [modeBox]), tokensBox]),
       h("div", { class: "grid two" }, [
         h("section", { class: "panel" }, [h("h2", { text: "Latents on this prompt" }), tableBox]),
         h("section", { class: "panel" }, [h("h2", { text: "On the selected token" }), detail]),
@@ -892,15 +909,17 @@
 
   function tokenTable(result, pos, known, onSelect) {
     const list = result.firing[pos].slice().sort((a, b) => b[1] - a[1]);
+    const task = !!result.answers; // a typed task input has no loss effects: activations only
+    const heads = ["Activation"].concat(task ? [] : ["ΔCE exact", "ΔCE direct"]);
     return h("div", {}, [
-      h("div", { class: "small muted" }, ["token ", chip(result.tokens[pos]), " at position " + pos]),
+      h("div", { class: "small muted" }, ["token ", chip(result.tokens[pos]), " at position " + pos, task ? " · model's answer " : null, task ? chip(result.answers[pos]) : null]),
       h("table", { class: "latents live-latents" }, [
-        h("thead", {}, h("tr", {}, [h("th", { text: "Latent" }), h("th", { class: "num", text: "Activation" }), h("th", { class: "num", text: "ΔCE exact" }), h("th", { class: "num", text: "ΔCE direct" })])),
+        h("thead", {}, h("tr", {}, [h("th", { text: "Latent" })].concat(heads.map((t) => h("th", { class: "num", text: t }))))),
         h("tbody", {}, list.map((f) => h("tr", { onclick: () => onSelect(f[0]) }, [
           h("td", {}, known.has(f[0]) ? link(f[0]) : noPage(f[0])),
           h("td", { class: "num", text: num(f[1], 4) }),
-          h("td", { class: "num", text: signed(f[2], 4) }),
-          h("td", { class: "num", text: signed(f[3], 4) }),
+          task ? null : h("td", { class: "num", text: signed(f[2], 4) }),
+          task ? null : h("td", { class: "num", text: signed(f[3], 4) }),
         ]))),
       ]),
     ]);
