@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saelab.dashboard.cli import build_dashboard
-from saelab.dashboard.compute import DashboardConfig, compute_dashboard
+from saelab.dashboard.cli import build_dashboard, compute_zoo_dashboard
+from saelab.dashboard.compute import DashboardConfig, Top, compute_dashboard, rank_latents
 from saelab.dashboard.effects import CleanRun, loss_gradient
 from saelab.dashboard.live import PromptAnalyzer
 from saelab.dashboard.server import make_server
@@ -248,6 +248,20 @@ def test_index_names_the_best_latent_per_task_variable(cumsum, site):
     assert len(task_meta["example"].split()) == 20
 
 
+def test_top_n_also_builds_the_pages_of_the_latents_the_index_names(cumsum, site):
+    """`--features top:N` on a zoo model: the N most important latents and the best match for each value of the
+    task variable, whose links on the index would otherwise lead nowhere."""
+    _, sae = site
+    cfg = DashboardConfig(exact_firings=2, top_windows=1, windows_per_interval=0)
+    data = cumsum.task.sample(16, DASHBOARD_SEED, "heldout")  # the sequences the dashboard scans
+    ranking = rank_latents(cumsum, sae, data.tokens, HOOK, cfg, labels=data.labels)
+    board = compute_zoo_dashboard(cumsum, sae, HOOK, Top(1), cfg, 16, False)
+    (match,) = board.meta["task"]["variable_latents"]
+    best = int(np.argmax([x if x is not None else -np.inf for x in ranking["per_token"]]))
+    assert match["latent"] != best  # so that the page is there because it is named, not because it ranks first
+    assert board.meta["latents"] == sorted({best, match["latent"]})
+
+
 @torch.no_grad()
 def test_live_view_reads_task_inputs_and_refuses_malformed_ones(cumsum, site):
     site_dir, sae = site
@@ -317,6 +331,10 @@ def test_pages_show_the_task_variable_and_take_task_inputs_in_chromium(cumsum, s
             )
             assert tables == [[t for t, _ in shown["logits"][side]] for side in ("top", "bottom")]
             assert sorted(tables[0] + tables[1]) == sorted(cumsum.task.outputs)
+            signs = page.eval_on_selector_all(
+                "#logit-effects td.num", "ts => ts.map(t => [t.className, t.textContent])"
+            )
+            assert [("neg" in c) == v.startswith("-") for c, v in signs] == [True] * len(signs)  # coloured by sign
             window = shown["windows"]["top"][0]
             page.locator(".window").first.locator(".tok").nth(window["center"]).hover()
             rows = dict(

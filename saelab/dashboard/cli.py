@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from saelab.dashboard.compute import DashboardConfig, Top, compute_dashboard, sae_metadata
+from saelab.dashboard.compute import DashboardConfig, Top, compute_dashboard, latent_hooks, sae_metadata
 from saelab.dashboard.site import SITE_FOLDER, ScannedTokens, read_site, write_site
 from saelab.errors import SaelabError
 from saelab.io import check_output, existing_paths
@@ -121,12 +121,16 @@ def build_dashboard(
 
 def compute_zoo_dashboard(lm, sae, hook, features, cfg: DashboardConfig | None, n_sequences: int, progress: bool):
     """The dashboard of an SAE on a zoo model, on `n_sequences` fresh task sequences (seeded by cfg.seed), with the
-    best-matching latent per value of the task's probe variable in its meta (shown on the index page)."""
+    best-matching latent per value of the task's probe variable in its meta (shown on the index page; `top:N`
+    builds their pages too)."""
     from saelab.dashboard.zoo import DASHBOARD_SEED, zoo_variable_latents
     from saelab.models.zoo.tasks import IGNORE
 
     seed = cfg.seed if cfg else 0
     data = lm.task.sample(n_sequences, DASHBOARD_SEED + seed, "heldout")
+    matches = zoo_variable_latents(lm, sae, latent_hooks(lm, sae, hook)[0], data)
+    if isinstance(features, Top):  # the index links each best-matching latent: give it a page
+        features = Top(features.n, [*features.also, *(m["latent"] for m in matches)])
     board = compute_dashboard(lm, sae, data.tokens, hook, features, cfg, progress, data.labels)
     board.meta["tokens"] |= {"source": f"task generator ({lm.task.name}, heldout split)", "seed": DASHBOARD_SEED + seed,
                              "scored": int(data.scored.sum())}  # fmt: skip
@@ -140,7 +144,7 @@ def compute_zoo_dashboard(lm, sae, hook, features, cfg: DashboardConfig | None, 
         "summary": lm.task.summary,
         "variable": lm.task.probe.name,
         "variable_description": lm.task.probe.description,
-        "variable_latents": zoo_variable_latents(lm, sae, board.meta.get("hook_in", board.meta["hook"]), data),
+        "variable_latents": matches,
         "example": lm.tokenizer.decode(data.tokens[0]),  # the live view's first input
     }
     return board

@@ -435,19 +435,19 @@
       h("h1", { text: m.kind === "toy" ? "Toy-model SAE" : "SAE latents" }),
       h("div", { class: "muted" }, [h("span", { class: "mono", text: m.hook }), " of ", h("span", { class: "mono", text: m.model })]),
       h("div", { class: "stats" }, figures),
-      m.task ? taskVariable(m.task) : null,
+      m.task ? taskVariable(m.task, new Set(m.latents)) : null,
     ]);
   }
 
   /* A zoo model: the task, and the latent that tracks each value of its intermediate variable best. */
-  function taskVariable(task) {
+  function taskVariable(task, known) {
     return h("div", { id: "task-variable" }, [
       h("h2", { text: "Task: " + task.name }),
       h("p", { class: "muted small", text: task.summary + ". Losses are the task's, on its scored positions only. Best-matching latent per value of " + task.variable + " (" + task.variable_description + "): the highest Pearson correlation of activation with it, where it is defined." }),
       h("table", {}, [
         h("thead", {}, h("tr", {}, ["value", "latent", "correlation"].map((t) => h("th", { text: t })))),
         h("tbody", {}, task.variable_latents.map((v) => h("tr", {}, [
-          h("td", { class: "mono", text: v.value }), h("td", {}, link(v.latent)), h("td", { class: "num", text: num(v.correlation, 3) }),
+          h("td", { class: "mono", text: v.value }), h("td", {}, known.has(v.latent) ? link(v.latent) : noPage(v.latent)), h("td", { class: "num", text: num(v.correlation, 3) }),
         ]))),
       ]),
     ]);
@@ -643,9 +643,10 @@
   }
 
   function logitPanel(logits, task) {
-    const table = (entries, cls) => h("table", { class: "logits" }, entries.map((e) => h("tr", {}, [
+    // Coloured by sign: with few outputs (a zoo task) the least raised ones may still be raised.
+    const table = (entries) => h("table", { class: "logits" }, entries.map((e) => h("tr", {}, [
       h("td", {}, chip(e[0])),
-      h("td", { class: "num " + cls, text: signed(e[1], 3) }),
+      h("td", { class: "num " + (e[1] < 0 ? "neg" : "pos"), text: signed(e[1], 3) }),
     ])));
     const what = task ? "the task's output logits (" + task.name + " outputs, each listed once)" : "logits";
     const caveat = task ? " Only differences between outputs matter to the softmax, so an output raised less than the others is suppressed relative to them." : "";
@@ -653,8 +654,8 @@
       h("h2", { text: task ? "Output logit effects" : "Logit effects" }),
       h("p", { class: "muted small", text: "Mean change in " + what + " from the latent's contribution, through the model's final norm at the actual residual, over " + logits.positions + " firing positions." + caveat }),
       h("div", { class: "grid two" }, [
-        h("div", {}, [h("div", { class: "small muted", text: "promoted" }), table(logits.top, "pos")]),
-        h("div", {}, [h("div", { class: "small muted", text: "suppressed" }), table(logits.bottom, "neg")]),
+        h("div", {}, [h("div", { class: "small muted", text: "promoted" }), table(logits.top)]),
+        h("div", {}, [h("div", { class: "small muted", text: "suppressed" }), table(logits.bottom)]),
       ]),
     ]);
   }
