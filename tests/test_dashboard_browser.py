@@ -200,7 +200,8 @@ def test_live_view_runs_the_model_and_shows_the_prompt_as_written(world, browser
 def test_live_table_sorts_by_summed_loss_effect_and_from_the_keyboard(world, browser):
     """The live view's latent table: headers explain themselves, sorted by Σ ΔCE (descending) at first, re-sorted
     from the keyboard (Enter, then Space reverses) with aria-sort saying how; the selected latent's row is
-    highlighted; a token's tooltip shows the selected latent's exact ΔCE there, as brute force computes it."""
+    highlighted; a token's tooltip shows the selected latent's exact ΔCE there, as brute force computes it, and the
+    ΔCE colouring gives it the colour of its sign."""
     lm, sae = world["lm"], world["sae"]
     prompt = "def f(x):\n    return x + 1\n"
     tab = Page(browser, world["server"].url + "#/live")
@@ -246,6 +247,10 @@ def test_live_table_sorts_by_summed_loss_effect_and_from_the_keyboard(world, bro
     )
     expected = brute_dce(lm, sae, ids, position, latent)
     assert float(rows["its ΔCE here (exact)"]) == pytest.approx(expected, rel=2e-3, abs=2e-4)
+    # Coloured by ΔCE: blue where removing the latent raises the loss, red where it lowers it.
+    tab.page.select_option("#live-output select", "loss")
+    background = tab.page.locator("#live-output .window .tok").nth(position).evaluate("t => t.style.backgroundColor")
+    assert background.startswith("rgba(37, 99, 235" if expected > 0 else "rgba(220, 38, 38"), background
     tab.assert_clean()
 
 

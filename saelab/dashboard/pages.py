@@ -45,7 +45,7 @@ class LatentPage:
     correlated: list[list]  # [[latent, Pearson r], ...]
     errors: dict[str, Any] = field(default_factory=dict)  # this latent's approximation errors
     helps: dict[str, Any] | None = None  # when the latent helps (language models)
-    logits: dict[str, Any] | None = None  # promoted and suppressed tokens (language models)
+    logits: dict[str, Any] | None = None  # promoted and suppressed tokens (language models; a zoo task: outputs)
     windows: dict[str, Any] | None = None  # top and quantile-interval token windows (language models)
     ground_truth: dict[str, Any] | None = None  # the matched true feature (toy models)
 
