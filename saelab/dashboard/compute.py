@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelab.dashboard.effects import Clean, LossEffectEngine, downstream, loss_gradient
+from saelab.dashboard.effects import Clean, CleanRun, LossEffectEngine, downstream, loss_gradient
 from saelab.dashboard.importance import Importance, estimate_importance
 from saelab.dashboard.pages import PageParts, build_pages
 from saelab.dashboard.pages import pairs as _pairs
@@ -270,10 +270,11 @@ def compute_dashboard(
     else:
         engine = downstream(lm, hook, fast=cfg.exact == "fast")
     chosen = "top:" + ",".join(map(str, [features.n, *features.also])) if isinstance(features, Top) else None
-    # The second pass starts at the hooked block from residuals kept in pass 1, when they fit in memory.
+    # The second pass starts at the hooked block from residuals kept in pass 1, when they fit in memory, and takes
+    # the clean losses and final residuals (which its runs start from) from pass 1 too, instead of clean re-runs.
     d_model = getattr(getattr(lm.model, "cfg", None), "d_model", 0)
-    keep = engine.start_name is not None and n_seq * T * d_model * 4 <= cfg.resid_cache_mb * 2**20
-    read = (engine.start_name,) if keep and not engine.hook_is_start else ()
+    keep = engine.start_name is not None and 2 * n_seq * T * d_model * 4 <= cfg.resid_cache_mb * 2**20
+    read = ((engine.start_name,) if not engine.hook_is_start else ()) + (engine.final_name,) if keep else ()
     batch_size = _batch_size(lm, sae, T, cfg)
     _recycle_large_blocks()
     kept: list[_KeptBatch] | None = None
@@ -295,15 +296,22 @@ def compute_dashboard(
         max(cfg.exact_budget(len(latents)), LOGIT_SAMPLE),
         cfg.corr_tokens, generator,
     )  # fmt: skip
-    resid = torch.empty(n_seq, T, d_model) if keep else None
+    pass1_run = None
+    if keep:  # what pass 1 leaves for pass 2, for every sequence
+        pass1_run = CleanRun(tokens, resid_start=torch.empty(n_seq, T, d_model),
+                             final_resid=torch.empty(n_seq, T, d_model), ce=torch.empty(n_seq, T))  # fmt: skip
     W_dec = sae.W_dec.detach()
     if kept is not None:
         batches = (batch.replay() for batch in kept)
     else:
         batches = _attributed_batches(lm, sae, tokens, hook, batch_size, read, progress, labels)
     for first, batch, found, acts, (nonzero, estimate) in batches:
-        if keep:
-            resid[first : first + len(batch)] = found[read[0] if read else "x"].view(len(batch), T, d_model).cpu()
+        if pass1_run is not None:
+            rows = slice(first, first + len(batch))
+            start = "x" if engine.hook_is_start else engine.start_name
+            pass1_run.resid_start[rows] = found[start].view(len(batch), T, d_model).cpu()
+            pass1_run.final_resid[rows] = found[engine.final_name].cpu()
+            pass1_run.ce[rows] = found["ce"].cpu()
         valid = lm.regular_positions(batch).cpu()
         acc.update(acts, first, valid, firing_positions(lm, valid), estimate, nonzero)
     stats = acc.finish(cfg.top_windows, cfg.n_neighbours)
@@ -317,7 +325,7 @@ def compute_dashboard(
     scored = eligible if labels is None else labels != IGNORE  # where a loss is counted
     W_U = lm.model.W_U.detach().float().cpu() if isinstance(getattr(lm.model, "W_U", None), Tensor) else None
     per_run = _seqs_per_run(lm, engine, T)
-    effects.evaluate(engine, tokens, resid, W_dec.float(), W_U, latents, scored, per_run, progress, labels)
+    effects.evaluate(engine, tokens, pass1_run, W_dec.float(), W_U, latents, scored, per_run, progress, labels)
     importance = effects.importance(stats, cfg)
     if lm.task is None:
         strings = _window_strings(lm.tokenizer, tokens, windows["center"], cfg)
@@ -559,16 +567,23 @@ class _Effects:
         self._err: dict[str, tuple[Tensor, Tensor]] | None = None
 
     def evaluate(
-        self, engine, tokens, resid, W_dec, W_U, latents, eligible, per_run: int, progress: bool, labels=None
-    ) -> None:
-        """Run the model once over each chunk of the sequences holding pairs (from the cached residuals at the
-        hooked block when `resid` [n_seq, T, d_model] is given), then every pair of the chunk: the total ΔCE
-        (and with it the same-position one) for sampled pairs, the same-position ΔCE alone for the others."""
+        self, engine, tokens, pass1: CleanRun | None, W_dec, W_U, latents, eligible, per_run: int, progress: bool,
+        labels=None,
+    ) -> None:  # fmt: skip
+        """Run the model once over each chunk of the sequences holding pairs (from the residuals at the hooked
+        block that pass 1 kept, `pass1`, with its clean losses and final residuals, when given), then every pair of
+        the chunk: the total ΔCE (and with it the same-position one) for sampled pairs, the same-position ΔCE alone
+        for the others."""
         seq = self.flat // self.T
         needed = seq.unique()
         self.total = torch.full((len(self.flat),), float("nan"), dtype=torch.float64)
         for chunk in tqdm(needed.split(per_run), desc="loss effects", disable=not progress, leave=False):
-            run = engine.clean(tokens[chunk], None if resid is None else resid[chunk])
+            if pass1 is None:
+                run = engine.clean(tokens[chunk])
+            else:
+                run = engine.clean(tokens[chunk], pass1.resid_start[chunk])
+                device = run.resid_start.device
+                run = replace(run, final_resid=pass1.final_resid[chunk].to(device), ce=pass1.ce[chunk].to(device))
             run = with_targets(run, None if labels is None else labels[chunk])
             rows = ((seq >= chunk[0]) & (seq <= chunk[-1])).nonzero().squeeze(1)  # seq is sorted, chunk contiguous
             local = torch.searchsorted(chunk, seq[rows])

@@ -110,31 +110,34 @@ def reference_total_effects(
 
 def unembed_ce(
     model, normed: Tensor, targets: Tensor, weights: Tensor | None = None, rows: int = UNEMBED_ROWS
-) -> tuple[Tensor | None, Tensor | None]:
-    """Next-token CE [n] (float32) of targets [n] from normed final residuals [n, d_model] through a TransformerLens
-    model's unembedding and logit soft cap; or, given `weights` [n], instead the gradient of Σ weights · CE w.r.t.
-    the normed residuals [n, d_model], in closed form: (softmax − onehot), through the soft cap, @ W_Uᵀ · weight.
+) -> tuple[Tensor, Tensor | None]:
+    """(Next-token CE [n] (float32) of targets [n] from normed final residuals [n, d_model] through a TransformerLens
+    model's unembedding and logit soft cap; given `weights` [n], also the gradient of Σ weights · CE w.r.t. the
+    normed residuals [n, d_model], in closed form: (softmax − onehot), through the soft cap, @ W_Uᵀ · weight.)
 
     The same numbers as `next_token_ce` of the model's logits and its autograd backward, but the logits are made
     `rows` positions at a time and never kept: a block that stays in cache, reused for the softmax and its
-    gradient, where autograd would keep the whole batch's logits and write the softmax's gradient beside them."""
+    gradient, where autograd would keep the whole batch's logits and write the softmax's gradient beside them.
+    The CE is always log_softmax's, computed as for the ablated rows of the loss-effect runs, so the dashboard's
+    second pass may take its clean losses from here and differences of the two carry no error of their own."""
     W_U, b_U, cap = model.W_U, model.b_U, model.cfg.output_logits_soft_cap
-    out = torch.empty(normed.shape if weights is not None else len(normed), dtype=torch.float32, device=normed.device)
+    ce = torch.empty(len(normed), dtype=torch.float32, device=normed.device)
+    grad = None if weights is None else torch.empty(normed.shape, dtype=torch.float32, device=normed.device)
     for i in range(0, len(normed), rows):
         h, t = normed[i : i + rows].to(W_U.dtype), targets[i : i + rows].to(normed.device)
         logits = torch.addmm(b_U, h, W_U).float()
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)
+        ce[i : i + rows] = -torch.log_softmax(logits, 1).gather(1, t[:, None])[:, 0]  # as F.cross_entropy
         if weights is None:
-            out[i : i + rows] = -torch.log_softmax(logits, 1).gather(1, t[:, None])[:, 0]  # as F.cross_entropy
             continue
         slope = 1 - (logits / cap).square() if cap > 0 else None  # d(cap · tanh(z / cap)) / dz
         probs = torch.softmax(logits, 1)
         probs[torch.arange(len(t), device=t.device), t] -= 1
         if slope is not None:
             probs *= slope
-        out[i : i + rows] = (probs.to(W_U.dtype) @ W_U.T) * weights[i : i + rows, None].to(out)
-    return (out, None) if weights is None else (None, out)
+        grad[i : i + rows] = (probs.to(W_U.dtype) @ W_U.T) * weights[i : i + rows, None].to(grad)
+    return ce, grad
 
 
 def loss_gradient(
@@ -147,8 +150,9 @@ def loss_gradient(
     fast: bool = True,
 ) -> dict[str, Tensor]:
     """One forward and one backward pass over tokens [S, T]: {"grad": ∂L/∂x [S, T, d_in], "x": the activation x at
-    `hook` [S, T, d_in], and each name in `read`: its activation}, where L is the next-token loss summed over the
-    eligible positions [S, T].
+    `hook` [S, T, d_in], each name in `read`: its activation, and for the next-token loss "ce": the clean CE at
+    every position [S, T] (float32, NaN at the last)}, where L is the next-token loss summed over the eligible
+    positions [S, T].
 
     Since attention is causal, the gradient at position p is that of the loss summed over p and every later
     position, so `−a · W_dec[j] · grad[p]` is the first-order estimate of latent j's total ΔCE at p (attribution
@@ -195,7 +199,7 @@ def loss_gradient(
                 S, T, d = root.shape
                 with torch.no_grad():
                     weights = eligible[:, :-1].reshape(-1).to(root.device, torch.float32)
-                    _, g = unembed_ce(model, root[:, :-1].reshape(-1, d), tokens[:, 1:].reshape(-1), weights)
+                    ce, g = unembed_ce(model, root[:, :-1].reshape(-1, d), tokens[:, 1:].reshape(-1), weights)
                 root_grad = torch.zeros(S, T, d, dtype=root.dtype, device=root.device)
                 root_grad[:, :-1] = g.view(S, T - 1, d).to(root.dtype)
             elif targets is None:
@@ -206,13 +210,16 @@ def loss_gradient(
             else:  # cross_entropy ignores the unscored positions (IGNORE = its ignore_index)
                 logits = lm.logits(tokens, replace)
                 root = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1).to(logits.device), reduction="sum")
-                root_grad = None
+                root_grad, ce = None, None
             x = found["x"]
             grad = torch.autograd.grad(root, x, root_grad)[0] if root.requires_grad else torch.zeros_like(x)
     finally:
         for p in params:
             p.requires_grad_(True)
     out = {"grad": grad.detach().float(), "x": x.detach()}
+    if ce is not None:
+        S, T = tokens.shape
+        out["ce"] = F.pad(ce.detach().float().view(S, T - 1), (0, 1), value=float("nan"))
     for name in read:
         out[name] = out["x"] if name == hook else found[name]
     return out
@@ -224,7 +231,9 @@ class CleanRun:
 
     tokens: Tensor  # [S, T]
     x_hook: Tensor | None = None  # [S, T, d_in] the SAE's input (None when the run started at a cached residual)
-    ce: Tensor | None = None  # [S, T] next-token cross-entropy, NaN at the last position (reference engine)
+    # [S, T] next-token cross-entropy, NaN at the last position: the reference engine's, or (with final_resid) the
+    # dashboard's first pass's, from which the fast re-runs take the clean loss instead of running clean rows.
+    ce: Tensor | None = None
     resid_start: Tensor | None = None  # [S, T, d_model] the residual stream entering block `start`
     final_resid: Tensor | None = None  # [S, T, d_model] the residual stream entering the final norm
     keys: list[Tensor] | None = None  # per block from `start` on: [S, T, n_kv_heads, d_head], as cached
@@ -249,6 +258,7 @@ class LossEffectEngine(Protocol):
 
     start: int  # the block the re-runs start at (0: whole forward passes)
     start_name: str | None  # the residual stream they start from, which pass 1 may keep (None: nothing to keep)
+    final_name: str | None  # the final residual stream (before the final norm), which pass 1 keeps with it
     hook_is_start: bool  # whether the SAE's input is that residual stream itself
 
     def clean(self, tokens: Tensor, resid_start: Tensor | None = None) -> CleanRun: ...
@@ -271,6 +281,7 @@ class ReferenceDownstream:
 
     start = 0
     start_name = None
+    final_name = None
     hook_is_start = False
 
     def __init__(self, lm, hook: str) -> None:
@@ -511,8 +522,9 @@ class Downstream:
         A removal at p changes nothing before p, so each row re-runs the positions from p on, from the hooked
         block, attending to the clean keys and values before them. Rows whose p falls in the same group of
         POSITIONS_PER_RUN positions share one run that starts at the group's first position (a cache of the same
-        length for every row, so nothing is padded); one clean row per sequence and group rides along, so the
-        loss change is the difference of two rows of the very same computation."""
+        length for every row, so nothing is padded). The clean losses are the run's own (`CleanRun.ce`, from the
+        dashboard's first pass) where it has them; otherwise one clean row per sequence and group rides along, so
+        the loss change is the difference of two rows of the very same computation."""
         device = run.resid_start.device
         n, T = len(seq), run.tokens.shape[1]
         total = torch.empty(n, dtype=torch.float64, device=device)
@@ -535,7 +547,8 @@ class Downstream:
             for g in group.unique().tolist():
                 rows = (group == g).nonzero().squeeze(1)
                 first = g * POSITIONS_PER_RUN
-                per_run = max(1, TOTAL_POSITIONS // (2 * (T - first)))  # at most half ablated rows, half clean
+                # At most half ablated rows, half clean (or all ablated, given the clean CE).
+                per_run = max(1, TOTAL_POSITIONS // ((1 if run.ce is not None else 2) * (T - first)))
                 for part in rows.split(per_run):
                     total[part], same[part], clean.final[part], clean.ce[part] = self._total_run(
                         run, seq[part], pos[part], delta[part], eligible, first, state
@@ -549,10 +562,12 @@ class Downstream:
         from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
         n = len(seq)
-        clean_seqs, which = seq.unique(return_inverse=True)
-        rows = torch.cat([seq, clean_seqs])
-        state["at"] = torch.cat([pos - first, torch.zeros_like(clean_seqs)])
-        state["delta"] = torch.cat([delta, delta.new_zeros(len(clean_seqs), delta.shape[1])])
+        rows, state["at"], state["delta"] = seq, pos - first, delta
+        if run.ce is None:  # one clean row per sequence rides along
+            clean_seqs, which = seq.unique(return_inverse=True)
+            rows = torch.cat([seq, clean_seqs])
+            state["at"] = torch.cat([pos - first, torch.zeros_like(clean_seqs)])
+            state["delta"] = torch.cat([delta, delta.new_zeros(len(clean_seqs), delta.shape[1])])
         entries = [TransformerLensKeyValueCacheEntry(run.keys[0][:0], run.values[0][:0], frozen=True)] * self.start
         for k, v in zip(run.keys, run.values, strict=True):
             k, v = k[:, :first].index_select(0, rows), v[:, :first].index_select(0, rows)
@@ -569,8 +584,9 @@ class Downstream:
         at = torch.arange(n, device=pos.device), pos - first
         needed = later.clone()
         needed[at] = True
-        clean_needed = torch.zeros(len(clean_seqs), needed.shape[1], dtype=torch.int32, device=needed.device)
-        needed = torch.cat([needed, clean_needed.index_add_(0, which, needed.int()) > 0])
+        if run.ce is None:
+            clean_needed = torch.zeros(len(clean_seqs), needed.shape[1], dtype=torch.int32, device=needed.device)
+            needed = torch.cat([needed, clean_needed.index_add_(0, which, needed.int()) > 0])
         where = needed.nonzero(as_tuple=True)
         targets = run.tokens[rows, first + 1 :][where]
         ce = torch.zeros(needed.shape, dtype=torch.float64, device=needed.device)
@@ -579,9 +595,13 @@ class Downstream:
             self._ce_from_final(flat[i : i + CE_ROWS], targets[i : i + CE_ROWS]).double()
             for i in range(0, len(flat), CE_ROWS)
         ]) if len(flat) else ce[where]  # fmt: skip
-        ablated, clean_ce = ce[:n], ce[n:][which]
+        if run.ce is not None:
+            ablated, clean_ce = ce, run.ce[seq, first:-1].double()
+            clean_final = run.final_resid[seq, pos]
+        else:
+            ablated, clean_ce = ce[:n], ce[n:][which]
+            clean_final = state["final"][n:][which][at]
         total = ((ablated - clean_ce) * later).sum(1)
-        clean_final = state["final"][n:][which][at]
         return total, (ablated[at] - clean_ce[at]).float(), clean_final, clean_ce[at].float()
 
     # ---------------------------------------------------------------------------------------- direct path
