@@ -484,7 +484,7 @@
     ["total", "Per token", "num", "importance per token: total loss change summed over all firings / tokens scanned (the loss it saves per token), with its interval"],
     ["totalLo", "Lower bound", "num", "lower end of the per-token importance interval: sort by it to rank latents that surely matter"],
     ["imp", "Per firing", "num", "importance per firing: mean total loss change when the latent is removed at one firing, with its interval"],
-    ["firings", "Firings", "num", "firings with a counted next-token loss, and the contexts they are in"],
+    ["firings", "Firings", "num", "firings where removing the latent can change the loss (a counted next token follows; on a zoo task, every position), and the contexts they are in"],
     ["raises", "Helps", "num", "fraction of exactly computed firings where removing the latent raises the loss (– below 10 exact firings; the latent's page shows the count)"],
     ["hit", "Next in top 10", "num", "how often the actual next token is among the latent's 10 most promoted tokens"],
     ["fires", "Fires on", "", "tokens at the centre of the top windows"],
