@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerFast
 
 from saelab.dashboard.compute import DashboardConfig, attribution, compute_dashboard, eligible_positions
 from saelab.dashboard.effects import (
+    UNDERFLOW_CE,
     Downstream,
     _pads_safely,
     loss_gradient,
@@ -199,12 +200,30 @@ def test_unembedded_loss_and_its_closed_form_gradient_equal_autograd_of_the_logi
             (expected_grad,) = torch.autograd.grad(expected @ weights, resid)
             normed = model.ln_final(resid)
             ce = unembed_ce(model, normed.detach(), targets, rows=8)[0]
-            normed_grad = unembed_ce(model, normed.detach(), targets, weights, rows=8)[1]
+            ce_with_grad, normed_grad = unembed_ce(model, normed.detach(), targets, weights, rows=8)
             (grad,) = torch.autograd.grad(normed, resid, normed_grad)
         assert torch.allclose(ce, expected.detach(), atol=1e-5)
+        assert torch.equal(ce_with_grad, ce)  # the same computation, with or without the gradient
         assert torch.allclose(grad, expected_grad, atol=1e-5)
     finally:
         model.cfg.output_logits_soft_cap = 0.0
+
+
+def test_unembedded_loss_of_a_vanishing_probability_is_log_softmaxs(tok):
+    """Where the target's probability underflows (−log of it would lose precision or be infinite), the CE is
+    log_softmax's: residuals scaled up until some CEs exceed UNDERFLOW_CE and some are infinite as −log p."""
+    model = make_model(tok).model
+    g = torch.Generator().manual_seed(0)
+    scale = torch.linspace(0.5, 8, 16)[:, None]  # CE from a few nats to a few hundred
+    normed = scale * model.ln_final(torch.randn(16, model.cfg.d_model, generator=g))
+    targets = torch.randint(len(tok), (16,), generator=g)
+    with torch.no_grad():
+        logits = model.unembed(normed[:, None])[:, 0]
+        expected = next_token_ce(logits, targets)
+        naive = -torch.softmax(logits, 1).gather(1, targets[:, None])[:, 0].log()
+        ce = unembed_ce(model, normed, targets, rows=4)[0]
+    assert (expected > UNDERFLOW_CE).sum() >= 2 and (expected < UNDERFLOW_CE).sum() >= 2 and naive.isinf().any()
+    assert torch.allclose(ce, expected, rtol=1e-5) and ce.isfinite().all()
 
 
 @pytest.mark.parametrize(("normalization", "positional", "hook"), [
@@ -228,7 +247,7 @@ def test_fused_loss_gradient_equals_autograd_of_the_full_logits(tok, normalizati
 def test_total_effects_with_the_first_pass_clean_losses_equal_those_with_clean_rows(tok, normalization, positional):
     """Pass 2 takes the clean CE and final residuals from pass 1 (`loss_gradient`) instead of running a clean row
     beside the ablated ones. Both are the same float32 computations of the same numbers (the final residual row by
-    row, the CE by log_softmax), so the total and same-position ΔCE agree to float32 rounding of the summed CEs."""
+    row, the CE by `unembed_ce`), so the total and same-position ΔCE agree to float32 rounding of the summed CEs."""
     lm = make_model(tok, normalization, positional)
     tokens = make_tokens(tok, n_seq=3, length=24)
     engine = Downstream(lm, HOOK)

@@ -44,6 +44,7 @@ POSITIONS_PER_RUN = 16  # nearby positions share a single-position run (fewer, l
 RUN_FLOATS = 2**20  # cached keys gathered for one single-position run, per block (4 MB)
 TOTAL_POSITIONS = 8192  # positions re-run at once by a total-effect run
 CE_ROWS = 1024  # positions whose CE one call computes in the total-effect runs
+UNDERFLOW_CE = 80.0  # a CE above this is taken from log_softmax (the target's probability is below 1e-35)
 UNEMBED_ROWS = 256  # positions unembedded at once (logits [UNEMBED_ROWS, d_vocab], 4 MB for 4096 tokens: in cache)
 
 
@@ -118,25 +119,32 @@ def unembed_ce(
     The same numbers as `next_token_ce` of the model's logits and its autograd backward, but the logits are made
     `rows` positions at a time and never kept: a block that stays in cache, reused for the softmax and its
     gradient, where autograd would keep the whole batch's logits and write the softmax's gradient beside them.
-    The CE is always log_softmax's, computed as for the ablated rows of the loss-effect runs, so the dashboard's
-    second pass may take its clean losses from here and differences of the two carry no error of their own."""
+    The CE is −log of the target's softmax probability (log_softmax's to float32 rounding, and free beside the
+    gradient's softmax), log_softmax's where that probability underflows. Every loss of a dashboard comes from
+    here, so a clean loss from one call and an ablated one from another are the same computation."""
     W_U, b_U, cap = model.W_U, model.b_U, model.cfg.output_logits_soft_cap
+
+    def capped_logits(h: Tensor) -> Tensor:
+        logits = torch.addmm(b_U, h.to(W_U.dtype), W_U).float()
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
     ce = torch.empty(len(normed), dtype=torch.float32, device=normed.device)
     grad = None if weights is None else torch.empty(normed.shape, dtype=torch.float32, device=normed.device)
     for i in range(0, len(normed), rows):
-        h, t = normed[i : i + rows].to(W_U.dtype), targets[i : i + rows].to(normed.device)
-        logits = torch.addmm(b_U, h, W_U).float()
-        if cap > 0:
-            logits = cap * torch.tanh(logits / cap)
-        ce[i : i + rows] = -torch.log_softmax(logits, 1).gather(1, t[:, None])[:, 0]  # as F.cross_entropy
+        t = targets[i : i + rows].to(normed.device)
+        logits = capped_logits(normed[i : i + rows])
+        probs = torch.softmax(logits, 1)
+        ce[i : i + rows] = -probs.gather(1, t[:, None])[:, 0].log()
         if weights is None:
             continue
-        slope = 1 - (logits / cap).square() if cap > 0 else None  # d(cap · tanh(z / cap)) / dz
-        probs = torch.softmax(logits, 1)
         probs[torch.arange(len(t), device=t.device), t] -= 1
-        if slope is not None:
-            probs *= slope
+        if cap > 0:
+            probs *= 1 - (logits / cap).square()  # d(cap · tanh(z / cap)) / dz
         grad[i : i + rows] = (probs.to(W_U.dtype) @ W_U.T) * weights[i : i + rows, None].to(grad)
+    low = (ce > UNDERFLOW_CE).nonzero().squeeze(1)  # a probability below 1e-35: −log of it loses precision
+    if len(low):
+        logits = capped_logits(normed[low])
+        ce[low] = -torch.log_softmax(logits, 1).gather(1, targets[low.to(targets.device)].to(low.device)[:, None])[:, 0]
     return ce, grad
 
 
