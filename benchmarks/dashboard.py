@@ -83,7 +83,10 @@ import statistics
 widths = [(p["importance"]["per_token"]["hi"] - p["importance"]["per_token"]["lo"]) / 2
           / abs(p["importance"]["per_token"]["mean"]) for p in board.latents
           if (p["density"] or 0) >= 0.005 and not p["importance"]["too_few"] and p["importance"]["per_token"]["mean"]]
+shares = [p["importance"]["sampling_share"] for p in board.latents if (p["density"] or 0) >= 0.005
+          and not p["importance"]["too_few"] and p["importance"]["sampling_share"] is not None]
 extra = {"half_width": statistics.median(widths) if widths else None, "dense": len(widths),
+         "sampling_share": statistics.median(shares) if shares else None,
          "gradient_r": board.meta["approximation"]["gradient"].get("pearson_r")}
 """
     + REPORT
@@ -256,7 +259,8 @@ def main() -> None:
                 width = ""
                 if result.get("half_width") is not None:
                     width = (f"  median relative half-width {result['half_width']:.1%} over {result['dense']} latents "
-                             f"with density >= 0.5 %; gradient vs exact total r = {result['gradient_r']}")  # fmt: skip
+                             f"with density >= 0.5 % (median {result['sampling_share'] or 0:.0%} of its variance from "
+                             f"sampling the exact firings); gradient vs exact r = {result['gradient_r']}")  # fmt: skip
                 print(f"{name:<20} {threads:>7} {result['seconds']:>10.2f} {result['process_seconds']:>10.2f} "
                       f"{result['peak_mb']:>9.0f} {result['bytes'] / 1e6:>10.2f}{width}")  # fmt: skip
 

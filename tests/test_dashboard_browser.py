@@ -162,6 +162,12 @@ def test_values_on_the_page_match_brute_force(world, browser):
             assert abs(float(rows["its logit change"]) - expected_logit) <= 2e-3 * max(1, abs(expected_logit))
             checked += 1
     assert checked >= 2
+    # A latent whose importance is a control-variate estimate shows how much of its interval the sampling makes.
+    sampled = next(p for p in board.latents if p["importance"]["method"] == "control variate")
+    tab.page.goto((world["site"] / "index.html").as_uri() + f"#/latent/{sampled['id']}")
+    tab.page.wait_for_selector(f"h1:text-is('Latent {sampled['id']}')")
+    shown = tab.page.locator(".stat", has_text="interval from sampling").locator(".value").text_content()
+    assert shown.startswith(f"{round(100 * sampled['importance']['sampling_share'])} % of the interval's variance")
     tab.assert_clean()
 
 

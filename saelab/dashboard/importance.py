@@ -57,23 +57,40 @@ class Importance:
     contexts: Tensor  # int64 contexts with a firing
     exact: Tensor  # int64 firings whose total ΔCE was computed exactly
     too_few: Tensor  # bool: fewer than min_firings firings or min_contexts contexts
+    sampling_share: Tensor  # float64 share of the interval's variance from subsampling the exact firings (NaN: m < 2)
     confidence: float
 
     def method(self, j: int) -> str:
         return "exact" if self.exact[j] == self.firings[j] else "control variate"
 
 
-def ratio_interval(sums: Tensor, units: Tensor, dof: Tensor, confidence: float) -> tuple[Tensor, Tensor]:
-    """Ratio Σ sums / Σ units over contexts (rows; one column per latent) and the half-width of its t-interval from
-    the linearised standard error over the K rows (rows are the independent sampled units)."""
+def ratio_interval(sums: Tensor, units: Tensor, dof: Tensor, confidence: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Ratio Σ sums / Σ units over contexts (rows; one column per latent), the half-width of its t-interval from
+    the linearised standard error over the K rows (rows are the independent sampled units), and the variance of
+    Σ sums that standard error implies (SE² · (Σ units)²)."""
     sums, units = sums.double(), units.double()
     K = sums.shape[0]
     total = units.sum(0)
     ratio = sums.sum(0) / total
     z = sums - ratio * units
-    se = torch.sqrt(K / max(K - 1, 1) * z.square().sum(0)) / total
+    variance = K / max(K - 1, 1) * z.square().sum(0)
     t = torch.tensor([t_quantile(0.5 + confidence / 2, int(d)) for d in dof.clamp(min=1).tolist()], dtype=torch.float64)
-    return ratio, t * se
+    return ratio, t * torch.sqrt(variance) / total, variance
+
+
+def sampling_variance(residual: Tensor, latent: Tensor, exact: Tensor, firings: Tensor) -> Tensor:
+    """[L]: the variance the subsampling adds to a latent's estimated Σ total ΔCE, N² (1 − m/N) s²_d / m, from the
+    residuals d = x − e [m_total] of its exact firings (`latent` [m_total] their columns); NaN where m < 2."""
+    L = len(firings)
+    n = exact.double()
+    sum_d = torch.zeros(L, dtype=torch.float64).index_add_(0, latent, residual.double())
+    sum_d2 = torch.zeros(L, dtype=torch.float64).index_add_(0, latent, residual.double().square())
+    s2 = (sum_d2 - sum_d.square() / n.clamp(min=1)) / (n - 1).clamp(min=1)
+    N = firings.double()
+    variance = N.square() * (1 - n / N.clamp(min=1)) * s2.clamp(min=0) / n.clamp(min=1)
+    variance[n < 2] = float("nan")
+    variance[n == N] = 0.0  # every firing exact: no subsampling
+    return variance
 
 
 def estimate_importance(
@@ -98,14 +115,19 @@ def estimate_importance(
     scale = firings.double() / exact.clamp(min=1)  # N / m
     correction = torch.zeros(K * L, dtype=torch.float64)
     ok = sample_exact.isfinite() & sample_estimate.isfinite()
-    residual = (sample_exact.double() - sample_estimate.double()) * scale[sample_latent]
-    correction.index_add_(0, (sample_context * L + sample_latent)[ok], residual[ok])
+    residual = sample_exact.double() - sample_estimate.double()
+    correction.index_add_(0, (sample_context * L + sample_latent)[ok], (residual * scale[sample_latent])[ok])
     sums = context_estimate.double() + correction.view(K, L)
     contexts = (context_count > 0).sum(0)
     dof = contexts - 1
-    per_firing, firing_half = ratio_interval(sums, context_count, dof, confidence)
+    per_firing, firing_half, _ = ratio_interval(sums, context_count, dof, confidence)
     tokens = context_tokens.double()[:, None].expand(K, L)
-    per_token, token_half = ratio_interval(sums, tokens, dof, confidence)
+    per_token, token_half, variance = ratio_interval(sums, tokens, dof, confidence)
+    # Per token, Σ units is the same for both variances, so their ratio is the share of the interval's variance.
+    computed = torch.bincount(sample_latent[ok], minlength=L)
+    sampled = sampling_variance(residual[ok], sample_latent[ok], computed, firings)
+    share = (sampled / variance).clamp(max=1.0)
+    share[variance == 0] = 0.0
     undefined = contexts < 2
     firing_half[undefined] = float("nan")
     token_half[undefined] = float("nan")
@@ -118,6 +140,7 @@ def estimate_importance(
         contexts=contexts,
         exact=exact,
         too_few=(firings < min_firings) | (contexts < min_contexts),
+        sampling_share=share,
         confidence=confidence,
     )
 
@@ -137,6 +160,7 @@ def importance_entry(imp: Importance, j: int) -> dict[str, Any]:
         "contexts": int(imp.contexts[j]),
         "exact": int(imp.exact[j]),
         "method": imp.method(j),
+        "sampling_share": _r(imp.sampling_share[j].item(), 3),
         "confidence": imp.confidence,
         "too_few": bool(imp.too_few[j]),
     }

@@ -603,6 +603,10 @@
       if (imp.too_few) figures.push(stat("importance", "too few firings", how));
       figures.push(stat("importance per firing", signed(imp.per_firing.mean), ci(imp.per_firing) + " · mean total " + LOSS));
       figures.push(stat("importance per token", signed(imp.per_token.mean), ci(imp.per_token) + " · " + how));
+      if (imp.sampling_share != null && imp.method !== "exact") {
+        const sampled = Math.round(100 * imp.sampling_share);
+        figures.push(stat("interval from sampling", sampled + " %", "of the interval's variance comes from sampling the exact firings (more --exact-firings narrow it), the rest from context-to-context variation (more tokens narrow it)"));
+      }
     }
     const err = d.errors || {};
     if (err.direct_path != null) figures.push(stat("direct-path error", num(err.direct_path), "mean |Δ| vs same-position " + LOSS));
