@@ -63,11 +63,10 @@ def test_shipped_model_reaches_its_stated_accuracy_on_fresh_samples(name):
 
 
 def test_shipped_models_solve_their_tasks():
-    """The originals were near-perfect except caesar (letter statistics). Ours are too, except unique_char, whose
-    2-CPU recipe stops at about 0.91 (the README says so)."""
+    """The originals were near-perfect except caesar (letter statistics). Ours are too."""
     for name in TASKS:
         accuracy = load_json(shipped_folder(name) / "cfg.json")["results"]["accuracy"]
-        assert accuracy >= {"caesar": 0.75, "unique_char": 0.9}.get(name, 0.995), (name, accuracy)
+        assert accuracy >= {"caesar": 0.75}.get(name, 0.995), (name, accuracy)
 
 
 def test_accuracy_and_loss_match_a_slow_position_by_position_computation():
@@ -77,7 +76,8 @@ def test_accuracy_and_loss_match_a_slow_position_by_position_computation():
         fast = evaluate(task, model, n_samples=60, seed=5, batch_size=25)
         accuracy, loss = slow_accuracy_and_loss(task, model, task.sample(60, 5, "heldout"))
         assert fast["accuracy"] == pytest.approx(accuracy, abs=1e-12)
-        assert fast["loss"] == pytest.approx(loss, rel=1e-5)
+        # float32 logits against float64: near p = 1 the per-position loss keeps ~1e-8 absolute error, not relative
+        assert fast["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-7)
 
 
 def test_a_short_training_run_beats_chance_widely():
@@ -180,13 +180,14 @@ def test_labels_outside_scored_positions_are_ignored():
     assert (batch.labels[~batch.scored] == IGNORE).all()
 
 
-def test_train_all_hands_out_the_longest_recorded_training_first():
-    recorded = {name: load_json(shipped_folder(name) / "cfg.json")["results"]["train_cpu_seconds"] for name in TASKS}
-    assert longest_first(list(TASKS)) == sorted(TASKS, key=lambda name: recorded[name], reverse=True)
-    # With --steps, each task's time scales by its own steps: CPU time per step of the recorded run × steps.
-    per_step = {name: recorded[name] / get_task(name).recipe.steps for name in TASKS}
-    assert longest_first(["cumsum", "sum", "sorted_list"], steps=10) == sorted(
-        ["cumsum", "sum", "sorted_list"], key=lambda name: per_step[name], reverse=True
+def test_train_all_hands_out_the_longest_training_first():
+    positions = {name: t.recipe.steps * t.recipe.batch_size * t.n_ctx for name, t in TASKS.items()}
+    assert longest_first(list(TASKS)) == sorted(TASKS, key=lambda name: positions[name], reverse=True)
+    assert longest_first(list(TASKS))[:3] == ["unique_char", "caesar", "sum"]  # the three that take minutes
+    # With --steps every task trains that many steps, so the order is by batch × context length.
+    width = {name: t.recipe.batch_size * t.n_ctx for name, t in TASKS.items()}
+    assert longest_first(["cumsum", "trigrams", "sum"], steps=10) == sorted(
+        ["cumsum", "trigrams", "sum"], key=lambda name: width[name], reverse=True
     )
 
 
@@ -194,7 +195,7 @@ def test_train_all_hands_out_the_longest_recorded_training_first():
 def test_train_all_writes_what_train_writes_for_each_task(tmp_path):
     lines = []
     results = train_all(tmp_path / "zoo", names=["cumsum", "palindromes"], steps=6, report=lines.append)
-    assert list(results) == ["palindromes", "cumsum"]  # longest first
+    assert list(results) == ["palindromes", "cumsum"]  # longest first: 6 × 256 × 22 positions, then 6 × 256 × 20
     assert lines[0].startswith("training 2 zoo models") and len(lines) == 3
     for name in ("cumsum", "palindromes"):
         task = get_task(name)

@@ -289,20 +289,17 @@ def train_zoo(
     return results
 
 
-def recorded_cpu_seconds(name: str, steps: int | None = None) -> float:
-    """The training CPU time the shipped model's run recorded (scaled to `steps` if given); 0 if none is shipped."""
-    cfg_path = shipped_folder(name) / "cfg.json"
-    if not cfg_path.is_file():
-        return 0.0
-    cfg = load_json(cfg_path)
-    seconds = float(cfg["results"]["train_cpu_seconds"])
-    return seconds if steps is None else seconds * steps / cfg["recipe"]["steps"]
+def training_positions(name: str, steps: int | None = None) -> int:
+    """How many sequence positions the task's recipe (with `steps` if given) trains on: its cost, up to the model's
+    width. Unlike the CPU time recorded in a shipped cfg.json, it does not depend on the machine or its load."""
+    task = get_task(name)
+    return (task.recipe.steps if steps is None else steps) * task.recipe.batch_size * task.n_ctx
 
 
 def longest_first(names: list[str], steps: int | None = None) -> list[str]:
-    """The order `train_all` hands tasks out in: longest recorded training first. Each worker takes the next task
+    """The order `train_all` hands tasks out in: most positions trained on first. Each worker takes the next task
     when it is free, so the long ones run side by side early and the short ones fill in at the end."""
-    return sorted(names, key=lambda name: -recorded_cpu_seconds(name, steps))
+    return sorted(names, key=lambda name: -training_positions(name, steps))
 
 
 def _train_in_worker(name: str, out: Path, seed: int, steps: int | None, overwrite: bool, threads: int) -> dict:
