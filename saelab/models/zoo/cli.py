@@ -37,7 +37,9 @@ def train(
     name: str = typer.Argument(None, help="Task name (see `saelab zoo list`); or --all."),
     all_tasks: bool = typer.Option(False, "--all", help="Train all seven tasks, --workers at a time, into --out/NAME."),
     out: Path = typer.Option(
-        None, "--out", help="Folder to write: cfg.json and model.safetensors [zoo_runs/NAME]; with --all, the parent."
+        None,
+        "--out",
+        help="Folder to write: cfg.json and model.safetensors (default zoo_runs/NAME); with --all, their parent.",
     ),
     seed: int = typer.Option(0, help="Seed of the initialisation and the training stream."),
     steps: int | None = typer.Option(None, help="Training steps instead of the recipe's (a quick, weaker model)."),
