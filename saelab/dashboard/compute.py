@@ -271,19 +271,15 @@ def compute_dashboard(
         engine = downstream(lm, hook, fast=cfg.exact == "fast")
     chosen = "top:" + ",".join(map(str, [features.n, *features.also])) if isinstance(features, Top) else None
     # The second pass starts at the hooked block from residuals kept in pass 1, when they fit in memory, and takes
-    # the clean keys and values of the blocks from there on, the clean losses and final residuals from pass 1 too,
-    # instead of clean re-runs.
-    model_cfg = getattr(lm.model, "cfg", None)
-    d_model = getattr(model_cfg, "d_model", 0)
-    kv_blocks = getattr(model_cfg, "n_layers", 0) - engine.start  # keys and values: at most d_model floats each
-    keep = engine.start_name is not None and (2 + 2 * kv_blocks) * n_seq * T * d_model * 4 <= cfg.resid_cache_mb * 2**20
+    # the clean losses and final residuals (which its runs start from) from pass 1 too, instead of clean re-runs.
+    d_model = getattr(getattr(lm.model, "cfg", None), "d_model", 0)
+    keep = engine.start_name is not None and 2 * n_seq * T * d_model * 4 <= cfg.resid_cache_mb * 2**20
     read = ((engine.start_name,) if not engine.hook_is_start else ()) + (engine.final_name,) if keep else ()
-    kv_from = engine.start if keep else None
     batch_size = _batch_size(lm, sae, T, cfg)
     _recycle_large_blocks()
     kept: list[_KeptBatch] | None = None
     if isinstance(features, Top):  # rank first; pass 1 then replays the firings kept here, if they fit
-        batches = _attributed_batches(lm, sae, tokens, hook, batch_size, read, progress, labels, kv_from)
+        batches = _attributed_batches(lm, sae, tokens, hook, batch_size, read, progress, labels)
         ranking, kept = _rank(lm, sae.cfg.d_sae, batches, KEPT_BYTES)
         eligible = torch.tensor(ranking["firings"]) >= cfg.min_firings
         score = torch.tensor([x if x is not None else -math.inf for x in ranking["per_token"]], dtype=torch.float64)
@@ -308,7 +304,7 @@ def compute_dashboard(
     if kept is not None:
         batches = (batch.replay() for batch in kept)
     else:
-        batches = _attributed_batches(lm, sae, tokens, hook, batch_size, read, progress, labels, kv_from)
+        batches = _attributed_batches(lm, sae, tokens, hook, batch_size, read, progress, labels)
     for first, batch, found, acts, (nonzero, estimate) in batches:
         if pass1_run is not None:
             rows = slice(first, first + len(batch))
@@ -316,13 +312,6 @@ def compute_dashboard(
             pass1_run.resid_start[rows] = found[start].view(len(batch), T, d_model).cpu()
             pass1_run.final_resid[rows] = found[engine.final_name].cpu()
             pass1_run.ce[rows] = found["ce"].cpu()
-            if "keys" in found:  # the fused pass cached them (not a bf16 model's, see `loss_gradient`)
-                if first == 0:
-                    pass1_run.keys = [torch.empty(n_seq, *k.shape[1:], dtype=k.dtype) for k in found["keys"]]
-                    pass1_run.values = [torch.empty(n_seq, *v.shape[1:], dtype=v.dtype) for v in found["values"]]
-                for store, part in ((pass1_run.keys, found["keys"]), (pass1_run.values, found["values"])):
-                    for block, tensor in zip(store, part, strict=True):
-                        block[rows] = tensor.cpu()
         valid = lm.regular_positions(batch).cpu()
         acc.update(acts, first, valid, firing_positions(lm, valid), estimate, nonzero)
     stats = acc.finish(cfg.top_windows, cfg.n_neighbours)
@@ -336,8 +325,7 @@ def compute_dashboard(
     scored = eligible if labels is None else labels != IGNORE  # where a loss is counted
     W_U = lm.model.W_U.detach().float().cpu() if isinstance(getattr(lm.model, "W_U", None), Tensor) else None
     per_run = _seqs_per_run(lm, engine, T)
-    effects.evaluate(engine, tokens, pass1_run, lm.device, W_dec.float(), W_U, latents, scored, per_run, progress,
-                     labels)  # fmt: skip
+    effects.evaluate(engine, tokens, pass1_run, W_dec.float(), W_U, latents, scored, per_run, progress, labels)
     importance = effects.importance(stats, cfg)
     if lm.task is None:
         strings = _window_strings(lm.tokenizer, tokens, windows["center"], cfg)
@@ -396,13 +384,11 @@ def _batch_size(lm, sae, T: int, cfg: DashboardConfig) -> int:
 
 
 def _attributed_batches(
-    lm, sae, tokens: Tensor, hook: str, batch_size: int, read: tuple[str, ...], progress: bool, labels: Tensor | None,
-    kv_from: int | None = None,
-):  # fmt: skip
-    """Per batch of sequences: (first sequence, tokens, what `loss_gradient` found (with the keys and values of
-    blocks from `kv_from` on, if given), latent activations [S, T, d_sae], and (flat indices of their non-zeros,
-    gradient attributions −a_j · W_dec[j] · ∂L/∂x there): the first-order change of the loss summed from each
-    position on when latent j's contribution is removed there)."""
+    lm, sae, tokens: Tensor, hook: str, batch_size: int, read: tuple[str, ...], progress: bool, labels: Tensor | None
+):
+    """Per batch of sequences: (first sequence, tokens, what `loss_gradient` found, latent activations [S, T, d_sae],
+    and (flat indices of their non-zeros, gradient attributions −a_j · W_dec[j] · ∂L/∂x there): the first-order
+    change of the loss summed from each position on when latent j's contribution is removed there)."""
     W_dec = sae.W_dec.detach()
     hook_in = latent_hooks(lm, sae, hook)[0]  # a transcoder's latents read its input hook; the gradient is at `hook`
     read = read if hook_in == hook else (*read, hook_in)
@@ -410,7 +396,7 @@ def _attributed_batches(
         batch = tokens[first : first + batch_size]
         eligible = eligible_positions(lm.regular_positions(batch).cpu())
         targets = None if labels is None else labels[first : first + batch_size]
-        found = loss_gradient(lm, hook, batch, eligible, read, targets, kv_from=kv_from)
+        found = loss_gradient(lm, hook, batch, eligible, read, targets)
         acts = _sae_encode(sae, found["x"] if hook_in == hook else found[hook_in])
         yield first, batch, found, acts, attribution(acts, found["grad"], W_dec)
 
@@ -581,25 +567,23 @@ class _Effects:
         self._err: dict[str, tuple[Tensor, Tensor]] | None = None
 
     def evaluate(
-        self, engine, tokens, pass1: CleanRun | None, device, W_dec, W_U, latents, eligible, per_run: int,
-        progress: bool, labels=None,
+        self, engine, tokens, pass1: CleanRun | None, W_dec, W_U, latents, eligible, per_run: int, progress: bool,
+        labels=None,
     ) -> None:  # fmt: skip
-        """For each chunk of the sequences holding pairs, the clean run the pairs start from: what pass 1 kept
-        (`pass1`: the residuals at the hooked block, the keys and values from there on, the clean losses and final
-        residuals), or a clean run of the model over the chunk (from the kept residuals, where there are some); then
-        every pair of the chunk: the total ΔCE (and with it the same-position one) for sampled pairs, the
-        same-position ΔCE alone for the others."""
+        """Run the model once over each chunk of the sequences holding pairs (from the residuals at the hooked
+        block that pass 1 kept, `pass1`, with its clean losses and final residuals, when given), then every pair of
+        the chunk: the total ΔCE (and with it the same-position one) for sampled pairs, the same-position ΔCE alone
+        for the others."""
         seq = self.flat // self.T
         needed = seq.unique()
         self.total = torch.full((len(self.flat),), float("nan"), dtype=torch.float64)
         for chunk in tqdm(needed.split(per_run), desc="loss effects", disable=not progress, leave=False):
             if pass1 is None:
                 run = engine.clean(tokens[chunk])
-            elif pass1.keys is None:
-                run = engine.clean(tokens[chunk], pass1.resid_start[chunk])
-                run = replace(run, final_resid=pass1.final_resid[chunk].to(device), ce=pass1.ce[chunk].to(device))
             else:
-                run = pass1.select(chunk, device)
+                run = engine.clean(tokens[chunk], pass1.resid_start[chunk])
+                device = run.resid_start.device
+                run = replace(run, final_resid=pass1.final_resid[chunk].to(device), ce=pass1.ce[chunk].to(device))
             run = with_targets(run, None if labels is None else labels[chunk])
             rows = ((seq >= chunk[0]) & (seq <= chunk[-1])).nonzero().squeeze(1)  # seq is sorted, chunk contiguous
             local = torch.searchsorted(chunk, seq[rows])

@@ -156,14 +156,11 @@ def loss_gradient(
     read: tuple[str, ...] = (),
     targets: Tensor | None = None,
     fast: bool = True,
-    kv_from: int | None = None,
 ) -> dict[str, Tensor]:
     """One forward and one backward pass over tokens [S, T]: {"grad": ∂L/∂x [S, T, d_in], "x": the activation x at
     `hook` [S, T, d_in], each name in `read`: its activation, and for the next-token loss "ce": the clean CE at
     every position [S, T] (float32, NaN at the last)}, where L is the next-token loss summed over the eligible
-    positions [S, T]. Given `kv_from`, the fused path also returns "keys" and "values" [blocks, S, T, n_kv_heads,
-    d_head]: for each block from `kv_from` on, what its forward pass cached, as `Downstream.clean` caches them
-    (the other paths return none).
+    positions [S, T].
 
     Since attention is causal, the gradient at position p is that of the loss summed over p and every later
     position, so `−a · W_dec[j] · grad[p]` is the first-order estimate of latent j's total ΔCE at p (attribution
@@ -198,26 +195,14 @@ def loss_gradient(
         and isinstance(model, HookedTransformer)
         and not hook.startswith(("ln_final.", "unembed."))
     )
-    kv = None
-    if fused and kv_from is not None:
-        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
-        kv = TransformerLensKeyValueCache.init_cache(model.cfg, lm.device, len(tokens))
     params = [p for p in model.parameters() if p.requires_grad]
     try:  # weights that need no gradient keep autograd from recording anything but what follows the hook
         for p in params:
             p.requires_grad_(False)
         with torch.enable_grad():
             if fused:
-                # With a cache, an explicit all-ones attention mask: TransformerLens would otherwise mask trailing
-                # BOS tokens as padding (BOS is the pad token), which the plain forward pass does not.
-                cached = (
-                    {}
-                    if kv is None
-                    else {"past_kv_cache": kv, "attention_mask": torch.ones_like(tokens, device=lm.device)}
-                )
                 with lm.replaced(replace):
-                    resid = model(tokens.to(lm.device), stop_at_layer=model.cfg.n_layers, **cached)
+                    resid = model(tokens.to(lm.device), stop_at_layer=model.cfg.n_layers)
                 root = model.ln_final(resid) if model.cfg.normalization_type is not None else resid
                 S, T, d = root.shape
                 with torch.no_grad():
@@ -245,9 +230,6 @@ def loss_gradient(
         out["ce"] = F.pad(ce.detach().float().view(S, T - 1), (0, 1), value=float("nan"))
     for name in read:
         out[name] = out["x"] if name == hook else found[name]
-    if kv is not None:
-        out["keys"] = torch.stack([kv.entries[i].past_keys.detach() for i in range(kv_from, len(kv.entries))])
-        out["values"] = torch.stack([kv.entries[i].past_values.detach() for i in range(kv_from, len(kv.entries))])
     return out
 
 
@@ -265,19 +247,6 @@ class CleanRun:
     keys: list[Tensor] | None = None  # per block from `start` on: [S, T, n_kv_heads, d_head], as cached
     values: list[Tensor] | None = None
     targets: Tensor | None = None  # [S, T] a zoo model's task labels (IGNORE where not scored); None: next tokens
-
-    def select(self, seqs: Tensor, device: torch.device | str) -> CleanRun:
-        """The same run for the sequences `seqs` only, on `device`."""
-
-        def pick(tensor: Tensor | None) -> Tensor | None:
-            return None if tensor is None else tensor[seqs.to(tensor.device)].to(device)
-
-        blocks = {name: None if value is None else [pick(block) for block in value]
-                  for name, value in (("keys", self.keys), ("values", self.values))}  # fmt: skip
-        return CleanRun(
-            tokens=pick(self.tokens), x_hook=pick(self.x_hook), ce=pick(self.ce), resid_start=pick(self.resid_start),
-            final_resid=pick(self.final_resid), targets=pick(self.targets), **blocks,
-        )  # fmt: skip
 
 
 @dataclass
