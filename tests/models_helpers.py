@@ -135,7 +135,8 @@ class LinearSAE(nn.Module):
         super().__init__()
         self.W_enc = nn.Parameter(W_enc)
         self.W_dec = nn.Parameter(W_dec)
-        self.cfg = SimpleNamespace(d_in=W_enc.shape[0], d_sae=W_enc.shape[1])
+        # The SAEConfig fields the evals read: an SAE (no d_out), not a transcoder.
+        self.cfg = SimpleNamespace(d_in=W_enc.shape[0], d_sae=W_enc.shape[1], d_out=None, transcoder=False)
         self.metadata = dict(metadata or {})
 
     @classmethod

@@ -25,10 +25,10 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelab.errors import SaelabError
@@ -43,6 +43,9 @@ from saelab.models.access import (
 )
 from saelab.models.data import documents, spread_contexts
 from saelab.stats import ReconstructionStats
+
+if TYPE_CHECKING:
+    from saelab.sae.model import SAE
 
 DEFAULT_EVAL_TOKENS = 2**15
 
@@ -78,7 +81,7 @@ def _defined(value: float) -> float | None:
 
 @torch.no_grad()
 def lm_eval(
-    sae: nn.Module,
+    sae: SAE,
     sae_dir: str | Path | None = None,
     model: str | LanguageModel | None = None,
     dataset: str | None = None,
@@ -97,7 +100,7 @@ def lm_eval(
     `n_tokens` tokens are evaluated, in contexts spread at random (seeded by `seed`) over the whole split,
     `model_batch_size` contexts per forward pass; the SAE moves to the model's device.
     """
-    metadata = getattr(sae, "metadata", None) or getattr(sae.cfg, "metadata", None) or {}
+    metadata = sae.metadata
     hook = metadata.get("hook_name")
     if not hook:
         raise SaelabError("the SAE's metadata names no hook_name; LM evals need the model and hook it was trained on")
@@ -105,7 +108,7 @@ def lm_eval(
     if not isinstance(model, LanguageModel):
         model = load_model(_model_name(model or metadata.get("model_name"), sae_dir), device)
     sae = sae.to(model.device)
-    for name, width in ((hook, sae.cfg.d_in), (hook_out, getattr(sae.cfg, "d_out", None))):
+    for name, width in ((hook, sae.cfg.d_in), (hook_out, sae.cfg.d_out)):
         if name is not None and model.d_hook(model.check_hook(name)) != width:
             what = "reads d_in" if name == hook else "outputs d_out"
             raise SaelabError(f"the SAE {what} = {width} but {name} of {model.name} has {model.d_hook(name)}")
@@ -150,9 +153,9 @@ def lm_eval(
 ZOO_EVAL_SEED = 2_000_003  # fresh task samples, distinct from training and from `saelab zoo eval`
 
 
-def _output_hook(sae: nn.Module, metadata: dict[str, Any]) -> str | None:
+def _output_hook(sae: SAE, metadata: dict[str, Any]) -> str | None:
     """The hook a transcoder writes (its metadata's `hook_name_out`); None for an SAE."""
-    if not getattr(sae.cfg, "transcoder", False):
+    if not sae.cfg.transcoder:
         return None
     hook_out = metadata.get("hook_name_out")
     if not hook_out:
@@ -175,7 +178,7 @@ def _capture(hook: str, hook_out: str | None) -> tuple[dict[str, Tensor], dict[s
 
 
 def _update_stats(
-    stats: ReconstructionStats, sae: nn.Module, captured: dict[str, Tensor], hook: str, hook_out: str | None,
+    stats: ReconstructionStats, sae: SAE, captured: dict[str, Tensor], hook: str, hook_out: str | None,
     positions: Tensor | None,
 ) -> Tensor:  # fmt: skip
     """Add the SAE's reconstruction (a transcoder: its prediction of `hook_out`) of the clean activations at
@@ -194,9 +197,7 @@ def _update_stats(
     return latents
 
 
-def _splices(
-    sae: nn.Module, hook: str, hook_out: str | None, positions: Tensor | None
-) -> dict[str, dict[str, Replace]]:
+def _splices(sae: SAE, hook: str, hook_out: str | None, positions: Tensor | None) -> dict[str, dict[str, Replace]]:
     """The evals' two interventions as {run: hooks}: "sae" splices the SAE in at its hook (a transcoder: its output
     replaces the MLP's at `hook_out`), "abl" zero-ablates what it replaces."""
     if hook_out is None:
@@ -206,7 +207,7 @@ def _splices(
 
 @torch.no_grad()
 def task_eval(
-    sae: nn.Module, model: LanguageModel, hook: str, n_tokens: int, batch_size: int = 512, hook_out: str | None = None
+    sae: SAE, model: LanguageModel, hook: str, n_tokens: int, batch_size: int = 512, hook_out: str | None = None
 ) -> LMEvalResult:
     """The LM evals on a zoo model: its task's labels at the scored positions stand in for the next token.
 

@@ -182,7 +182,7 @@ PALINDROMES = Task(
     outputs=("no", "yes"),
     n_ctx=2 * PAL_HALF + 2,
     architecture=ZooArchitecture(n_layers=2, n_heads=2, d_model=28),
-    recipe=Recipe(steps=1000, batch_size=256, lr=3e-3),
+    recipe=Recipe(steps=2000, batch_size=256, lr=3e-3),
     probe=ProbeVariable("equals_mirror", "token i equals its mirror token 21−i", ("differs", "equals")),
     generate=_palindromes,
 )
