@@ -103,8 +103,7 @@ def build_dashboard(
                     "device": device}  # fmt: skip
             write_site(board, out, info, inputs, overwrite, None)
             return Path(out) / "index.html"
-        n_ctx = getattr(getattr(lm.model, "cfg", None), "n_ctx", None)
-        length = min(context, n_ctx) if n_ctx else context
+        length = min(context, lm.n_ctx) if lm.n_ctx else context
         docs = documents(dataset, "heldout")
         seed = cfg.seed if cfg else 0
         tokens, sources = spread_contexts(docs, lm.tokenizer, length, lm.bos_token_id, n_sequences, seed)

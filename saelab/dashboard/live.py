@@ -33,8 +33,7 @@ class PromptAnalyzer:
         self.hook_in, self.hook = latent_hooks(lm, sae, hook)  # differ for a transcoder: it writes the MLP's output
         self.engine = downstream(lm, self.hook) if lm.task is None else None  # a typed task input has no loss
         self.max_latents = max_latents
-        cfg = getattr(lm.model, "cfg", None)
-        self.n_ctx = getattr(cfg, "n_ctx", None)
+        self.n_ctx = lm.n_ctx  # the longest context the model accepts, where it has a limit
 
     def tokenize(self, text: str) -> torch.Tensor:
         if not isinstance(text, str) or not text.strip():
