@@ -82,6 +82,7 @@ class _Cfg:
     d_in: int
     d_sae: int
     architecture: str = "relu"
+    d_out: int | None = None
     transcoder: bool = False
 
     @property
@@ -90,7 +91,7 @@ class _Cfg:
 
 
 class TinySAE(nn.Module):
-    """The minimal SAE the dashboard relies on (`saelab.dashboard.compute.DashboardSAE`), and decode."""
+    """The minimal SAE the dashboard relies on (the fields of `saelab.sae_protocol.SAELike` it reads)."""
 
     def __init__(self, d_in: int, d_sae: int, hook: str, seed: int = 0, bias: float = -0.3) -> None:
         super().__init__()

@@ -90,6 +90,8 @@ def test_windows_are_whole_task_sequences_with_task_labels(cumsum, site):
         for window in page["windows"]["top"] + [w for iv in page["windows"]["intervals"] for w in iv["windows"]]:
             assert window["start"] == 0 and window["before"] == [] and window["after"] == []
             assert window["tokens"] == [cumsum.task.vocab[t] for t in data.tokens[window["seq"]].tolist()]
+            labels = data.labels[window["seq"]].tolist()
+            assert window["labels"] == [None if y == IGNORE else cumsum.task.outputs[y] for y in labels]
             assert window["acts"][window["center"]] > 0
             seen += 1
     assert seen >= 10

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from saelab.dashboard.compute import DashboardConfig, Top, compute_dashboard, latent_hooks, sae_metadata
+from saelab.dashboard.compute import DashboardConfig, Top, compute_dashboard, latent_hooks
 from saelab.dashboard.site import SITE_FOLDER, ScannedTokens, read_site, write_site
 from saelab.errors import SaelabError
 from saelab.io import check_output, existing_paths
@@ -76,7 +76,7 @@ def build_dashboard(
     inputs = existing_paths(sae_dir, model, dataset)
     check_output(out, SITE_FOLDER, inputs, overwrite)  # before the work, not after it
     sae = load_sae(sae_dir, device)
-    metadata = sae_metadata(sae)
+    metadata = sae.metadata
     source = str(metadata.get("source") or "")
     scanned = None  # toy dashboards draw fresh samples: no token contexts to keep
     if source.startswith("toy:"):
@@ -123,7 +123,6 @@ def compute_zoo_dashboard(lm, sae, hook, features, cfg: DashboardConfig | None, 
     best-matching latent per value of the task's probe variable in its meta (shown on the index page; `top:N`
     builds their pages too)."""
     from saelab.dashboard.zoo import DASHBOARD_SEED, zoo_variable_latents
-    from saelab.models.zoo.tasks import IGNORE
 
     seed = cfg.seed if cfg else 0
     data = lm.task.sample(n_sequences, DASHBOARD_SEED + seed, "heldout")
@@ -133,11 +132,6 @@ def compute_zoo_dashboard(lm, sae, hook, features, cfg: DashboardConfig | None, 
     board = compute_dashboard(lm, sae, data.tokens, hook, features, cfg, progress, data.labels)
     board.meta["tokens"] |= {"source": f"task generator ({lm.task.name}, heldout split)", "seed": DASHBOARD_SEED + seed,
                              "scored": int(data.scored.sum())}  # fmt: skip
-    for page in board.latents:  # each window is a whole sequence: the label its loss scores at each position
-        for window in page["windows"]["top"] + [w for iv in page["windows"]["intervals"] for w in iv["windows"]]:
-            window["labels"] = [
-                lm.task.outputs[y] if y != IGNORE else None for y in data.labels[window["seq"]].tolist()
-            ]
     board.meta["task"] = {
         "name": lm.task.name,
         "summary": lm.task.summary,

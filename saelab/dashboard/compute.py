@@ -27,7 +27,7 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from saelab.dashboard.text import token_label, token_strings
 from saelab.dashboard.zoo import with_targets
 from saelab.errors import SaelabError
 from saelab.models.zoo.tasks import IGNORE
+from saelab.sae_protocol import SAELike
 
 ENCODE_FLOATS = 4 * 2**20  # latent activations encoded at once (16 MB)
 EXACT_TOTAL = 512  # exact total-ΔCE firings for all latents together, by default
@@ -169,40 +170,7 @@ def _rounded(values: Tensor, digits: int = 5) -> list[float | None]:
     return [None if v != v or v in (math.inf, -math.inf) else v for v in out]
 
 
-class SAEShape(Protocol):
-    """What the dashboard reads of an SAE's config (`saelab.sae.model.SAEConfig` has it all)."""
-
-    architecture: str
-    d_in: int  # width of the activation the latents read
-    d_sae: int
-
-    @property
-    def transcoder(self) -> bool:
-        """Whether the latents write another activation (`metadata["hook_name_out"]`) than the one they read."""
-        ...
-
-    @property
-    def d_target(self) -> int:
-        """Width of the activation the decoder rows write into (d_in for an SAE)."""
-        ...
-
-
-class DashboardSAE(Protocol):
-    """What the dashboard needs of an SAE: saelab's `SAE` (any architecture, transcoders included) is one."""
-
-    cfg: SAEShape
-    metadata: dict[str, Any]  # hook_name (and a transcoder's hook_name_out), model_name, source, …
-    W_dec: Tensor  # [d_sae, d_target]
-
-    def encode(self, x: Tensor) -> Tensor: ...
-
-
-def sae_metadata(sae: DashboardSAE) -> dict[str, Any]:
-    """The SAE's metadata (hook_name, model_name, source, …), as saved in its cfg.json."""
-    return sae.metadata
-
-
-def latent_hooks(lm, sae: DashboardSAE, hook: str | None = None) -> tuple[str, str]:
+def latent_hooks(lm, sae: SAELike, hook: str | None = None) -> tuple[str, str]:
     """(the hook the latents read, the hook their decoder rows write into) for `sae` on `lm`, checked.
 
     An SAE reads and writes one hook: `hook`, by default its metadata's. A transcoder reads its input hook and writes
@@ -238,7 +206,7 @@ def _sae_encode(sae, x: Tensor) -> Tensor:
 @torch.no_grad()
 def compute_dashboard(
     lm,
-    sae: DashboardSAE,
+    sae: SAELike,
     tokens: Tensor,
     hook: str | None = None,
     features: int | list[int] | Tensor | Top | None = None,
@@ -327,11 +295,14 @@ def compute_dashboard(
     per_run = _seqs_per_run(lm, engine, T)
     effects.evaluate(engine, tokens, pass1_run, W_dec.float(), W_U, latents, scored, per_run, progress, labels)
     importance = effects.importance(stats, cfg)
+    scores: dict[tuple[int, int], str | None] | None = None  # a zoo task: the label each position's loss scores
     if lm.task is None:
         strings = _window_strings(lm.tokenizer, tokens, windows["center"], cfg)
     else:  # each token is a label of the task's vocabulary
-        strings = {(seq, p): lm.task.vocab[t] for seq in (windows["center"] // T).unique().tolist()
-                   for p, t in enumerate(tokens[seq].tolist())}  # fmt: skip
+        shown = (windows["center"] // T).unique().tolist()
+        strings = {(seq, p): lm.task.vocab[t] for seq in shown for p, t in enumerate(tokens[seq].tolist())}
+        scores = {(seq, p): None if y == IGNORE else lm.task.outputs[y]
+                  for seq in shown for p, y in enumerate(labels[seq].tolist())}  # fmt: skip
     pass2 = time.perf_counter() - started - pass1
 
     meta = {
@@ -351,7 +322,7 @@ def compute_dashboard(
     }
     logits = _logit_effects(lm, effects, cfg.n_logits)
     neighbours = decoder_neighbours(sae.W_dec.detach().float().cpu(), latents, cfg.n_neighbours)
-    pages = _assemble(stats, cfg, latents, windows, effects, importance, strings, tokens, logits, neighbours)
+    pages = _assemble(stats, cfg, latents, windows, effects, importance, strings, scores, tokens, logits, neighbours)
     meta["seconds"]["total"] = round(time.perf_counter() - started, 2)
     return Dashboard(meta=meta, latents=pages)
 
@@ -737,7 +708,9 @@ def decoder_neighbours(W_dec: Tensor, latents: Tensor, n: int, chunk: int = 1024
     return torch.cat(ids), torch.cat(cos)
 
 
-def _assemble(stats, cfg, latents, windows, effects, importance, strings, tokens, logits, neighbours) -> list[dict]:
+def _assemble(
+    stats, cfg, latents, windows, effects, importance, strings, scores, tokens, logits, neighbours
+) -> list[dict]:
     T = tokens.shape[1]
     edges = stats.quantiles([i / cfg.quantile_intervals for i in range(cfg.quantile_intervals + 1)])
     span = cfg.window
@@ -754,7 +727,9 @@ def _assemble(stats, cfg, latents, windows, effects, importance, strings, tokens
         errors=[effects.latent_errors(j) for j in range(len(latents))],
         helps=helps,
         logits=[None if lg is None else {k: v for k, v in lg.items() if k != "ids"} for lg in logits],
-        windows=[_latent_windows(by_latent[j], grid, strings, cfg, T, edges[j].tolist()) for j in range(len(latents))],
+        windows=[
+            _latent_windows(by_latent[j], grid, strings, scores, cfg, T, edges[j].tolist()) for j in range(len(latents))
+        ],
     )
     return build_pages(stats, importance, latents, neighbours, parts)
 
@@ -810,9 +785,10 @@ def _helps(stats, cfg, effects, importance: Importance, tokens: Tensor, logits, 
     return out
 
 
-def _latent_windows(rows, grid, strings, cfg, T, edges) -> dict[str, Any]:
+def _latent_windows(rows, grid, strings, scores, cfg, T, edges) -> dict[str, Any]:
     """Top windows, then for each equal-probability interval [q_i, q_i+1] of the non-zero activations its
-    sampled windows. `grid` holds, per window row, its centre, kind and rounded per-position values."""
+    sampled windows. `grid` holds, per window row, its centre, kind and rounded per-position values; `scores`
+    (a zoo task's) the label each position's loss scores (None where unscored)."""
     top: list[dict] = []
     n = cfg.quantile_intervals
     intervals = [
@@ -826,6 +802,8 @@ def _latent_windows(rows, grid, strings, cfg, T, edges) -> dict[str, Any]:
         tokens = [strings[seq, p] for p in range(start, end)]
         window = {"seq": seq, "start": start, "center": pos - start, "tokens": tokens}
         window |= {name: grid[name][row][lo:hi] for name in ("acts", "loss", "direct", "grad", "logit")}
+        if scores is not None:  # the page shows the task's label at each position instead of the next token
+            window["labels"] = [scores[seq, p] for p in range(start, end)]
         # More context, shown when the window is clicked, and the token after it (the last one's next token).
         window["before"] = [strings[seq, p] for p in range(max(0, start - MORE_BEFORE), start)]
         window["after"] = [strings[seq, p] for p in range(end, min(T, end + MORE_AFTER))]

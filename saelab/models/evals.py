@@ -25,7 +25,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,33 +42,8 @@ from saelab.models.access import (
     zero_ablation,
 )
 from saelab.models.data import documents, spread_contexts
+from saelab.sae_protocol import SAELike
 from saelab.stats import ReconstructionStats
-
-
-class SAEFields(Protocol):
-    """What the evals read of an SAE's config (`saelab.sae.model.SAEConfig` has it all)."""
-
-    d_in: int  # width of the activation it reads
-    d_sae: int
-    d_out: int | None  # a transcoder's output width (None: an SAE, which reconstructs its input)
-
-    @property
-    def transcoder(self) -> bool: ...
-
-
-class EvalSAE(Protocol):
-    """What the evals need of an SAE: saelab's `SAE` (any architecture, transcoders included) is one. Declared here
-    so that `models` does not import `sae` (imports run one way)."""
-
-    cfg: SAEFields
-    metadata: dict[str, Any]  # hook_name (and a transcoder's hook_name_out), model_name, context_length, …
-
-    def encode(self, x: Tensor) -> Tensor: ...
-    def decode(self, latents: Tensor) -> Tensor: ...
-    def output(self, x: Tensor, latents: Tensor) -> Tensor: ...
-    def parameters(self) -> Any: ...
-    def to(self, device: Any) -> EvalSAE: ...
-
 
 DEFAULT_EVAL_TOKENS = 2**15
 
@@ -104,7 +79,7 @@ def _defined(value: float) -> float | None:
 
 @torch.no_grad()
 def lm_eval(
-    sae: EvalSAE,
+    sae: SAELike,
     sae_dir: str | Path | None = None,
     model: str | LanguageModel | None = None,
     dataset: str | None = None,
@@ -176,7 +151,7 @@ def lm_eval(
 ZOO_EVAL_SEED = 2_000_003  # fresh task samples, distinct from training and from `saelab zoo eval`
 
 
-def _output_hook(sae: EvalSAE, metadata: dict[str, Any]) -> str | None:
+def _output_hook(sae: SAELike, metadata: dict[str, Any]) -> str | None:
     """The hook a transcoder writes (its metadata's `hook_name_out`); None for an SAE."""
     if not sae.cfg.transcoder:
         return None
@@ -201,7 +176,7 @@ def _capture(hook: str, hook_out: str | None) -> tuple[dict[str, Tensor], dict[s
 
 
 def _update_stats(
-    stats: ReconstructionStats, sae: EvalSAE, captured: dict[str, Tensor], hook: str, hook_out: str | None,
+    stats: ReconstructionStats, sae: SAELike, captured: dict[str, Tensor], hook: str, hook_out: str | None,
     positions: Tensor | None,
 ) -> Tensor:  # fmt: skip
     """Add the SAE's reconstruction (a transcoder: its prediction of `hook_out`) of the clean activations at
@@ -220,7 +195,7 @@ def _update_stats(
     return latents
 
 
-def _splices(sae: EvalSAE, hook: str, hook_out: str | None, positions: Tensor | None) -> dict[str, dict[str, Replace]]:
+def _splices(sae: SAELike, hook: str, hook_out: str | None, positions: Tensor | None) -> dict[str, dict[str, Replace]]:
     """The evals' two interventions as {run: hooks}: "sae" splices the SAE in at its hook (a transcoder: its output
     replaces the MLP's at `hook_out`), "abl" zero-ablates what it replaces."""
     if hook_out is None:
@@ -230,7 +205,7 @@ def _splices(sae: EvalSAE, hook: str, hook_out: str | None, positions: Tensor | 
 
 @torch.no_grad()
 def task_eval(
-    sae: EvalSAE, model: LanguageModel, hook: str, n_tokens: int, batch_size: int = 512, hook_out: str | None = None
+    sae: SAELike, model: LanguageModel, hook: str, n_tokens: int, batch_size: int = 512, hook_out: str | None = None
 ) -> LMEvalResult:
     """The LM evals on a zoo model: its task's labels at the scored positions stand in for the next token.
 
